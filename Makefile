@@ -1,0 +1,30 @@
+# `make run` and `make test` are the two commands a user needs; each builds
+# .venv on first use and reinstalls only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench bench-quick soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/billing-ingestor serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check ingestor tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check ingestor tests bench
+	$(BIN)/ruff format --check ingestor tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,132 @@
+"""The committer: turns finished billing days into outbox batches.
+
+Every `commit_interval` it asks each shard for the days that still have
+uncommitted usage and commits those whose end, plus `commit_grace`, has
+passed in every billing time zone in use. POST /aggregates/commit calls
+`commit_day` directly. Commits run in the shards' loops, so a commit and the
+pulses it covers are never interleaved within a transaction. The timer only
+wakes the loop; `commit_due` does the work and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from .errors import StoreError
+from .model import BatchSummary
+from .shard import Commit, Reply, Shard, wall_clock_us
+from .store import Store
+
+__all__ = ["Committer", "day_closes_at"]
+
+log = logging.getLogger("ingestor.committer")
+
+
+def day_closes_at(day: dt.date, zones: set[dt.tzinfo]) -> dt.datetime:
+    """When `day` has ended in every zone of `zones` (the latest local midnight)."""
+    following = day + dt.timedelta(days=1)
+    return max(dt.datetime.combine(following, dt.time(), tzinfo=z) for z in zones).astimezone(
+        dt.UTC
+    )
+
+
+class Committer:
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        store: Store,
+        *,
+        zones: set[dt.tzinfo],
+        interval: float,
+        grace: float,
+        max_records: int,
+        dedup_window: float,
+        on_commit: Callable[[], None] = lambda: None,
+        clock: Callable[[], int] = wall_clock_us,
+    ) -> None:
+        self._shards = shards
+        self._store = store
+        self._zones = zones
+        self._interval = interval
+        self._grace = dt.timedelta(seconds=grace)
+        self._max_records = max_records
+        self._dedup_window_us = int(dedup_window * 1_000_000)
+        self._on_commit = on_commit
+        self._clock = clock
+        self.commits = 0
+        self.batches_created = 0
+
+    def now(self) -> dt.datetime:
+        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=self._clock())
+
+    def is_due(self, day: dt.date, now: dt.datetime) -> bool:
+        return day_closes_at(day, self._zones) + self._grace <= now
+
+    async def commit_day(self, day: dt.date) -> list[BatchSummary]:
+        """Commit every open bucket of `day`, one transaction per shard."""
+        now_us = self._clock()
+        replies: list[Reply[list[BatchSummary]]] = []
+        for shard in self._shards:
+            reply: Reply[list[BatchSummary]] = Reply()
+            await shard.submit(Commit(day.isoformat(), now_us, self._max_records, reply))
+            replies.append(reply)
+        batches: list[BatchSummary] = []
+        failure: StoreError | None = None
+        for reply in replies:
+            try:
+                batches.extend(await reply.receive())
+            except StoreError as exc:
+                failure = exc
+        self.commits += 1
+        self.batches_created += len(batches)
+        if batches:
+            self._on_commit()
+            log.info(
+                "commit",
+                extra={
+                    "fields": {
+                        "date": day.isoformat(),
+                        "batches": len(batches),
+                        "records": sum(b.record_count for b in batches),
+                    }
+                },
+            )
+        if failure is not None:
+            # The shards that succeeded keep their batches; committing again
+            # finishes the rest, so the caller may simply retry.
+            raise failure
+        return batches
+
+    async def commit_due(self) -> list[BatchSummary]:
+        """Commit every day with open buckets whose end plus grace has passed."""
+        now = self.now()
+        days: set[str] = set()
+        for shard in self._shards:
+            days.update(await trio.to_thread.run_sync(self._store.open_days, shard.partition))
+        batches: list[BatchSummary] = []
+        for day in sorted(days):
+            if self.is_due(dt.date.fromisoformat(day), now):
+                batches.extend(await self.commit_day(dt.date.fromisoformat(day)))
+        return batches
+
+    async def purge(self) -> int:
+        """Forget pulses (and their ids) older than the dedup window."""
+        before = self._clock() - self._dedup_window_us
+        removed = 0
+        for shard in self._shards:
+            removed += await trio.to_thread.run_sync(self._store.purge, shard.partition, before)
+        return removed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval)
+            try:
+                await self.commit_due()
+                await self.purge()
+            except StoreError as exc:
+                log.warning("periodic commit failed", extra={"fields": {"error": str(exc)}})

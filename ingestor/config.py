@@ -1,0 +1,184 @@
+"""Settings: one TOML file plus INGESTOR_* environment variables.
+
+Precedence: command-line flags > environment > config file > defaults. Every
+setting is checked before anything starts; a mistake stops the start with one
+line that names the setting and says what is wrong.
+
+Durations are seconds, or strings such as "90s", "15m", "1h", "35d".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "parse_duration"]
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Every setting, with its default. Field names are the TOML keys."""
+
+    bind: str = "127.0.0.1:8081"
+    data_dir: str = "./data"
+    store: str = "sqlite"
+    durability: Literal["fsync", "os"] = "fsync"
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    billing_timezone: str = "UTC"
+    tenant_timezones: dict[str, str] = msgspec.field(default_factory=dict)
+    late_window: Seconds = 35 * 86400
+    dedup_window: Seconds = 35 * 86400
+    future_skew: Seconds = 300
+    max_batch: Count = 10_000
+    max_body_bytes: Count = 16 * 1024 * 1024
+    shard_queue: Count = 64
+    group_max_pulses: Count = 50_000
+    commit_interval: Seconds = 60
+    commit_grace: Seconds = 3600
+    batch_max_records: Count = 1_000
+    sink: str = "file"
+    sink_secret: str = ""
+    sink_timeout: Seconds = 10
+    delivery_concurrency: Count = 4
+    retry_initial: Seconds = 1
+    retry_max: Seconds = 300
+    store_busy_timeout: Seconds = 10
+    graceful_timeout: Seconds = 30
+    workers: Count = 1
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def bind_host(self) -> str:
+        return self.bind.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def bind_port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
+_DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATIONS = frozenset(
+    name
+    for name, kind in Settings.__annotations__.items()
+    if kind == "Seconds"
+)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "90s", "15m", "1h", "35d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match[1]) * _UNIT_SECONDS[match[2]]
+    raise ValueError(f"expected a duration such as 30, '90s', '15m', '1h' or '35d', got {value!r}")
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    fields = set(Settings.__struct_fields__)
+    found: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("INGESTOR_"):
+            continue
+        name = key.removeprefix("INGESTOR_").lower()
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(fields))})")
+        if name == "tenant_timezones":
+            raise ConfigError(f"{key}: set tenant_timezones in the config file")
+        found[name] = value
+    return found
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read, merge and check the settings; raise ConfigError on the first mistake."""
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                raw.update(tomllib.load(f))
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: not valid TOML: {exc}") from None
+    raw.update(_from_env(os.environ if environ is None else environ))
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+
+    for name in _DURATIONS & raw.keys():
+        try:
+            raw[name] = parse_duration(raw[name])
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    _check(settings)
+    return settings
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    match = re.search(r" - at `\$\.?([^`]*)`", text)
+    if match:
+        return f"{match[1] or 'config'}: {text[: match.start()]}"
+    if m := re.search(r"unknown field `([^`]+)`", text):
+        return f"{m[1]}: unknown setting"
+    return text
+
+
+def _check(settings: Settings) -> None:
+    host, sep, port = settings.bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"bind: expected HOST:PORT, got {settings.bind!r}")
+    for name, zone in [("billing_timezone", settings.billing_timezone)] + [
+        (f"tenant_timezones.{tenant}", zone) for tenant, zone in settings.tenant_timezones.items()
+    ]:
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"{name}: unknown IANA time zone {zone!r}") from None
+    if settings.store != "sqlite" and not settings.store.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError(
+            f"store: expected 'sqlite' or a postgresql:// URL, got {settings.store!r}"
+        )
+    if settings.store != "sqlite":
+        raise ConfigError("store: the PostgreSQL store is not available in this version")
+    sink = settings.sink
+    if sink != "file" and not sink.startswith(("http://", "https://", "nats://")):
+        raise ConfigError(
+            f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {sink!r}"
+        )
+    if sink.startswith("nats://"):
+        raise ConfigError("sink: the NATS sink is not available in this version")
+    if sink.startswith("http") and not settings.sink_secret:
+        raise ConfigError("sink_secret: required with an http sink, to sign each delivery")
+    if settings.retry_max < settings.retry_initial:
+        raise ConfigError("retry_max: must be >= retry_initial")
+    if settings.dedup_window < settings.late_window:
+        raise ConfigError(
+            "dedup_window: must be >= late_window, or a late replay could count twice"
+        )

@@ -1,0 +1,124 @@
+"""The deliverer: sends outbox batches to the sink until the sink confirms.
+
+A batch is marked delivered only after the sink returned: a crash between the
+two leaves it pending, and it is sent again, which every sink makes harmless
+(idempotent by batch id). Retryable failures back off exponentially, capped,
+with full jitter; a rejected batch is `failed` and waits for an operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import trio
+
+from .errors import SinkRejected, SinkRetryable, StoreError
+from .shard import wall_clock_us
+from .sinks import Sink
+from .store import DueBatch, Store
+
+__all__ = ["Deliverer", "backoff"]
+
+log = logging.getLogger("ingestor.deliverer")
+_IDLE_POLL = 1.0  # also picks up batches committed by other processes
+
+
+def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Seconds before retry number `attempt` (1-based): capped exponential, jittered."""
+    ceiling = min(cap, initial * 2 ** min(attempt - 1, 32))
+    return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: Store,
+        sink: Sink,
+        *,
+        concurrency: int,
+        retry_initial: float,
+        retry_max: float,
+        clock: Callable[[], int] = wall_clock_us,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._limit = trio.Semaphore(concurrency)  # acquired here, released by the child
+        self._concurrency = concurrency
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._wake = trio.Event()
+        self.delivered = 0
+        self.retried = 0
+        self.failed = 0
+
+    def wake(self) -> None:
+        """Look at the outbox now (a commit just added batches)."""
+        self._wake.set()
+
+    async def deliver_due(self) -> int:
+        """Attempt every batch that is due now; return how many were attempted."""
+        due = await trio.to_thread.run_sync(self._store.due_batches, self._clock(), 100)
+        async with trio.open_nursery() as nursery:
+            for batch in due:
+                await self._limit.acquire()
+                nursery.start_soon(self._deliver_one, batch)
+        return len(due)
+
+    async def _deliver_one(self, batch: DueBatch) -> None:
+        try:
+            status, error, next_at = "delivered", None, None
+            try:
+                await self._sink.deliver(batch.batch_id, batch.day, batch.body)
+            except SinkRetryable as exc:
+                attempt = batch.attempts + 1
+                delay = backoff(attempt, self._retry_initial, self._retry_max, self._rng)
+                status, error = "pending", str(exc)
+                next_at = self._clock() + int(delay * 1_000_000)
+                self.retried += 1
+                log.warning(
+                    "delivery failed, will retry",
+                    extra={"fields": {"batch_id": batch.batch_id, "attempt": attempt,
+                                      "retry_in_s": round(delay, 1), "error": error}},
+                )
+            except SinkRejected as exc:
+                status, error = "failed", str(exc)
+                self.failed += 1
+                log.error(
+                    "delivery rejected",
+                    extra={"fields": {"batch_id": batch.batch_id, "error": error}},
+                )
+            else:
+                self.delivered += 1
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: self._store.record_delivery(
+                        batch.partition, batch.batch_id, status=status, error=error,
+                        next_attempt_us=next_at, now_us=self._clock(),
+                    )
+                )
+            except StoreError as exc:
+                # Still pending in the store: it is sent again later, harmlessly.
+                log.warning(
+                    "could not record delivery",
+                    extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
+                )
+        finally:
+            self._limit.release()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._wake = trio.Event()
+            try:
+                attempted = await self.deliver_due()
+            except StoreError as exc:
+                log.warning("reading the outbox failed", extra={"fields": {"error": str(exc)}})
+                attempted = 0
+            if attempted == 0:
+                with trio.move_on_after(_IDLE_POLL):
+                    await self._wake.wait()

@@ -1,0 +1,215 @@
+"""The ingestor's values: what the wire carries and what the store keeps.
+
+Types are the schema. The same Structs decode requests, encode answers and
+produce /openapi.json. Amounts are decimal strings on the wire and `int`
+nano-units inside (see `money`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "Aggregate",
+    "AggregatePage",
+    "Batch",
+    "BatchPage",
+    "BatchRecord",
+    "BatchSummary",
+    "BatchView",
+    "CommitRequest",
+    "CommitResult",
+    "ErrorBody",
+    "ErrorDetail",
+    "IngestItem",
+    "IngestReport",
+    "Outcome",
+    "Pulse",
+    "PulseIn",
+    "PulsePage",
+    "StoredPulse",
+]
+
+# No control characters (C0, DEL, C1). \A and \Z, because `$` would let a
+# trailing newline through.
+_PRINTABLE = r"\A[^\x00-\x1f\x7f-\x9f]+\Z"
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_PRINTABLE)]
+Unit = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
+Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+DecimalString = Annotated[str, msgspec.Meta(pattern=r"\A[0-9]+(\.[0-9]+)?\Z")]
+
+Outcome = Literal["accepted", "duplicate", "conflict", "rejected"]
+BatchKind = Literal["initial", "correction"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class PulseIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One usage pulse as a client sends it."""
+
+    tenant_id: Name
+    product_sku: Name
+    use_unit: Unit
+    used_amount: Decimal
+    id: Name | None = None
+    timestamp: Timestamp | None = None
+
+
+class Pulse(msgspec.Struct, frozen=True, gc=False):
+    """A validated pulse, ready for its shard.
+
+    `ts` is microseconds since the epoch (UTC); `day` is the billing day in the
+    tenant's zone; `fingerprint` identifies the payload of a client id, so a
+    replay can be told from a conflicting reuse of the id.
+    """
+
+    tenant_id: str
+    product_sku: str
+    use_unit: str
+    nanos: int
+    pulse_id: str
+    client_id: bool
+    ts: int
+    day: str
+    fingerprint: bytes
+
+
+class IngestItem(msgspec.Struct, omit_defaults=True):
+    """A pulse of a request that was not plainly accepted."""
+
+    index: int
+    status: Outcome
+    id: str | None = None
+    error: str | None = None
+
+
+class IngestReport(msgspec.Struct):
+    """The answer to POST /pulses."""
+
+    accepted: int
+    duplicates: int
+    rejected: int
+    items: list[IngestItem]
+    conflicts: int = 0
+
+
+class ErrorDetail(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    details: object | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error answer: {"error": {"code", "message", "details"?}}."""
+
+    error: ErrorDetail
+
+
+class Aggregate(msgspec.Struct):
+    """The running totals of one bucket (tenant, sku, unit, billing day)."""
+
+    tenant_id: str
+    product_sku: str
+    use_unit: str
+    date: str
+    used_amount: DecimalString
+    pulse_count: int
+    committed_amount: DecimalString
+    committed_count: int
+    revision: int
+
+
+class AggregatePage(msgspec.Struct):
+    aggregates: list[Aggregate]
+    next_cursor: str | None
+
+
+class StoredPulse(msgspec.Struct):
+    """A pulse as the store keeps it: the audit trail behind a total."""
+
+    id: str
+    tenant_id: str
+    product_sku: str
+    use_unit: str
+    used_amount: DecimalString
+    timestamp: dt.datetime
+    date: str
+    received_at: dt.datetime
+    id_assigned: bool
+
+
+class PulsePage(msgspec.Struct):
+    pulses: list[StoredPulse]
+    next_cursor: str | None
+
+
+class BatchRecord(msgspec.Struct, frozen=True):
+    """One bucket's share of a batch: the delta since its last batch and the total."""
+
+    tenant_id: str
+    product_sku: str
+    use_unit: str
+    revision: int
+    used_amount: DecimalString
+    pulse_count: int
+    total_amount: DecimalString
+    total_count: int
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """An outbox batch as it is delivered. Never changed once created."""
+
+    batch_id: str
+    store_id: str
+    date: str
+    partition: int
+    kind: BatchKind
+    created_at: dt.datetime
+    record_count: int
+    used_amount: DecimalString
+    records: list[BatchRecord]
+
+
+class BatchView(msgspec.Struct):
+    """A batch with its delivery state, as GET /batches shows it."""
+
+    batch_id: str
+    store_id: str
+    date: str
+    partition: int
+    kind: BatchKind
+    created_at: dt.datetime
+    record_count: int
+    used_amount: DecimalString
+    status: DeliveryStatus
+    attempts: int
+    last_error: str | None
+    next_attempt_at: dt.datetime | None
+    delivered_at: dt.datetime | None
+    records: list[BatchRecord] | None = None
+
+
+class BatchPage(msgspec.Struct):
+    batches: list[BatchView]
+    next_cursor: str | None
+
+
+class BatchSummary(msgspec.Struct, frozen=True):
+    batch_id: str
+    kind: BatchKind
+    partition: int
+    record_count: int
+    used_amount: DecimalString
+
+
+class CommitRequest(msgspec.Struct, forbid_unknown_fields=True):
+    date: dt.date
+
+
+class CommitResult(msgspec.Struct):
+    date: str
+    batches: list[BatchSummary]

@@ -1,0 +1,54 @@
+"""Exact amounts.
+
+Inside the ingestor an amount is an `int` count of nano-units (10**-9), so sums
+are exact and never overflow; at the edges it is a decimal string. The wire
+accepts a JSON number or a decimal string with at most 9 fractional digits and
+18 integer digits; floats never touch the money path.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+__all__ = ["MAX_AMOUNT", "SCALE", "format_nanos", "parse_nanos", "to_nanos"]
+
+SCALE = 10**9
+MAX_AMOUNT = Decimal(10**18)  # exclusive: at most 18 integer digits
+_DIGITS = 9
+
+
+def to_nanos(amount: Decimal) -> int:
+    """Convert a wire amount to nano-units, or raise ValueError saying why not."""
+    if not amount.is_finite():
+        raise ValueError("used_amount must be a finite number")
+    if amount < 0:
+        raise ValueError("used_amount must be >= 0")
+    if amount >= MAX_AMOUNT:
+        raise ValueError("used_amount must have at most 18 integer digits")
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    mantissa = int("".join(map(str, digits)))
+    shift = _DIGITS + exponent
+    if shift >= 0:
+        scale: int = 10**shift
+        return mantissa * scale
+    # "1.50000000000" is fine; "1.0000000001" is not.
+    divisor: int = 10**-shift
+    nanos, remainder = divmod(mantissa, divisor)
+    if remainder:
+        raise ValueError("used_amount must have at most 9 fractional digits")
+    return nanos
+
+
+def format_nanos(nanos: int) -> str:
+    """Render nano-units as the shortest exact decimal string ("1.5", "100")."""
+    whole, frac = divmod(nanos, SCALE)
+    if not frac:
+        return str(whole)
+    return f"{whole}.{frac:09d}".rstrip("0")
+
+
+def parse_nanos(text: str) -> int:
+    """Read a decimal string written by `format_nanos` back into nano-units."""
+    whole, _, frac = text.partition(".")
+    return int(whole) * SCALE + int(frac.ljust(_DIGITS, "0") or "0")

@@ -1,0 +1,59 @@
+"""What the request handlers see of a running service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import msgspec
+
+from .committer import Committer
+from .config import Settings
+from .deliverer import Deliverer
+from .intake import Rules
+from .partition import partition_of
+from .shard import Shard
+from .store import Store
+
+__all__ = ["PulseCounts", "Runtime"]
+
+
+class PulseCounts(msgspec.Struct):
+    accepted: int = 0
+    duplicate: int = 0
+    conflict: int = 0
+    rejected: int = 0
+
+
+class Runtime:
+    """The started parts of one service: settings, store, shards, committer, deliverer."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        shards: list[Shard],
+        committer: Committer,
+        deliverer: Deliverer,
+        rules: Rules,
+        clock: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.shards = shards
+        self.committer = committer
+        self.deliverer = deliverer
+        self.rules = rules
+        self.clock = clock
+        self.partition_of = partial(partition_of, partitions=store.partitions)
+        self.ready = False
+        self.draining = False
+        self.pulses = PulseCounts()
+
+    def count_pulses(self, accepted: int, duplicate: int, conflict: int, rejected: int) -> None:
+        counts = self.pulses
+        counts.accepted += accepted
+        counts.duplicate += duplicate
+        counts.conflict += conflict
+        counts.rejected += rejected

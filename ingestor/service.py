@@ -1,0 +1,161 @@
+"""The supervision tree: start everything in order, stop it in reverse.
+
+    open_service(settings)
+      store            opened in a thread; closed last
+      shards[0..N-1]   one actor per partition; drained after HTTP stops
+      committer        timer; cancelled after the shards drained
+      deliverer        outbox -> sink; cancelled with the committer
+    serve(settings)
+      open_service + hypercorn (trio worker) until SIGTERM/SIGINT, then:
+      readyz 503 -> hypercorn stops accepting and finishes in-flight
+      requests -> shards finish their queues -> store closes -> exit 0
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .committer import Committer
+from .config import Settings
+from .deliverer import Deliverer
+from .intake import Rules
+from .runtime import Runtime
+from .shard import Shard, wall_clock_us
+from .sinks import Sink, open_sink
+from .store import Store, open_store
+
+__all__ = ["open_service", "serve"]
+
+log = logging.getLogger("ingestor.service")
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    sink: Sink | None = None,
+    clock: Callable[[], int] = wall_clock_us,
+) -> AsyncIterator[Runtime]:
+    """Start the store, shards, committer and deliverer; stop them in reverse."""
+    if store is None:
+        store = await trio.to_thread.run_sync(open_store, settings)
+    sink = sink or open_sink(settings)
+    try:
+        rules = Rules(
+            late_window_s=settings.late_window,
+            future_skew_s=settings.future_skew,
+            max_batch=settings.max_batch,
+            billing_timezone=settings.billing_timezone,
+            tenant_timezones=settings.tenant_timezones,
+        )
+        shards = [
+            Shard(
+                partition, store, queue_size=settings.shard_queue,
+                group_max_pulses=settings.group_max_pulses, clock=clock,
+            )
+            for partition in range(store.partitions)
+        ]
+        deliverer = Deliverer(
+            store, sink, concurrency=settings.delivery_concurrency,
+            retry_initial=settings.retry_initial, retry_max=settings.retry_max, clock=clock,
+        )
+        committer = Committer(
+            shards, store, zones=rules.zones(), interval=settings.commit_interval,
+            grace=settings.commit_grace, max_records=settings.batch_max_records,
+            dedup_window=settings.dedup_window, on_commit=deliverer.wake, clock=clock,
+        )
+        runtime = Runtime(
+            settings=settings, store=store, shards=shards, committer=committer,
+            deliverer=deliverer, rules=rules, clock=clock,
+        )
+        async with trio.open_nursery() as actors:
+            for shard in shards:
+                await actors.start(shard.run)
+            async with trio.open_nursery() as timers:
+                await timers.start(committer.run)
+                await timers.start(deliverer.run)
+                runtime.ready = True
+                try:
+                    yield runtime
+                finally:
+                    runtime.ready = False
+                    runtime.draining = True
+                    timers.cancel_scope.cancel()
+            # Timers are gone; let the shards finish what they were given.
+            for shard in shards:
+                shard.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await sink.aclose()
+            await trio.to_thread.run_sync(store.close)
+
+
+def _hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [settings.bind]
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 16 * 1024
+    return config
+
+
+async def serve(
+    settings: Settings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the service until SIGTERM or SIGINT, then drain and return."""
+    from .api import create_app
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_wait_for_signal, stop)
+        async with open_service(settings) as runtime:
+            app = create_app(runtime)
+            log.info(
+                "start",
+                extra={
+                    "fields": {
+                        "bind": settings.bind,
+                        "store_id": runtime.store.store_id,
+                        "partitions": runtime.store.partitions,
+                        "durability": settings.durability,
+                        "sink": runtime_sink(settings),
+                    }
+                },
+            )
+
+            async def shutdown_trigger() -> None:
+                await stop.wait()
+                runtime.draining = True
+
+            task_status.started()
+            config = _hypercorn_config(settings)
+            await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+            runtime.draining = True
+        nursery.cancel_scope.cancel()
+    log.info("stop", extra={"fields": {"bind": settings.bind}})
+
+
+def runtime_sink(settings: Settings) -> str:
+    """The sink as it may be logged: a URL without its credentials."""
+    sink = settings.sink
+    if "@" in sink:
+        scheme, _, rest = sink.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return sink
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            stop.set()
+            return

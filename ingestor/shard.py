@@ -1,0 +1,208 @@
+"""The shard: one actor per partition, the only writer of that partition here.
+
+Requests reach it over a bounded trio memory channel. Each turn of its loop
+takes every message already waiting (group commit), writes all their pulses
+in one store transaction, and only then replies: a reply means durable. A full
+channel is overload, answered 503 by the API, never a growing queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import msgspec
+import trio
+
+from .errors import Draining, Overloaded, StoreError
+from .model import BatchSummary, Outcome, Pulse
+from .store import Store
+
+__all__ = ["Commit", "Ingest", "Reply", "Shard", "ShardStatistics"]
+
+log = logging.getLogger("ingestor.shard")
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """A one-shot answer from an actor to the task waiting for it."""
+
+    __slots__ = ("_error", "_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def send(self, value: T) -> None:
+        self._value = value
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def receive(self) -> T:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class Ingest(msgspec.Struct):
+    pulses: list[Pulse]
+    reply: Reply[list[Outcome]]
+
+
+class Commit(msgspec.Struct):
+    day: str
+    now_us: int
+    max_records: int
+    reply: Reply[list[BatchSummary]]
+
+
+Message = Ingest | Commit
+
+
+class ShardStatistics(msgspec.Struct, frozen=True):
+    partition: int
+    queued: int
+    capacity: int
+    transactions: int
+    pulses_written: int
+    last_group_pulses: int
+    transaction_seconds: float
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Shard:
+    """The actor that owns one partition's writes in this process."""
+
+    def __init__(
+        self,
+        partition: int,
+        store: Store,
+        *,
+        queue_size: int,
+        group_max_pulses: int,
+        clock: Callable[[], int] = wall_clock_us,
+    ) -> None:
+        self.partition = partition
+        self._store = store
+        self._group_max = group_max_pulses
+        self._clock = clock
+        self._send, self._receive = trio.open_memory_channel[Message](queue_size)
+        self._capacity = queue_size
+        self._transactions = 0
+        self._pulses_written = 0
+        self._last_group = 0
+        self._transaction_seconds = 0.0
+
+    def has_room(self) -> bool:
+        """True if `submit_nowait` would not raise Overloaded right now."""
+        return self._send.statistics().current_buffer_used < self._capacity
+
+    def submit_nowait(self, message: Message) -> None:
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            raise Overloaded(f"shard {self.partition} queue is full") from None
+        except trio.ClosedResourceError:
+            raise Draining("the service is shutting down") from None
+
+    async def submit(self, message: Message) -> None:
+        """Queue `message`, waiting for room (for work that may wait, like commits)."""
+        try:
+            await self._send.send(message)
+        except trio.ClosedResourceError:
+            raise Draining("the service is shutting down") from None
+
+    def close(self) -> None:
+        """Take no new messages; `run` returns once the queued ones are done."""
+        self._send.close()
+
+    def statistics(self) -> ShardStatistics:
+        return ShardStatistics(
+            partition=self.partition,
+            queued=self._send.statistics().current_buffer_used,
+            capacity=self._capacity,
+            transactions=self._transactions,
+            pulses_written=self._pulses_written,
+            last_group_pulses=self._last_group,
+            transaction_seconds=self._transaction_seconds,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                for group in self._take_group(first):
+                    if isinstance(group, Commit):
+                        await self._commit(group)
+                    else:
+                        await self._ingest(group)
+
+    def _take_group(self, first: Message) -> list[Commit | list[Ingest]]:
+        """`first` and everything already waiting, consecutive ingests grouped."""
+        steps: list[Commit | list[Ingest]] = []
+        pulses = 0
+        message: Message | None = first
+        while message is not None:
+            if isinstance(message, Commit):
+                steps.append(message)
+            else:
+                if not steps or not isinstance(steps[-1], list):
+                    steps.append([])
+                steps[-1].append(message)  # type: ignore[union-attr]
+                pulses += len(message.pulses)
+            if pulses >= self._group_max:
+                break
+            try:
+                message = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                message = None
+        return steps
+
+    async def _ingest(self, group: list[Ingest]) -> None:
+        pulses = [p for request in group for p in request.pulses]
+        started = time.perf_counter()
+        try:
+            outcomes = await trio.to_thread.run_sync(
+                self._store.write_pulses, self.partition, pulses, self._clock()
+            )
+        except StoreError as exc:
+            log.warning(
+                "write failed", extra={"fields": {"partition": self.partition, "error": str(exc)}}
+            )
+            for request in group:
+                request.reply.fail(exc)
+            return
+        self._transactions += 1
+        self._pulses_written += len(pulses)
+        self._last_group = len(pulses)
+        self._transaction_seconds += time.perf_counter() - started
+        # Replies go out only now, after the transaction is durable.
+        start = 0
+        for request in group:
+            end = start + len(request.pulses)
+            request.reply.send(outcomes[start:end])
+            start = end
+
+    async def _commit(self, message: Commit) -> None:
+        try:
+            batches = await trio.to_thread.run_sync(
+                self._store.commit_day,
+                self.partition,
+                message.day,
+                message.now_us,
+                message.max_records,
+            )
+        except StoreError as exc:
+            message.reply.fail(exc)
+            return
+        message.reply.send(batches)

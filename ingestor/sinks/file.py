@@ -1,0 +1,65 @@
+"""The file sink: each batch as `<dir>/<date>/<batch_id>.json`, written atomically.
+
+The bytes are written to a temporary file, fsynced, and renamed into place,
+then the directory is fsynced: a crash leaves either the whole file or none.
+A batch whose file already exists was delivered before (its content never
+changes), so it is not written twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import trio
+
+from ..errors import SinkRetryable
+
+__all__ = ["FileSink"]
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileSink:
+    name = "file"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path_of(self, batch_id: str, day: str) -> Path:
+        return self.directory / day / f"{batch_id}.json"
+
+    async def deliver(self, batch_id: str, day: str, body: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(self._write, batch_id, day, body)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise SinkRetryable(f"writing {batch_id}: {reason}") from exc
+
+    def _write(self, batch_id: str, day: str, body: bytes) -> None:
+        final = self.path_of(batch_id, day)
+        if final.exists():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        # Delivered point: once the directory entry is on disk, so is the batch.
+        _fsync_path(final.parent)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,137 @@
+"""The store: the source of truth for pulses, buckets and the outbox.
+
+`Store` is the interface every implementation keeps; `sqlite` is the embedded
+default. Its methods block and are thread-safe per partition: callers run them
+with `trio.to_thread.run_sync`, one call per batch of work, never per pulse.
+Each writing method is one transaction, so a crash leaves all of it or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from ..config import Settings
+from ..model import Aggregate, BatchSummary, BatchView, Outcome, Pulse, StoredPulse
+
+__all__ = [
+    "AggregateQuery",
+    "BatchQuery",
+    "DueBatch",
+    "PulseQuery",
+    "Store",
+    "open_store",
+]
+
+
+class AggregateQuery(msgspec.Struct, frozen=True, kw_only=True):
+    tenant_id: str | None = None
+    product_sku: str | None = None
+    use_unit: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    status: str = "all"  # open | committed | all
+    after: tuple[str, str, str, str] | None = None  # (day, tenant, sku, unit)
+    limit: int = 1000
+
+
+class PulseQuery(msgspec.Struct, frozen=True, kw_only=True):
+    tenant_id: str
+    day: str
+    product_sku: str | None = None
+    use_unit: str | None = None
+    after: int | None = None  # the store's sequence number of the last pulse seen
+    limit: int = 1000
+
+
+class BatchQuery(msgspec.Struct, frozen=True, kw_only=True):
+    day: str | None = None
+    status: str | None = None
+    after: tuple[str, str] | None = None  # (day, batch_id)
+    limit: int = 100
+
+
+class DueBatch(msgspec.Struct, frozen=True):
+    """A pending batch whose next delivery attempt is due."""
+
+    partition: int
+    batch_id: str
+    day: str
+    body: bytes
+    attempts: int
+
+
+class Store(Protocol):
+    """What the shards, the committer, the deliverer and the API need of a store."""
+
+    store_id: str
+    partitions: int
+
+    def write_pulses(
+        self, partition: int, pulses: Sequence[Pulse], received_us: int
+    ) -> list[Outcome]:
+        """Dedup, store and add up `pulses` in one durable transaction."""
+        ...
+
+    def commit_day(
+        self, partition: int, day: str, now_us: int, max_records: int
+    ) -> list[BatchSummary]:
+        """Turn the day's open buckets into outbox batches, in one transaction."""
+        ...
+
+    def open_days(self, partition: int) -> list[str]:
+        """The days that have uncommitted usage in `partition`."""
+        ...
+
+    def aggregates(self, query: AggregateQuery) -> list[Aggregate]: ...
+
+    def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]: ...
+
+    def batches(self, query: BatchQuery) -> list[BatchView]: ...
+
+    def batch(self, batch_id: str) -> BatchView | None: ...
+
+    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
+        """Pending batches whose next attempt is due, at most `limit` per partition."""
+        ...
+
+    def record_delivery(
+        self,
+        partition: int,
+        batch_id: str,
+        *,
+        status: str,
+        error: str | None,
+        next_attempt_us: int | None,
+        now_us: int,
+    ) -> None:
+        """Record one delivery attempt's outcome."""
+        ...
+
+    def redeliver(self, batch_id: str, now_us: int) -> bool:
+        """Put a failed batch back to pending; False if it is not failed."""
+        ...
+
+    def purge(self, partition: int, before_us: int) -> int:
+        """Forget pulses (and their ids) received before `before_us`."""
+        ...
+
+    def outbox_statistics(self) -> tuple[int, int | None]:
+        """(pending batches, created_at of the oldest pending one in µs)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """Open (or create) the store the settings name. Blocks: call in a thread."""
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore.open(
+        settings.data_path / "store",
+        partitions=settings.partitions,
+        durability=settings.durability,
+        busy_timeout=settings.store_busy_timeout,
+    )

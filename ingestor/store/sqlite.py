@@ -1,0 +1,702 @@
+"""The embedded store: one SQLite file per partition, in WAL mode.
+
+Layout under the store directory:
+
+    meta.sqlite        store id, partition count, schema version
+    p000.sqlite ...    one per partition: pulses, buckets, the outbox
+
+A file per partition lets shards write and fsync in parallel without sharing
+one write lock, and lets several processes share a data dir: SQLite's locks
+and `BEGIN IMMEDIATE` arbitrate between them. The store directory is made
+under a temporary name and renamed into place, so a crash during creation
+leaves either a whole store or none.
+
+`durability = "fsync"` is `synchronous = FULL`: the WAL is fsynced at every
+commit, so a committed transaction survives power loss. `"os"` is `NORMAL`: it
+survives the process dying, not the machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import os
+import secrets
+import shutil
+import sqlite3
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
+from ..ledger import BucketState, batch_id, bucket_deltas, commit_batches, resolve
+from ..model import (
+    Aggregate,
+    Batch,
+    BatchRecord,
+    BatchSummary,
+    BatchView,
+    Outcome,
+    Pulse,
+    StoredPulse,
+)
+from ..money import format_nanos, parse_nanos
+from ..partition import partition_of
+from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+
+__all__ = ["SQLiteStore"]
+
+APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
+SCHEMA_VERSION = 1
+_CHUNK = 500  # ids per lookup statement, under SQLite's variable limit
+
+_META_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+"""
+
+_PARTITION_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE pulses (
+    seq INTEGER PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    pulse_id TEXT NOT NULL,
+    client_id INTEGER NOT NULL,
+    product_sku TEXT NOT NULL,
+    use_unit TEXT NOT NULL,
+    day TEXT NOT NULL,
+    used_amount TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    fingerprint BLOB
+) STRICT;
+CREATE UNIQUE INDEX pulses_client_id ON pulses (tenant_id, pulse_id) WHERE client_id = 1;
+CREATE INDEX pulses_by_day ON pulses (tenant_id, day);
+CREATE TABLE buckets (
+    day TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    product_sku TEXT NOT NULL,
+    use_unit TEXT NOT NULL,
+    used_amount TEXT NOT NULL,
+    pulse_count INTEGER NOT NULL,
+    committed_amount TEXT NOT NULL,
+    committed_count INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (day, tenant_id, product_sku, use_unit)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX buckets_open ON buckets (day) WHERE pulse_count > committed_count;
+CREATE TABLE batches (
+    batch_id TEXT PRIMARY KEY,
+    day TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    record_count INTEGER NOT NULL,
+    used_amount TEXT NOT NULL,
+    body BLOB NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    next_attempt_at INTEGER,
+    delivered_at INTEGER,
+    UNIQUE (day, seq)
+) STRICT;
+CREATE INDEX batches_due ON batches (next_attempt_at) WHERE status = 'pending';
+"""
+
+_INSERT_PULSE = """
+INSERT INTO pulses (tenant_id, pulse_id, client_id, product_sku, use_unit, day,
+                    used_amount, ts, received_at, fingerprint)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# Amounts are exact decimal text; dec_add adds them in Python integers.
+_UPSERT_BUCKET = """
+INSERT INTO buckets (day, tenant_id, product_sku, use_unit, used_amount, pulse_count,
+                     committed_amount, committed_count, revision)
+VALUES (?, ?, ?, ?, ?, ?, '0', 0, 0)
+ON CONFLICT (day, tenant_id, product_sku, use_unit) DO UPDATE SET
+    used_amount = dec_add(used_amount, excluded.used_amount),
+    pulse_count = pulse_count + excluded.pulse_count
+"""
+
+_BUCKET_COLUMNS = (
+    "day, tenant_id, product_sku, use_unit, used_amount, pulse_count,"
+    " committed_amount, committed_count, revision"
+)
+_BATCH_COLUMNS = (
+    "batch_id, day, kind, created_at, record_count, used_amount, status, attempts,"
+    " last_error, next_attempt_at, delivered_at"
+)
+
+_encode = msgspec.json.Encoder().encode
+_decode_batch = msgspec.json.Decoder(Batch).decode
+T = TypeVar("T")
+
+
+def _dec_add(a: str, b: str) -> str:
+    return format_nanos(parse_nanos(a) + parse_nanos(b))
+
+
+def _moment(us: int | None) -> dt.datetime | None:
+    if us is None:
+        return None
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        primary = code & 0xFF
+        if primary == sqlite3.SQLITE_FULL:
+            return StoreFull(f"{what}: the disk under the store is full")
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StoreBusy(f"{what}: the store stayed locked by another process")
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return StoreMismatch(f"{what}: the store file is damaged or not ours: {exc}")
+        if primary == sqlite3.SQLITE_IOERR:
+            return StoreError(f"{what}: I/O error under the store (disk full or failing?): {exc}")
+    return StoreError(f"{what}: {exc}")
+
+
+class _Partition:
+    """One partition file: a writer and a reader connection, each behind a lock."""
+
+    def __init__(self, path: Path, index: int, durability: str, busy_timeout: float) -> None:
+        self.index = index
+        self.path = path
+        self.writer = _connect(path, durability, busy_timeout)
+        self.reader = _connect(path, durability, busy_timeout)
+        self.write_lock = threading.Lock()
+        self.read_lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT. On any error: ROLLBACK, nothing is kept."""
+        with self.write_lock:
+            conn = self.writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    # The durability point: with synchronous=FULL the WAL is
+                    # fsynced here. A crash before this line loses the whole
+                    # transaction (the client got no answer); after it, all of it.
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise _translate(exc, what) from exc
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self.read_lock:
+            try:
+                return fn(self.reader)
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read") from exc
+
+    def close(self) -> None:
+        with self.write_lock, self.read_lock:
+            self.reader.close()
+            self.writer.close()
+
+
+def _connect(path: Path, durability: str, busy_timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        f"file:{path}?mode=rw",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=busy_timeout,
+    )
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'fsync' else 'NORMAL'}")
+    conn.execute("PRAGMA cache_size = -32000")
+    conn.create_function("dec_add", 2, _dec_add, deterministic=True)
+    return conn
+
+
+def _check_file(path: Path, expect: dict[str, str]) -> dict[str, str]:
+    """Refuse a file that is not ours, or not this store's. Never writes to it."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                raise StoreMismatch(f"{path}: not a billing-ingestor store file; refusing it")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreMismatch(
+            f"{path}: cannot be read as a billing-ingestor store ({exc}); refusing to use it"
+        ) from exc
+    if version != SCHEMA_VERSION:
+        raise StoreMismatch(
+            f"{path}: schema version {version}, this version reads {SCHEMA_VERSION}"
+        )
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise StoreMismatch(
+                f"{path}: belongs to another store ({key}={meta.get(key)!r}, expected {value!r})"
+            )
+    return meta
+
+
+def _create_file(path: Path, schema: str, meta: dict[str, str]) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.executescript(schema)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+    finally:
+        conn.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SQLiteStore:
+    """The `Store` on SQLite files under one directory."""
+
+    def __init__(self, directory: Path, store_id: str, parts: list[_Partition]) -> None:
+        self.directory = directory
+        self.store_id = store_id
+        self.partitions = len(parts)
+        self._parts = parts
+
+    @classmethod
+    def open(
+        cls, directory: Path, *, partitions: int, durability: str, busy_timeout: float
+    ) -> SQLiteStore:
+        """Open the store in `directory`, creating it if it does not exist."""
+        if not (directory / "meta.sqlite").exists():
+            if directory.exists() and any(directory.iterdir()):
+                raise StoreMismatch(
+                    f"{directory}: exists but holds no meta.sqlite; refusing to use it"
+                )
+            cls._create(directory, partitions)
+        meta = _check_file(directory / "meta.sqlite", {})
+        store_id, count = meta["store_id"], int(meta["partitions"])
+        parts = []
+        try:
+            for index in range(count):
+                path = directory / f"p{index:03d}.sqlite"
+                if not path.exists():
+                    raise StoreMismatch(f"{path}: missing from the store")
+                _check_file(path, {"store_id": store_id, "partition": str(index)})
+                parts.append(_Partition(path, index, durability, busy_timeout))
+        except sqlite3.Error as exc:
+            for part in parts:
+                part.close()
+            raise _translate(exc, "open") from exc
+        except BaseException:
+            for part in parts:
+                part.close()
+            raise
+        return cls(directory, store_id, parts)
+
+    @staticmethod
+    def _create(directory: Path, partitions: int) -> None:
+        parent = directory.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".creating-{secrets.token_hex(6)}"
+        staging.mkdir()
+        try:
+            store_id = secrets.token_hex(6)
+            common = {"store_id": store_id, "schema_version": str(SCHEMA_VERSION)}
+            for index in range(partitions):
+                _create_file(
+                    staging / f"p{index:03d}.sqlite",
+                    _PARTITION_SCHEMA,
+                    {**common, "partition": str(index)},
+                )
+            created = dt.datetime.now(dt.UTC).isoformat()
+            _create_file(
+                staging / "meta.sqlite",
+                _META_SCHEMA,
+                {**common, "partitions": str(partitions), "created_at": created},
+            )
+            for child in staging.iterdir():
+                fd = os.open(child, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            _fsync_dir(staging)
+            if directory.exists():
+                directory.rmdir()  # empty, checked by the caller
+            # The creation point: before this rename there is no store, after it a whole one.
+            staging.rename(directory)
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+    def _part(self, partition: int) -> _Partition:
+        return self._parts[partition]
+
+    # -- writes ---------------------------------------------------------
+
+    def write_pulses(
+        self, partition: int, pulses: Sequence[Pulse], received_us: int
+    ) -> list[Outcome]:
+        with self._part(partition).transaction("write pulses") as conn:
+            known = _known_ids(conn, pulses)
+            outcomes = resolve(pulses, known)
+            accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+            conn.executemany(
+                _INSERT_PULSE,
+                [
+                    (
+                        p.tenant_id, p.pulse_id, 1 if p.client_id else 0, p.product_sku,
+                        p.use_unit, p.day, format_nanos(p.nanos), p.ts, received_us,
+                        p.fingerprint if p.client_id else None,
+                    )
+                    for p in accepted
+                ],
+            )
+            conn.executemany(
+                _UPSERT_BUCKET,
+                [
+                    (*key, format_nanos(delta.nanos), delta.count)
+                    for key, delta in bucket_deltas(accepted).items()
+                ],
+            )
+        return outcomes
+
+    def commit_day(
+        self, partition: int, day: str, now_us: int, max_records: int
+    ) -> list[BatchSummary]:
+        summaries: list[BatchSummary] = []
+        with self._part(partition).transaction("commit") as conn:
+            rows = conn.execute(
+                f"SELECT {_BUCKET_COLUMNS} FROM buckets"
+                " WHERE day = ? AND pulse_count > committed_count",
+                (day,),
+            ).fetchall()
+            if not rows:
+                return []
+            states = [_bucket_state(row) for row in rows]
+            (last_seq,) = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM batches WHERE day = ?", (day,)
+            ).fetchone()
+            created = _moment(now_us)
+            assert created is not None
+            for offset, (kind, records) in enumerate(commit_batches(states, max_records), 1):
+                seq = last_seq + offset
+                total = format_nanos(sum(parse_nanos(r.used_amount) for r in records))
+                batch = Batch(
+                    batch_id=batch_id(self.store_id, day, partition, seq),
+                    store_id=self.store_id,
+                    date=day,
+                    partition=partition,
+                    kind=kind,  # type: ignore[arg-type]
+                    created_at=created,
+                    record_count=len(records),
+                    used_amount=total,
+                    records=records,
+                )
+                conn.execute(
+                    "INSERT INTO batches (batch_id, day, seq, kind, created_at, record_count,"
+                    " used_amount, body, status, attempts, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+                    (
+                        batch.batch_id, day, seq, kind, now_us, len(records), total,
+                        _encode(batch), now_us,
+                    ),
+                )
+                summaries.append(
+                    BatchSummary(batch.batch_id, batch.kind, partition, len(records), total)
+                )
+            # Same transaction as the outbox rows above: a bucket is marked
+            # committed if and only if its delta is in a batch.
+            conn.execute(
+                "UPDATE buckets SET committed_amount = used_amount,"
+                " committed_count = pulse_count, revision = revision + 1"
+                " WHERE day = ? AND pulse_count > committed_count",
+                (day,),
+            )
+        return summaries
+
+    def record_delivery(
+        self,
+        partition: int,
+        batch_id: str,
+        *,
+        status: str,
+        error: str | None,
+        next_attempt_us: int | None,
+        now_us: int,
+    ) -> None:
+        with self._part(partition).transaction("record delivery") as conn:
+            conn.execute(
+                "UPDATE batches SET status = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = ?,"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                " WHERE batch_id = ? AND status = 'pending'",
+                (status, error, next_attempt_us, status, now_us, batch_id),
+            )
+
+    def redeliver(self, batch_id: str, now_us: int) -> bool:
+        partition = self._partition_of_batch(batch_id)
+        if partition is None:
+            return False
+        with self._part(partition).transaction("redeliver") as conn:
+            cursor = conn.execute(
+                "UPDATE batches SET status = 'pending', next_attempt_at = ?"
+                " WHERE batch_id = ? AND status = 'failed'",
+                (now_us, batch_id),
+            )
+            return cursor.rowcount == 1
+
+    def purge(self, partition: int, before_us: int) -> int:
+        removed = 0
+        while True:
+            with self._part(partition).transaction("purge") as conn:
+                # Pulses are appended in time order, so the oldest are the
+                # first by seq: look only at the head, never scan the table.
+                cursor = conn.execute(
+                    "DELETE FROM pulses WHERE seq IN"
+                    " (SELECT seq FROM pulses ORDER BY seq LIMIT 5000) AND received_at < ?",
+                    (before_us,),
+                )
+            removed += cursor.rowcount
+            if cursor.rowcount < 5000:
+                return removed
+
+    # -- reads ----------------------------------------------------------
+
+    def open_days(self, partition: int) -> list[str]:
+        return self._part(partition).read(
+            lambda conn: [
+                day
+                for (day,) in conn.execute(
+                    "SELECT DISTINCT day FROM buckets WHERE pulse_count > committed_count"
+                    " ORDER BY day"
+                )
+            ]
+        )
+
+    def aggregates(self, query: AggregateQuery) -> list[Aggregate]:
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("tenant_id", query.tenant_id),
+            ("product_sku", query.product_sku),
+            ("use_unit", query.use_unit),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.date_from is not None:
+            where.append("day >= ?")
+            args.append(query.date_from)
+        if query.date_to is not None:
+            where.append("day <= ?")
+            args.append(query.date_to)
+        if query.status == "open":
+            where.append("pulse_count > committed_count")
+        elif query.status == "committed":
+            where.append("pulse_count = committed_count")
+        if query.after is not None:
+            where.append("(day, tenant_id, product_sku, use_unit) > (?, ?, ?, ?)")
+            args.extend(query.after)
+        sql = (
+            f"SELECT {_BUCKET_COLUMNS} FROM buckets"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY day, tenant_id, product_sku, use_unit LIMIT ?"
+        )
+        args.append(query.limit)
+        parts = (
+            [self._part(partition_of(query.tenant_id, self.partitions))]
+            if query.tenant_id is not None
+            else self._parts
+        )
+        streams = [part.read(lambda conn: conn.execute(sql, args).fetchall()) for part in parts]
+        merged = heapq.merge(*streams, key=lambda row: row[:4])
+        return [_aggregate(row) for _, row in zip(range(query.limit), merged, strict=False)]
+
+    def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]:
+        where = ["tenant_id = ?", "day = ?"]
+        args: list[Any] = [query.tenant_id, query.day]
+        if query.product_sku is not None:
+            where.append("product_sku = ?")
+            args.append(query.product_sku)
+        if query.use_unit is not None:
+            where.append("use_unit = ?")
+            args.append(query.use_unit)
+        if query.after is not None:
+            where.append("seq > ?")
+            args.append(query.after)
+        args.append(query.limit)
+        sql = (
+            "SELECT seq, pulse_id, client_id, tenant_id, product_sku, use_unit, used_amount,"
+            " ts, day, received_at FROM pulses"
+            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        )
+        part = self._part(partition_of(query.tenant_id, self.partitions))
+        rows = part.read(lambda conn: conn.execute(sql, args).fetchall())
+        return [
+            (
+                seq,
+                StoredPulse(
+                    id=pulse_id,
+                    tenant_id=tenant,
+                    product_sku=sku,
+                    use_unit=unit,
+                    used_amount=amount,
+                    timestamp=_moment(ts),  # type: ignore[arg-type]
+                    date=day,
+                    received_at=_moment(received),  # type: ignore[arg-type]
+                    id_assigned=not client_id,
+                ),
+            )
+            for seq, pulse_id, client_id, tenant, sku, unit, amount, ts, day, received in rows
+        ]
+
+    def batches(self, query: BatchQuery) -> list[BatchView]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.day is not None:
+            where.append("day = ?")
+            args.append(query.day)
+        if query.status is not None:
+            where.append("status = ?")
+            args.append(query.status)
+        if query.after is not None:
+            where.append("(day, batch_id) > (?, ?)")
+            args.extend(query.after)
+        args.append(query.limit)
+        sql = (
+            f"SELECT {_BATCH_COLUMNS} FROM batches"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY day, batch_id LIMIT ?"
+        )
+        streams = [
+            part.read(lambda conn: conn.execute(sql, args).fetchall()) for part in self._parts
+        ]
+        merged = heapq.merge(*streams, key=lambda row: (row[1], row[0]))
+        return [
+            self._batch_view(row, None)
+            for _, row in zip(range(query.limit), merged, strict=False)
+        ]
+
+    def batch(self, batch_id: str) -> BatchView | None:
+        partition = self._partition_of_batch(batch_id)
+        if partition is None:
+            return None
+        row = self._part(partition).read(
+            lambda conn: conn.execute(
+                f"SELECT {_BATCH_COLUMNS}, body FROM batches WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return self._batch_view(row[:-1], _decode_batch(row[-1]).records)
+
+    def _batch_view(self, row: tuple[Any, ...], records: list[BatchRecord] | None) -> BatchView:
+        (bid, day, kind, created, count, amount, status, attempts, error, next_at, done) = row
+        return BatchView(
+            batch_id=bid,
+            store_id=self.store_id,
+            date=day,
+            partition=int(bid.rsplit("-", 2)[1][1:]),
+            kind=kind,
+            created_at=_moment(created),  # type: ignore[arg-type]
+            record_count=count,
+            used_amount=amount,
+            status=status,
+            attempts=attempts,
+            last_error=error,
+            next_attempt_at=_moment(next_at) if status == "pending" else None,
+            delivered_at=_moment(done),
+            records=records,
+        )
+
+    def _partition_of_batch(self, batch_id: str) -> int | None:
+        pieces = batch_id.split("-")
+        if len(pieces) != 4 or pieces[0] != self.store_id or not pieces[2].startswith("p"):
+            return None
+        try:
+            partition = int(pieces[2][1:])
+        except ValueError:
+            return None
+        return partition if 0 <= partition < self.partitions else None
+
+    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
+        found: list[DueBatch] = []
+        for part in self._parts:
+            rows = part.read(
+                lambda conn: conn.execute(
+                    "SELECT batch_id, day, body, attempts FROM batches"
+                    " WHERE status = 'pending' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at LIMIT ?",
+                    (now_us, limit),
+                ).fetchall()
+            )
+            found.extend(DueBatch(part.index, bid, day, body, n) for bid, day, body, n in rows)
+        return found
+
+    def outbox_statistics(self) -> tuple[int, int | None]:
+        pending, oldest = 0, None
+        for part in self._parts:
+            count, first = part.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*), min(created_at) FROM batches WHERE status = 'pending'"
+                ).fetchone()
+            )
+            pending += count
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+        return pending, oldest
+
+
+def _known_ids(conn: sqlite3.Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:
+    """The stored fingerprints of the client ids among `pulses`, in a few statements."""
+    by_tenant: dict[str, list[str]] = defaultdict(list)
+    for p in pulses:
+        if p.client_id:
+            by_tenant[p.tenant_id].append(p.pulse_id)
+    known: dict[tuple[str, str], bytes] = {}
+    for tenant, ids in by_tenant.items():
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                "SELECT pulse_id, fingerprint FROM pulses"
+                f" WHERE client_id = 1 AND tenant_id = ? AND pulse_id IN ({marks})",
+                (tenant, *chunk),
+            )
+            for pulse_id, fingerprint in rows:
+                known[(tenant, pulse_id)] = fingerprint
+    return known
+
+
+def _bucket_state(row: tuple[Any, ...]) -> BucketState:
+    day, tenant, sku, unit, used, count, committed, committed_count, revision = row
+    return BucketState(
+        (day, tenant, sku, unit), parse_nanos(used), count, parse_nanos(committed),
+        committed_count, revision,
+    )
+
+
+def _aggregate(row: tuple[Any, ...]) -> Aggregate:
+    day, tenant, sku, unit, used, count, committed, committed_count, revision = row
+    return Aggregate(tenant, sku, unit, day, used, count, committed, committed_count, revision)
+
