@@ -47,7 +47,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     commit_interval: Seconds = 60
     commit_grace: Seconds = 3600
     batch_max_records: Count = 1_000
+    store_pool_size: Count = 8
     sink: str = "file"
+    nats_stream: str = "BILLING_BATCHES"
+    nats_subject: str = "billing.batches.{date}"
     sink_secret: str = ""
     sink_timeout: Seconds = 10
     delivery_concurrency: Count = 4
@@ -120,7 +123,7 @@ def load_settings(
                 raw.update(tomllib.load(f))
         except OSError as exc:
             raise ConfigError(f"config file {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file}: not valid TOML: {exc}") from None
     raw.update(_from_env(os.environ if environ is None else environ))
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -157,7 +160,7 @@ def _check(settings: Settings) -> None:
     ]:
         try:
             zoneinfo.ZoneInfo(zone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ConfigError(f"{name}: unknown IANA time zone {zone!r}") from None
     if settings.store != "sqlite" and not settings.store.startswith(
         ("postgresql://", "postgres://")

@@ -196,6 +196,9 @@ def decode_pulses(
         try:
             return _build([_one.decode(body)], rules, now_us, single=True)
         except msgspec.ValidationError as exc:
+            # Typed decoding stops at the first bad field; the body may also
+            # be broken JSON further on, which is a 400, not a bad pulse.
+            _require_json(body)
             return _build([(body, _validation_message(exc))], rules, now_us, single=True)
         except msgspec.DecodeError as exc:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
@@ -221,18 +224,18 @@ def decode_pulses(
 
 
 def _decode_ndjson(body: bytes, rules: Rules, now_us: int) -> Intake:
+    # Each line is decoded alone: joining lines into one array would let a
+    # line holding two values make up for two broken half-lines.
     lines = [line for line in body.splitlines() if line.strip()]
     _limit(len(lines), rules)
-    if not lines:
-        return Intake([], [], 0, single=False)
+    return _build(_one_by_one(lines), rules, now_us, single=False)
+
+
+def _require_json(body: bytes) -> None:
     try:
-        # One typed decode of the lines joined as an array: the fast path.
-        many = _many.decode(b"[" + b",".join(lines) + b"]")
-    except msgspec.MsgspecError:
-        return _build(_one_by_one(lines), rules, now_us, single=False)
-    if len(many) != len(lines):  # a line held more than one value
-        return _build(_one_by_one(lines), rules, now_us, single=False)
-    return _build(many, rules, now_us, single=False)
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
 
 
 def _limit(count: int, rules: Rules) -> None:
