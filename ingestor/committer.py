@@ -59,6 +59,8 @@ class Committer:
         self._clock = clock
         self.commits = 0
         self.batches_created = 0
+        self.ticks = 0
+        self._ticked = trio.Event()
 
     def now(self) -> dt.datetime:
         return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=self._clock())
@@ -121,6 +123,11 @@ class Committer:
             removed += await trio.to_thread.run_sync(self._store.purge, shard.partition, before)
         return removed
 
+    async def wait_ticks(self, count: int) -> None:
+        """Wait until the timer has fired and finished its work `count` times in all."""
+        while self.ticks < count:
+            await self._ticked.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
@@ -130,3 +137,6 @@ class Committer:
                 await self.purge()
             except StoreError as exc:
                 log.warning("periodic commit failed", extra={"fields": {"error": str(exc)}})
+            self.ticks += 1
+            self._ticked.set()
+            self._ticked = trio.Event()

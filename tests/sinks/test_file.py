@@ -1,0 +1,46 @@
+"""The file sink: atomic files, never written twice, failures are retryable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ingestor.errors import SinkRetryable
+from ingestor.sinks.file import FileSink
+
+
+async def test_writes_the_body_under_its_date(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "deliveries")
+    await sink.deliver("s-20261128-p001-00001", "2026-11-28", b'{"a":1}')
+    path = tmp_path / "deliveries" / "2026-11-28" / "s-20261128-p001-00001.json"
+    assert path.read_bytes() == b'{"a":1}'
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+async def test_an_existing_batch_is_not_written_again(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    await sink.deliver("b1", "2026-11-28", b"first")
+    path = sink.path_of("b1", "2026-11-28")
+    before = os.stat(path)
+    await sink.deliver("b1", "2026-11-28", b"first")
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+async def test_a_stale_temporary_does_not_count_as_delivered(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    day = tmp_path / "2026-11-28"
+    day.mkdir()
+    (day / ".b2.json.999.tmp").write_bytes(b"half")
+    await sink.deliver("b2", "2026-11-28", b"whole")
+    assert sink.path_of("b2", "2026-11-28").read_bytes() == b"whole"
+
+
+async def test_os_errors_are_retryable(tmp_path: Path) -> None:
+    blocker = tmp_path / "deliveries"
+    blocker.write_bytes(b"a file where a directory should be")
+    sink = FileSink(blocker)
+    with pytest.raises(SinkRetryable, match="b3"):
+        await sink.deliver("b3", "2026-11-28", b"{}")

@@ -1,0 +1,103 @@
+"""The periodic committer: timer-driven, day boundaries, grace, zones, purge."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from typing import Any
+
+import pytest
+import trio
+from quart.typing import TestClientProtocol as Client
+
+from ingestor.committer import Committer, day_closes_at
+from ingestor.runtime import Runtime
+
+from .conftest import FakeClock, pulse
+
+NY = zoneinfo.ZoneInfo("America/New_York")
+
+
+def test_day_closes_at_latest_midnight_of_all_zones() -> None:
+    day = dt.date(2026, 11, 27)
+    utc_end = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
+    assert day_closes_at(day, {dt.UTC}) == utc_end
+    assert day_closes_at(day, {dt.UTC, NY}) == utc_end + dt.timedelta(hours=5)
+    tokyo = zoneinfo.ZoneInfo("Asia/Tokyo")
+    assert day_closes_at(day, {dt.UTC, tokyo}) == utc_end
+
+
+def test_day_closes_at_across_dst() -> None:
+    # 2026-11-01 in New York lasts 25 hours: it ends at 05:00Z on 11-02 (EST).
+    assert day_closes_at(dt.date(2026, 11, 1), {NY}) == dt.datetime(2026, 11, 2, 5, tzinfo=dt.UTC)
+    # 2026-03-08 lasts 23 hours and ends at 04:00Z on 03-09 (EDT).
+    assert day_closes_at(dt.date(2026, 3, 8), {NY}) == dt.datetime(2026, 3, 9, 4, tzinfo=dt.UTC)
+
+
+async def next_tick(committer: Committer) -> None:
+    """Wait for a whole timer tick that began after the clock was last moved."""
+    await committer.wait_ticks(committer.ticks + 2)
+
+
+async def post(client: Client, body: Any) -> None:
+    response = await client.post("/pulses", json=body)
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize("settings_overrides", [{"commit_interval": 60, "commit_grace": 3600}])
+async def test_timer_commits_a_day_once_its_grace_has_passed(
+    autojump_clock: trio.testing.MockClock,
+    client: Client,
+    runtime: Runtime,
+    clock: FakeClock,
+) -> None:
+    committer = runtime.committer
+    clock.now_us -= 12 * 3600 * 1_000_000 - 1  # 2026-11-28 00:00:00.000001Z
+    await post(client, [pulse(tenant_id="a"), pulse(tenant_id="b", used_amount="2")])
+    clock.advance(24 * 3600 + 3000)  # 11-29 00:50Z: the day is over, the grace is not
+    await next_tick(committer)
+    assert committer.batches_created == 0
+    clock.advance(700)  # 11-29 01:01:40Z
+    await next_tick(committer)
+    assert committer.batches_created == 2
+    open_buckets = await trio.to_thread.run_sync(runtime.store.open_days, 0)
+    assert open_buckets == []
+    # A late pulse for the committed day becomes a correction on the next tick.
+    late = (clock.now - dt.timedelta(days=1)).isoformat()
+    await post(client, pulse(tenant_id="a", used_amount="5", timestamp=late))
+    await next_tick(committer)
+    assert committer.batches_created == 3
+    today = await (await client.get("/batches?date=2026-11-28")).get_json()
+    assert sorted(b["kind"] for b in today["batches"]) == ["correction", "initial", "initial"]
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"commit_interval": 60, "commit_grace": 600, "billing_timezone": "America/New_York"}],
+)
+async def test_timer_waits_for_the_day_to_end_in_the_billing_zone(
+    autojump_clock: trio.testing.MockClock, client: Client, runtime: Runtime, clock: FakeClock
+) -> None:
+    # 12:00Z on 11-28 is 07:00 in New York. Push to 11-29 04:59Z = 23:59 on 11-28 there.
+    await post(client, pulse())
+    clock.advance(16 * 3600 + 59 * 60)
+    await next_tick(runtime.committer)
+    assert runtime.committer.batches_created == 0
+    clock.advance(11 * 60)  # 05:10Z: 00:10 in New York, the grace of 10 min is over
+    await next_tick(runtime.committer)
+    assert runtime.committer.batches_created == 1
+
+
+@pytest.mark.parametrize("settings_overrides", [{"dedup_window": 86400, "late_window": 86400}])
+async def test_purge_forgets_ids_after_the_dedup_window(
+    client: Client, runtime: Runtime, clock: FakeClock
+) -> None:
+    await post(client, pulse(id="once"))
+    clock.advance(3600)
+    assert await runtime.committer.purge() == 0
+    replay = await (await client.post("/pulses", json=pulse(id="once"))).get_json()
+    assert replay["duplicates"] == 1
+    clock.advance(86400)
+    assert await runtime.committer.purge() == 1
+    again = await (await client.post("/pulses", json=pulse(id="once"))).get_json()
+    assert again["accepted"] == 1

@@ -1,0 +1,111 @@
+"""The deliverer: retries with backoff, failed batches, redelivery."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from quart.typing import TestClientProtocol as Client
+
+from ingestor.deliverer import backoff
+from ingestor.errors import SinkRejected, SinkRetryable
+from ingestor.runtime import Runtime
+from ingestor.sinks.memory import MemorySink
+
+from .conftest import FakeClock, pulse
+
+
+@given(
+    attempt=st.integers(1, 200),
+    initial=st.floats(0.01, 10),
+    cap=st.floats(10, 3600),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_is_capped_exponential_with_jitter(
+    attempt: int, initial: float, cap: float, seed: int
+) -> None:
+    delay = backoff(attempt, initial, cap, random.Random(seed))
+    ceiling = min(cap, initial * 2 ** (attempt - 1))
+    assert ceiling / 2 <= delay <= ceiling
+
+
+def test_backoff_spreads_retries() -> None:
+    rng = random.Random(7)
+    delays = {round(backoff(5, 1, 300, rng), 3) for _ in range(50)}
+    assert len(delays) > 40
+
+
+async def committed_batch(client: Client, runtime: Runtime) -> str:
+    response = await client.post("/pulses", json=pulse())
+    assert response.status_code == 202
+    result = await (await client.post("/aggregates/commit", json={"date": "2026-11-28"})).get_json()
+    [batch] = result["batches"]
+    return str(batch["batch_id"])
+
+
+async def view(client: Client, batch_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = await (await client.get(f"/batches/{batch_id}")).get_json()
+    return body
+
+
+@pytest.mark.parametrize("settings_overrides", [{"retry_initial": 10, "retry_max": 60}])
+async def test_retryable_failure_stays_pending_until_it_succeeds(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    sink.fail_with(SinkRetryable("HTTP 503"), times=2)
+    sink.block()
+    batch_id = await committed_batch(client, runtime)
+    sink.unblock()
+    await runtime.deliverer.deliver_due()
+    state = await view(client, batch_id)
+    assert (state["status"], state["attempts"], state["last_error"]) == ("pending", 1, "HTTP 503")
+    assert batch_id not in sink.delivered
+    # Not due yet: nothing is attempted until the backoff has passed.
+    assert await runtime.deliverer.deliver_due() == 0
+    clock.advance(10)
+    assert await runtime.deliverer.deliver_due() == 1
+    assert (await view(client, batch_id))["attempts"] == 2
+    clock.advance(20)
+    await runtime.deliverer.deliver_due()
+    state = await view(client, batch_id)
+    assert (state["status"], state["attempts"]) == ("delivered", 3)
+    assert state["delivered_at"] is not None
+    assert batch_id in sink.delivered
+    assert runtime.deliverer.retried == 2
+
+
+async def test_rejected_batch_is_failed_and_can_be_redelivered(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    sink.fail_with(SinkRejected("HTTP 400: bad schema"))
+    sink.block()
+    batch_id = await committed_batch(client, runtime)
+    sink.unblock()
+    await runtime.deliverer.deliver_due()
+    state = await view(client, batch_id)
+    assert (state["status"], state["last_error"]) == ("failed", "HTTP 400: bad schema")
+    failed = await (await client.get("/batches?status=failed")).get_json()
+    assert [b["batch_id"] for b in failed["batches"]] == [batch_id]
+    clock.advance(3600)
+    assert await runtime.deliverer.deliver_due() == 0  # failed batches wait for an operator
+    assert await trio.to_thread.run_sync(runtime.store.redeliver, batch_id, clock())
+    assert not await trio.to_thread.run_sync(runtime.store.redeliver, batch_id, clock())
+    await runtime.deliverer.deliver_due()
+    assert (await view(client, batch_id))["status"] == "delivered"
+
+
+async def test_outbox_statistics_track_pending(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    sink.block()
+    await committed_batch(client, runtime)
+    pending, oldest = await trio.to_thread.run_sync(runtime.store.outbox_statistics)
+    assert pending == 1
+    assert oldest == clock()
+    sink.unblock()
+    await runtime.deliverer.deliver_due()
+    assert await trio.to_thread.run_sync(runtime.store.outbox_statistics) == (0, None)

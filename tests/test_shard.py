@@ -1,0 +1,150 @@
+"""The shard actor: group commit, replies only after the write, failures isolated."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from ingestor.errors import Draining, StoreFull
+from ingestor.model import Outcome, Pulse
+from ingestor.shard import Ingest, Reply, Shard
+from ingestor.store.sqlite import SQLiteStore
+
+NOW = 1_795_000_000_000_000
+
+
+def make_pulse(n: int, *, tenant: str = "t1", pulse_id: str | None = None) -> Pulse:
+    return Pulse(
+        tenant, "sku", "unit", n * 1_000_000_000, pulse_id or f"id{n}", pulse_id is not None,
+        NOW, "2026-11-28", b"fp%d" % n,
+    )
+
+
+class HeldStore:
+    """A real SQLite store whose writes can be held, or made to fail, by the test."""
+
+    def __init__(self, directory: Path) -> None:
+        self.inner = SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5)
+        self.calls: list[int] = []
+        self.fail_next: Exception | None = None
+        self.gate = trio.Event()
+        self.gate.set()
+        self.token = trio.lowlevel.current_trio_token()
+
+    def write_pulses(
+        self, partition: int, pulses: Sequence[Pulse], received_us: int
+    ) -> list[Outcome]:
+        trio.from_thread.run(self.gate.wait, trio_token=self.token)
+        self.calls.append(len(pulses))
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        return self.inner.write_pulses(partition, pulses, received_us)
+
+
+@pytest.fixture
+async def held(tmp_path: Path) -> HeldStore:
+    return HeldStore(tmp_path / "store")
+
+
+async def test_waiting_requests_share_one_transaction(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        first: Reply[list[Outcome]] = Reply()
+        shard.submit_nowait(Ingest([make_pulse(1)], first))
+        await trio.testing.wait_all_tasks_blocked()  # the shard is inside the first write
+        replies = []
+        for n in range(2, 7):
+            reply: Reply[list[Outcome]] = Reply()
+            shard.submit_nowait(Ingest([make_pulse(n), make_pulse(n + 100)], reply))
+            replies.append(reply)
+        await trio.testing.wait_all_tasks_blocked()
+        # Nothing is answered while the transaction has not finished.
+        assert not any(r._event.is_set() for r in [first, *replies])
+        held.gate.set()
+        assert await first.receive() == ["accepted"]
+        for reply in replies:
+            assert await reply.receive() == ["accepted", "accepted"]
+        shard.close()
+    assert held.calls == [1, 10]  # the five waiting requests went in one transaction
+    stats = shard.statistics()
+    assert (stats.transactions, stats.pulses_written, stats.last_group_pulses) == (2, 11, 10)
+
+
+async def test_group_respects_size_cap(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=16, group_max_pulses=3)  # type: ignore[arg-type]
+    held.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        replies = []
+        for n in range(7):
+            reply: Reply[list[Outcome]] = Reply()
+            shard.submit_nowait(Ingest([make_pulse(n)], reply))
+            replies.append(reply)
+        held.gate.set()
+        for reply in replies:
+            await reply.receive()
+        shard.close()
+    assert held.calls == [3, 3, 1]
+
+
+async def test_dedup_across_requests_of_one_group(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        a: Reply[list[Outcome]] = Reply()
+        b: Reply[list[Outcome]] = Reply()
+        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="same")], a))
+        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="same")], b))
+        held.gate.set()
+        assert await a.receive() == ["accepted"]
+        assert await b.receive() == ["duplicate"]
+        shard.close()
+
+
+async def test_store_failure_fails_the_group_and_the_shard_goes_on(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.fail_next = StoreFull("disk full")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        failed: Reply[list[Outcome]] = Reply()
+        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="x")], failed))
+        with pytest.raises(StoreFull):
+            await failed.receive()
+        retried: Reply[list[Outcome]] = Reply()
+        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="x")], retried))
+        # The failed write kept nothing, so the retry is accepted, not a duplicate.
+        assert await retried.receive() == ["accepted"]
+        shard.close()
+    day = dt.date(2026, 11, 28).isoformat()
+    assert held.inner.open_days(0) == [day]
+
+
+async def test_closed_shard_refuses_with_draining(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=1, group_max_pulses=10)  # type: ignore[arg-type]
+    shard.close()
+    with pytest.raises(Draining):
+        shard.submit_nowait(Ingest([], Reply()))
+    with pytest.raises(Draining):
+        await shard.submit(Ingest([], Reply()))
+
+
+async def test_queued_messages_are_finished_after_close(held: HeldStore) -> None:
+    shard = Shard(0, held, queue_size=8, group_max_pulses=1)  # type: ignore[arg-type]
+    replies = []
+    for n in range(5):
+        reply: Reply[list[Outcome]] = Reply()
+        shard.submit_nowait(Ingest([make_pulse(n)], reply))
+        replies.append(reply)
+    shard.close()
+    await shard.run()  # returns once the queue is drained
+    for reply in replies:
+        assert await reply.receive() == ["accepted"]
