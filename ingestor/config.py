@@ -175,8 +175,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {sink!r}"
         )
-    if sink.startswith("nats://"):
-        raise ConfigError("sink: the NATS sink is not available in this version")
+    if "{date}" not in settings.nats_subject:
+        raise ConfigError("nats_subject: must contain {date}, e.g. 'billing.batches.{date}'")
     if sink.startswith("http") and not settings.sink_secret:
         raise ConfigError("sink_secret: required with an http sink, to sign each delivery")
     if settings.retry_max < settings.retry_initial:

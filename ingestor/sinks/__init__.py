@@ -27,11 +27,20 @@ class Sink(Protocol):
 
 
 def open_sink(settings: Settings) -> Sink:
-    """The sink the settings name (`file`, an http(s) URL)."""
+    """The sink the settings name (`file`, an http(s) URL, a nats URL)."""
     if settings.sink == "file":
         from .file import FileSink
 
         return FileSink(settings.data_path / "deliveries")
+    if settings.sink.startswith("nats://"):
+        from .nats import NatsSink
+
+        return NatsSink(
+            settings.sink,
+            stream=settings.nats_stream,
+            subject=settings.nats_subject,
+            timeout=settings.sink_timeout,
+        )
     from .http import HttpSink
 
     return HttpSink(settings.sink, secret=settings.sink_secret, timeout=settings.sink_timeout)

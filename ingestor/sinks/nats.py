@@ -1,0 +1,400 @@
+"""The nats sink: each batch published to a JetStream stream, deduplicated by batch id.
+
+nats-py speaks asyncio only and the service runs on trio, so the sink keeps one
+private asyncio event loop in a daemon thread, started on the first delivery,
+and the NATS connection lives there. Each `deliver` crosses into that loop
+once per batch; the trio task waits without blocking trio and without holding
+a worker thread, and cancelling it cancels the publish:
+
+    trio task ── run_coroutine_threadsafe ──▶ asyncio loop thread: connect,
+        ▲                                     ensure the stream, publish,
+        └─ TrioToken.run_sync_soon ◀───────── wait for the JetStream ack
+
+The first delivery connects (bounded by the sink timeout, so a server that is
+down gives `SinkRetryable`, and a later delivery connects once it is up) and
+makes sure the stream exists: if it is missing it is created with the subject
+template's `{date}` token as a wildcard (`billing.batches.>`), file storage,
+one replica and a one-day duplicate window. A stream that already exists is
+used as it is; a clustered deployment creates it beforehand with the replicas
+it wants. Once connected, nats-py reconnects by itself, for ever.
+
+Delivered point: the JetStream publish ack, which the server sends once the
+message is stored in the stream. The `Nats-Msg-Id` header is the batch id, so
+a batch sent again (its ack was lost, or we crashed before recording it) is
+dropped by the server as a duplicate within the stream's duplicate window;
+a duplicate ack counts as delivered.
+
+Errors: timeouts, an unreachable or reconnecting server and JetStream errors
+that may pass are `SinkRetryable`. A batch larger than the server's
+max_payload or the stream's max_msg_size, and a stream that cannot take the
+batch's subject (it does not capture it, another stream does, the stream
+config is invalid) are `SinkRejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.errors
+import trio
+from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
+
+from ..errors import ConfigError, SinkError, SinkRejected, SinkRetryable
+
+__all__ = ["DUPLICATE_WINDOW", "NatsSink", "stream_subject", "subject_matches"]
+
+log = logging.getLogger("ingestor.sinks.nats")
+T = TypeVar("T")
+
+# NATS's default window is 2 minutes, but a batch whose ack was lost is sent
+# again only after the deliverer's backoff (up to retry_max, 5 minutes by
+# default). A day of batch ids is a few thousand entries on the server.
+DUPLICATE_WINDOW = 24 * 3600.0
+# Notice a silently dead connection within about 30 s (two unanswered pings),
+# not nats-py's default of about 6 minutes.
+_PING_INTERVAL = 10
+_RECONNECT_WAIT = 1
+
+# JetStream error codes (nats-server's server/errors.json).
+_STREAM_NAME_IN_USE = 10058
+_REJECTED = {
+    10052: "the stream configuration is invalid",
+    10054: "the batch is larger than the stream's max_msg_size",
+    10060: "the subject belongs to another stream",
+    10065: "the stream's subjects overlap those of another stream",
+}
+_INVALID_NAME_CHARS = frozenset(">*. /\\\t\r\n")
+
+
+def stream_subject(template: str) -> str:
+    """The subjects a new stream captures: `{date}`'s token as a wildcard.
+
+    A trailing token becomes `>` (`billing.batches.>`), one in the middle `*`.
+    """
+    tokens = template.split(".")
+    wild = ["*" if "{date}" in token else token for token in tokens]
+    if wild[-1] == "*":
+        wild[-1] = ">"
+    return ".".join(wild)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a stream subject `pattern` (with `*`, `>`) captures `subject`."""
+    want, have = pattern.split("."), subject.split(".")
+    for index, token in enumerate(want):
+        if token == ">":
+            return len(have) > index
+        if index >= len(have) or token not in ("*", have[index]):
+            return False
+    return len(want) == len(have)
+
+
+def _header_size(headers: dict[str, str]) -> int:
+    """Bytes nats-py sends for `headers` (NATS/1.0 line, `Key: value` lines)."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _check_names(stream: str, subject: str) -> None:
+    if not stream or _INVALID_NAME_CHARS & set(stream):
+        raise ConfigError(
+            f"nats_stream: {stream!r} is not a valid stream name (no spaces, '.', '*', '>')"
+        )
+    tokens = subject.split(".")
+    if any(not token or any(c.isspace() or c in "*>" for c in token) for token in tokens):
+        raise ConfigError(
+            f"nats_subject: {subject!r} is not a valid subject "
+            "(dot-separated tokens, no spaces or wildcards)"
+        )
+
+
+class NatsSink:
+    name = "nats"
+
+    def __init__(self, url: str, *, stream: str, subject: str, timeout: float) -> None:
+        _check_names(stream, subject)
+        servers = [server.strip() for server in url.split(",")]
+        self.url = ",".join(_without_credentials(server) for server in servers)
+        self.stream = stream
+        self.subject = subject
+        self.timeout = timeout
+        self._publisher = _Publisher(
+            servers, shown=self.url, stream=stream, subject=subject, timeout=timeout
+        )
+        self._loop: _LoopThread | None = None
+        self._closed = False
+
+    async def deliver(self, batch_id: str, day: str, body: bytes) -> None:
+        if self._closed:
+            raise SinkRetryable("the nats sink is closed")
+        if self._loop is None:
+            self._loop = _LoopThread(f"nats-sink-{self.stream}")
+        future = self._loop.submit(self._publisher.publish(batch_id, day, body))
+        await _wait_done(future)
+        if future.cancelled():
+            raise SinkRetryable(f"publishing {batch_id}: the nats sink was closed meanwhile")
+        future.result()
+
+    async def aclose(self) -> None:
+        """Drain and close the connection, then stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        # Shielded and never raising: the service closes the store after this.
+        with trio.CancelScope(shield=True):
+            closing = loop.submit(self._publisher.close())
+            await _wait_done(closing)
+            if not closing.cancelled() and (error := closing.exception()) is not None:
+                log.warning(
+                    "closing the nats connection failed", extra={"fields": {"error": repr(error)}}
+                )
+            await trio.to_thread.run_sync(loop.stop, self.timeout)
+
+
+async def _wait_done(future: concurrent.futures.Future[Any]) -> None:
+    """Wait until `future` is done without blocking trio; cancel it if we are cancelled."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: concurrent.futures.Future[Any]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    finally:
+        future.cancel()  # a no-op once it is done
+
+
+class _LoopThread:
+    """One asyncio event loop running in a daemon thread until `stop`."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def stop(self, timeout: float) -> None:
+        """Stop the loop, cancel what still runs in it, and join the thread. Blocks."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "the nats sink's loop did not stop", extra={"fields": {"waited_s": timeout}}
+            )
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+class _Publisher:
+    """The NATS side of the sink. Every method runs in the sink's asyncio loop."""
+
+    def __init__(
+        self, servers: list[str], *, shown: str, stream: str, subject: str, timeout: float
+    ) -> None:
+        self._servers = servers
+        self._shown = shown
+        self._stream = stream
+        self._subject = subject
+        self._timeout = timeout
+        self._client: Client | None = None
+        self._stream_subjects: Sequence[str] | None = None  # None: not checked yet
+        self._last_error: Exception | None = None
+        self._lock = asyncio.Lock()  # binds to the sink's loop on first use
+
+    async def publish(self, batch_id: str, day: str, body: bytes) -> None:
+        """Publish one batch and wait for its ack. Raises only SinkError."""
+        subject = self._subject.replace("{date}", day)
+        headers = {"Nats-Msg-Id": batch_id, "Nats-Expected-Stream": self._stream}
+        step = f"connecting to {self._shown}"
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._lock:  # one caller connects and checks the stream
+                    client = await self._connected()
+                    step = f"checking stream {self._stream}"
+                    subjects = await self._checked_stream(client)
+                step = f"publishing {batch_id} to {subject}"
+                self._check(client, subjects, subject, len(body) + _header_size(headers))
+                # Delivered point: the ack says the stream stored it (or had it already).
+                # Without one the batch stays pending and is sent again, deduplicated.
+                ack = await client.jetstream().publish(
+                    subject, body, timeout=self._timeout, headers=headers
+                )
+        except SinkError:
+            raise
+        except TimeoutError as exc:
+            raise SinkRetryable(
+                f"{step}: timed out after {self._timeout:g}s{self._last_error_text()}"
+            ) from exc
+        except nats.js.errors.NoStreamResponseError as exc:
+            self._stream_subjects = None  # deleted meanwhile? check (and create) it again
+            raise SinkRetryable(f"{step}: no JetStream stream answered") from exc
+        except nats.js.errors.APIError as exc:
+            raise _translate_api_error(step, exc) from exc
+        except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError) as exc:
+            raise SinkRejected(f"{step}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise SinkRetryable(f"{step}: {exc}") from exc
+        if ack.duplicate:
+            log.debug("already on the stream", extra={"fields": {"batch_id": batch_id}})
+
+    async def close(self) -> None:
+        """Drain the connection (publishes in flight finish), then close it.
+
+        A connection that is down (nats-py is reconnecting) has nothing to
+        drain: what it buffered was never acknowledged, so it is sent again.
+        """
+        client, self._client = self._client, None
+        if client is None or client.is_closed:
+            return
+        if not client.is_connected:
+            await client.close()
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await client.drain()
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            log.warning(
+                "draining the nats connection failed", extra={"fields": {"error": str(exc)}}
+            )
+        finally:
+            await client.close()
+
+    async def _connected(self) -> Client:
+        if self._client is None or self._client.is_closed:
+            self._client = await self._connect()
+            self._stream_subjects = None
+        return self._client
+
+    async def _checked_stream(self, client: Client) -> Sequence[str]:
+        if self._stream_subjects is None:
+            self._stream_subjects = await self._ensure_stream(client)
+        return self._stream_subjects
+
+    async def _connect(self) -> Client:
+        # With max_reconnect_attempts=-1 nats-py retries a refused first
+        # connect for ever; the caller's timeout bounds this attempt.
+        client = Client()
+        self._last_error = None
+        seconds = max(1, math.ceil(self._timeout))
+        try:
+            await client.connect(
+                self._servers,
+                name="billing-ingestor",
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                connect_timeout=seconds,
+                drain_timeout=seconds,
+                reconnect_time_wait=_RECONNECT_WAIT,
+                max_reconnect_attempts=-1,
+                ping_interval=_PING_INTERVAL,
+            )
+        except BaseException:
+            await client.close()
+            raise
+        log.info("connected to NATS", extra={"fields": {"url": self._shown}})
+        return client
+
+    async def _ensure_stream(self, client: Client) -> Sequence[str]:
+        """Create the stream if it is missing; return the subjects it captures."""
+        manager = client.jsm(timeout=self._timeout)
+        try:
+            info = await manager.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            config = StreamConfig(
+                name=self._stream,
+                subjects=[stream_subject(self._subject)],
+                storage=StorageType.FILE,
+                duplicate_window=DUPLICATE_WINDOW,
+            )
+            try:
+                info = await manager.add_stream(config)
+                log.info("created stream", extra={"fields": {"stream": self._stream}})
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:  # another instance was first
+                    raise
+                info = await manager.stream_info(self._stream)
+        window = info.config.duplicate_window or 0.0
+        if window < DUPLICATE_WINDOW:
+            log.info(
+                "the stream's duplicate window is short: a batch re-sent after it is stored twice",
+                extra={"fields": {"stream": self._stream, "duplicate_window_s": window}},
+            )
+        return tuple(info.config.subjects or ())
+
+    def _check(self, client: Client, subjects: Sequence[str], subject: str, size: int) -> None:
+        """Reject what the server could never take (an oversize message closes the connection)."""
+        if size > client.max_payload:
+            raise SinkRejected(
+                f"the batch is {size} bytes with its headers, more than the NATS server's "
+                f"max_payload of {client.max_payload}"
+            )
+        if not any(subject_matches(pattern, subject) for pattern in subjects):
+            self._stream_subjects = None  # read it again next time: it may be fixed by then
+            raise SinkRejected(
+                f"stream {self._stream} does not capture subject {subject} "
+                f"(its subjects: {', '.join(subjects) or 'none'})"
+            )
+
+    def _last_error_text(self) -> str:
+        return f" (last error: {self._last_error})" if self._last_error else ""
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Failed connection attempts land here; deliveries report them.
+        self._last_error = exc
+        log.debug("nats error", extra={"fields": {"error": repr(exc)}})
+
+    async def _on_disconnected(self) -> None:
+        if self._client is not None and not self._client.is_closed:
+            log.warning(
+                "disconnected from NATS, reconnecting", extra={"fields": {"url": self._shown}}
+            )
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = None
+        log.info("reconnected to NATS", extra={"fields": {"url": self._shown}})
+
+
+def _translate_api_error(step: str, exc: nats.js.errors.APIError) -> SinkError:
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError) and exc.err_code is None:
+        return SinkRetryable(f"{step}: JetStream did not answer (is it enabled on the server?)")
+    reason = _REJECTED.get(exc.err_code or 0)
+    detail = f"{step}: {reason or 'JetStream error'}: {exc.description} (code {exc.err_code})"
+    return SinkRejected(detail) if reason else SinkRetryable(detail)
