@@ -40,10 +40,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     late_window: Seconds = 35 * 86400
     dedup_window: Seconds = 35 * 86400
     future_skew: Seconds = 300
-    max_batch: Count = 10_000
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
     max_body_bytes: Count = 16 * 1024 * 1024
     shard_queue: Count = 64
-    group_max_pulses: Count = 50_000
+    # A group is at most group_max_pulses + max_batch pulses, < 2**20 (store cursors).
+    group_max_pulses: Annotated[int, msgspec.Meta(ge=1, le=500_000)] = 50_000
     commit_interval: Seconds = 60
     commit_grace: Seconds = 3600
     batch_max_records: Count = 1_000
@@ -168,8 +169,6 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"store: expected 'sqlite' or a postgresql:// URL, got {settings.store!r}"
         )
-    if settings.store != "sqlite":
-        raise ConfigError("store: the PostgreSQL store is not available in this version")
     sink = settings.sink
     if sink != "file" and not sink.startswith(("http://", "https://", "nats://")):
         raise ConfigError(

@@ -52,7 +52,10 @@ class Deliverer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = trio.Event()
-        self._in_flight: set[str] = set()
+        # One pass at a time: a pass reads the due batches and waits for all of
+        # them, so a second pass never works from a list read before the
+        # first one recorded its outcomes.
+        self._pass = trio.Lock()
         self.delivered = 0
         self.retried = 0
         self.failed = 0
@@ -63,13 +66,12 @@ class Deliverer:
 
     async def deliver_due(self) -> int:
         """Attempt every batch that is due now; return how many were attempted."""
-        due = await trio.to_thread.run_sync(self._store.due_batches, self._clock(), 100)
-        due = [batch for batch in due if batch.batch_id not in self._in_flight]
-        async with trio.open_nursery() as nursery:
-            for batch in due:
-                await self._limit.acquire()
-                self._in_flight.add(batch.batch_id)
-                nursery.start_soon(self._deliver_one, batch)
+        async with self._pass:
+            due = await trio.to_thread.run_sync(self._store.due_batches, self._clock(), 100)
+            async with trio.open_nursery() as nursery:
+                for batch in due:
+                    await self._limit.acquire()
+                    nursery.start_soon(self._deliver_one, batch)
         return len(due)
 
     async def _deliver_one(self, batch: DueBatch) -> None:
@@ -111,7 +113,6 @@ class Deliverer:
                     extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
                 )
         finally:
-            self._in_flight.discard(batch.batch_id)
             self._limit.release()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

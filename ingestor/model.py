@@ -59,12 +59,13 @@ class PulseIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     timestamp: Timestamp | None = None
 
 
-class Pulse(msgspec.Struct, frozen=True, gc=False):
+class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A validated pulse, ready for its shard.
 
     `ts` is microseconds since the epoch (UTC); `day` is the billing day in the
     tenant's zone; `fingerprint` identifies the payload of a client id, so a
-    replay can be told from a conflicting reuse of the id.
+    replay can be told from a conflicting reuse of the id. Encoded as an array,
+    it is also the store's compact record of the pulse.
     """
 
     tenant_id: str

@@ -115,7 +115,10 @@ class Store(Protocol):
         ...
 
     def purge(self, partition: int, before_us: int) -> int:
-        """Forget pulses (and their ids) received before `before_us`."""
+        """Forget pulses (and their ids) received before `before_us`.
+
+        Returns how many stored writes (groups of pulses) were forgotten.
+        """
         ...
 
     def outbox_statistics(self) -> tuple[int, int | None]:
@@ -127,6 +130,15 @@ class Store(Protocol):
 
 def open_store(settings: Settings) -> Store:
     """Open (or create) the store the settings name. Blocks: call in a thread."""
+    if settings.store.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore.open(
+            settings.store,
+            partitions=settings.partitions,
+            pool_size=settings.store_pool_size,
+            busy_timeout=settings.store_busy_timeout,
+        )
     from .sqlite import SQLiteStore
 
     return SQLiteStore.open(

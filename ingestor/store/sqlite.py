@@ -3,7 +3,13 @@
 Layout under the store directory:
 
     meta.sqlite        store id, partition count, schema version
-    p000.sqlite ...    one per partition: pulses, buckets, the outbox
+    p000.sqlite ...    one per partition: pulses, ids, buckets, the outbox
+
+Pulses are kept as a log: each write appends one row holding all its
+accepted pulses (encoded `Pulse` arrays), plus one `pulse_days` row per
+(tenant, day) it touches, so `GET /pulses` finds them. Client ids go to
+`pulse_ids` with their payload fingerprint, which is what dedup reads.
+Nothing on the write path costs a row per pulse, except a client id.
 
 A file per partition lets shards write and fsync in parallel without sharing
 one write lock, and lets several processes share a data dir: SQLite's locks
@@ -61,21 +67,26 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 
 _PARTITION_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-CREATE TABLE pulses (
+CREATE TABLE pulse_log (
     seq INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    body BLOB NOT NULL
+) STRICT;
+CREATE TABLE pulse_days (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, day, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX pulse_days_by_seq ON pulse_days (seq);
+CREATE TABLE pulse_ids (
     tenant_id TEXT NOT NULL,
     pulse_id TEXT NOT NULL,
-    client_id INTEGER NOT NULL,
-    product_sku TEXT NOT NULL,
-    use_unit TEXT NOT NULL,
-    day TEXT NOT NULL,
-    used_amount TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    fingerprint BLOB
-) STRICT;
-CREATE UNIQUE INDEX pulses_client_id ON pulses (tenant_id, pulse_id) WHERE client_id = 1;
-CREATE INDEX pulses_by_day ON pulses (tenant_id, day);
+    fingerprint BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, pulse_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq);
 CREATE TABLE buckets (
     day TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
@@ -108,12 +119,6 @@ CREATE TABLE batches (
 CREATE INDEX batches_due ON batches (next_attempt_at) WHERE status = 'pending';
 """
 
-_INSERT_PULSE = """
-INSERT INTO pulses (tenant_id, pulse_id, client_id, product_sku, use_unit, day,
-                    used_amount, ts, received_at, fingerprint)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-
 # Amounts are exact decimal text; dec_add adds them in Python integers.
 _UPSERT_BUCKET = """
 INSERT INTO buckets (day, tenant_id, product_sku, use_unit, used_amount, pulse_count,
@@ -135,6 +140,8 @@ _BATCH_COLUMNS = (
 
 _encode = msgspec.json.Encoder().encode
 _decode_batch = msgspec.json.Decoder(Batch).decode
+_decode_pulses = msgspec.json.Decoder(list[Pulse]).decode
+_POSITIONS = 1 << 20  # a GET /pulses cursor is seq * _POSITIONS + position in the log row
 T = TypeVar("T")
 
 
@@ -216,7 +223,7 @@ def _connect(path: Path, durability: str, busy_timeout: float) -> sqlite3.Connec
         timeout=busy_timeout,
     )
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'fsync' else 'NORMAL'}")
-    conn.execute("PRAGMA cache_size = -32000")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the id index stays in memory
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     return conn
 
@@ -360,16 +367,19 @@ class SQLiteStore:
             known = _known_ids(conn, pulses)
             outcomes = resolve(pulses, known)
             accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+            if not accepted:
+                return outcomes
+            seq = conn.execute(
+                "INSERT INTO pulse_log (received_at, body) VALUES (?, ?)",
+                (received_us, _encode(accepted)),
+            ).lastrowid
             conn.executemany(
-                _INSERT_PULSE,
-                [
-                    (
-                        p.tenant_id, p.pulse_id, 1 if p.client_id else 0, p.product_sku,
-                        p.use_unit, p.day, format_nanos(p.nanos), p.ts, received_us,
-                        p.fingerprint if p.client_id else None,
-                    )
-                    for p in accepted
-                ],
+                "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
+                [(tenant, day, seq) for tenant, day in {(p.tenant_id, p.day) for p in accepted}],
+            )
+            conn.executemany(
+                "INSERT INTO pulse_ids (tenant_id, pulse_id, fingerprint, seq) VALUES (?, ?, ?, ?)",
+                [(p.tenant_id, p.pulse_id, p.fingerprint, seq) for p in accepted if p.client_id],
             )
             conn.executemany(
                 _UPSERT_BUCKET,
@@ -469,16 +479,18 @@ class SQLiteStore:
         removed = 0
         while True:
             with self._part(partition).transaction("purge") as conn:
-                # Pulses are appended in time order, so the oldest are the
+                # The log is appended in time order, so the oldest rows are the
                 # first by seq: look only at the head, never scan the table.
-                cursor = conn.execute(
-                    "DELETE FROM pulses WHERE seq IN"
-                    " (SELECT seq FROM pulses ORDER BY seq LIMIT 5000) AND received_at < ?",
+                (last,) = conn.execute(
+                    "SELECT max(seq) FROM (SELECT seq, received_at FROM pulse_log"
+                    " ORDER BY seq LIMIT 500) WHERE received_at < ?",
                     (before_us,),
-                )
-            removed += cursor.rowcount
-            if cursor.rowcount < 5000:
-                return removed
+                ).fetchone()
+                if last is None:
+                    return removed
+                for table in ("pulse_ids", "pulse_days", "pulse_log"):
+                    conn.execute(f"DELETE FROM {table} WHERE seq <= ?", (last,))
+                removed += 1
 
     # -- reads ----------------------------------------------------------
 
@@ -533,42 +545,36 @@ class SQLiteStore:
         return [_aggregate(row) for _, row in zip(range(query.limit), merged, strict=False)]
 
     def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]:
-        where = ["tenant_id = ?", "day = ?"]
-        args: list[Any] = [query.tenant_id, query.day]
-        if query.product_sku is not None:
-            where.append("product_sku = ?")
-            args.append(query.product_sku)
-        if query.use_unit is not None:
-            where.append("use_unit = ?")
-            args.append(query.use_unit)
-        if query.after is not None:
-            where.append("seq > ?")
-            args.append(query.after)
-        args.append(query.limit)
-        sql = (
-            "SELECT seq, pulse_id, client_id, tenant_id, product_sku, use_unit, used_amount,"
-            " ts, day, received_at FROM pulses"
-            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
-        )
+        after = -1 if query.after is None else query.after
+        after_seq, after_pos = divmod(after, _POSITIONS) if after >= 0 else (-1, 0)
         part = self._part(partition_of(query.tenant_id, self.partitions))
-        rows = part.read(lambda conn: conn.execute(sql, args).fetchall())
-        return [
-            (
-                seq,
-                StoredPulse(
-                    id=pulse_id,
-                    tenant_id=tenant,
-                    product_sku=sku,
-                    use_unit=unit,
-                    used_amount=amount,
-                    timestamp=_moment(ts),  # type: ignore[arg-type]
-                    date=day,
-                    received_at=_moment(received),  # type: ignore[arg-type]
-                    id_assigned=not client_id,
-                ),
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, StoredPulse]]:
+            found: list[tuple[int, StoredPulse]] = []
+            rows = conn.execute(
+                "SELECT l.seq, l.received_at, l.body FROM pulse_days d"
+                " JOIN pulse_log l ON l.seq = d.seq"
+                " WHERE d.tenant_id = ? AND d.day = ? AND d.seq >= ? ORDER BY d.seq",
+                (query.tenant_id, query.day, after_seq),
             )
-            for seq, pulse_id, client_id, tenant, sku, unit, amount, ts, day, received in rows
-        ]
+            for seq, received_us, body in rows:
+                received = _moment(received_us)
+                for position, p in enumerate(_decode_pulses(body)):
+                    if (seq, position) <= (after_seq, after_pos) and after >= 0:
+                        continue
+                    if (
+                        p.tenant_id != query.tenant_id
+                        or p.day != query.day
+                        or (query.product_sku is not None and p.product_sku != query.product_sku)
+                        or (query.use_unit is not None and p.use_unit != query.use_unit)
+                    ):
+                        continue
+                    found.append((seq * _POSITIONS + position, _stored(p, received)))
+                    if len(found) == query.limit:
+                        return found
+            return found
+
+        return part.read(read)
 
     def batches(self, query: BatchQuery) -> list[BatchView]:
         where: list[str] = []
@@ -679,13 +685,27 @@ def _known_ids(conn: sqlite3.Connection, pulses: Sequence[Pulse]) -> dict[tuple[
             chunk = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
-                "SELECT pulse_id, fingerprint FROM pulses"
-                f" WHERE client_id = 1 AND tenant_id = ? AND pulse_id IN ({marks})",
+                "SELECT pulse_id, fingerprint FROM pulse_ids"
+                f" WHERE tenant_id = ? AND pulse_id IN ({marks})",
                 (tenant, *chunk),
             )
             for pulse_id, fingerprint in rows:
                 known[(tenant, pulse_id)] = fingerprint
     return known
+
+
+def _stored(p: Pulse, received: dt.datetime | None) -> StoredPulse:
+    return StoredPulse(
+        id=p.pulse_id,
+        tenant_id=p.tenant_id,
+        product_sku=p.product_sku,
+        use_unit=p.use_unit,
+        used_amount=format_nanos(p.nanos),
+        timestamp=_moment(p.ts),  # type: ignore[arg-type]
+        date=p.day,
+        received_at=received,  # type: ignore[arg-type]
+        id_assigned=not p.client_id,
+    )
 
 
 def _bucket_state(row: tuple[Any, ...]) -> BucketState:
