@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import secrets
 import zoneinfo
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
 from .errors import RequestError
-from .model import IngestItem, Pulse, PulseIn
+from .model import IngestItem, Pulse, PulseIn, PulseInPlain
 from .money import to_nanos
 
 __all__ = ["Intake", "Rules", "decode_pulses", "epoch_us"]
@@ -31,6 +32,10 @@ _SLOT_US: Final = 15 * 60 * 1_000_000  # every modern UTC offset is a multiple o
 
 _one = msgspec.json.Decoder(PulseIn)
 _many = msgspec.json.Decoder(list[PulseIn])
+_one_plain = msgspec.json.Decoder(PulseInPlain)
+_many_plain = msgspec.json.Decoder(list[PulseInPlain])
+# The UTF-8 encodings of the C1 controls (U+0080..U+009F).
+_C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
@@ -101,12 +106,12 @@ class Intake(msgspec.Struct):
     single: bool
 
 
-def _fingerprint(p: PulseIn, nanos: int, given_ts: int | None) -> bytes:
+def _fingerprint(p: PulseIn | PulseInPlain, nanos: int, given_ts: int | None) -> bytes:
     text = f"{p.product_sku}\x00{p.use_unit}\x00{nanos}\x00{given_ts}"
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def _check(p: PulseIn, rules: Rules, now_us: int, assigned_id: str) -> Pulse:
+def _check(p: PulseIn | PulseInPlain, rules: Rules, now_us: int, assigned_id: str) -> Pulse:
     """Turn a decoded pulse into a `Pulse`, or raise ValueError with the reason."""
     nanos = to_nanos(p.used_amount)
     if p.timestamp is None:
@@ -147,7 +152,10 @@ def _item_id(raw: bytes) -> str | None:
 
 
 def _build(
-    decoded: Iterable[PulseIn | tuple[bytes, str]], rules: Rules, now_us: int, single: bool
+    decoded: Iterable[PulseIn | PulseInPlain | tuple[bytes, str]],
+    rules: Rules,
+    now_us: int,
+    single: bool,
 ) -> Intake:
     prefix = f"srv-{secrets.token_hex(8)}-"
     pulses: list[tuple[int, Pulse]] = []
@@ -165,10 +173,20 @@ def _build(
     return Intake(pulses, items, index + 1, single)
 
 
-def _one_by_one(raws: Iterable[bytes]) -> Iterable[PulseIn | tuple[bytes, str]]:
+def _may_hide_controls(body: bytes) -> bool:
+    """Whether a string in `body` could hold a control character (see PulseInPlain)."""
+    if b"\\" in body or b"\x7f" in body:
+        return True
+    # Each `in` is a memchr; the regex runs only if a C1 lead byte appears.
+    return b"\xc2" in body and _C1_CONTROL.search(body) is not None
+
+
+def _one_by_one(
+    raws: Iterable[bytes], decoder: msgspec.json.Decoder[Any]
+) -> Iterable[PulseIn | PulseInPlain | tuple[bytes, str]]:
     for raw in raws:
         try:
-            yield _one.decode(raw)
+            yield decoder.decode(raw)
         except msgspec.ValidationError as exc:
             yield raw, _validation_message(exc)
         except msgspec.DecodeError:
@@ -191,10 +209,12 @@ def decode_pulses(
             415, "unsupported_media_type",
             f"Content-Type must be {JSON} or {NDJSON}, got {kind or 'none'}",
         )
+    strict = _may_hide_controls(body)
+    one = _one if strict else _one_plain
     start = body.lstrip()[:1]
     if start == b"{":
         try:
-            return _build([_one.decode(body)], rules, now_us, single=True)
+            return _build([one.decode(body)], rules, now_us, single=True)
         except msgspec.ValidationError as exc:
             # Typed decoding stops at the first bad field; the body may also
             # be broken JSON further on, which is a 400, not a bad pulse.
@@ -207,7 +227,7 @@ def decode_pulses(
             400, "invalid_json", "body must be a JSON object, a JSON array, or NDJSON"
         )
     try:
-        many = _many.decode(body)
+        many = (_many if strict else _many_plain).decode(body)
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError as exc:
@@ -220,7 +240,7 @@ def decode_pulses(
     except msgspec.MsgspecError as exc:
         raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     _limit(len(raws), rules)
-    return _build(_one_by_one(raws), rules, now_us, single=False)
+    return _build(_one_by_one(raws, one), rules, now_us, single=False)
 
 
 def _decode_ndjson(body: bytes, rules: Rules, now_us: int) -> Intake:
@@ -228,7 +248,8 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int) -> Intake:
     # line holding two values make up for two broken half-lines.
     lines = [line for line in body.splitlines() if line.strip()]
     _limit(len(lines), rules)
-    return _build(_one_by_one(lines), rules, now_us, single=False)
+    one = _one if _may_hide_controls(body) else _one_plain
+    return _build(_one_by_one(lines, one), rules, now_us, single=False)
 
 
 def _require_json(body: bytes) -> None:

@@ -8,6 +8,7 @@ accepts a JSON number or a decimal string with at most 9 fractional digits and
 
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal
 
 __all__ = ["MAX_AMOUNT", "SCALE", "format_nanos", "parse_nanos", "to_nanos"]
@@ -15,6 +16,7 @@ __all__ = ["MAX_AMOUNT", "SCALE", "format_nanos", "parse_nanos", "to_nanos"]
 SCALE = 10**9
 MAX_AMOUNT = Decimal(10**18)  # exclusive: at most 18 integer digits
 _DIGITS = 9
+_EXACT = decimal.Context(prec=40, traps=[decimal.Inexact, decimal.InvalidOperation])
 
 
 def to_nanos(amount: Decimal) -> int:
@@ -25,19 +27,15 @@ def to_nanos(amount: Decimal) -> int:
         raise ValueError("used_amount must be >= 0")
     if amount >= MAX_AMOUNT:
         raise ValueError("used_amount must have at most 18 integer digits")
-    _, digits, exponent = amount.as_tuple()
-    assert isinstance(exponent, int)  # finite, checked above
-    mantissa = int("".join(map(str, digits)))
-    shift = _DIGITS + exponent
-    if shift >= 0:
-        scale: int = 10**shift
-        return mantissa * scale
-    # "1.50000000000" is fine; "1.0000000001" is not.
-    divisor: int = 10**-shift
-    nanos, remainder = divmod(mantissa, divisor)
-    if remainder:
+    try:
+        # Exact or it raises: a valid amount has at most 27 significant digits,
+        # and the bounded precision keeps a 10,000-digit amount cheap to refuse.
+        scaled = amount.scaleb(_DIGITS, _EXACT)
+    except decimal.Inexact:
+        raise ValueError("used_amount must have at most 9 fractional digits") from None
+    if scaled != scaled.to_integral_value():
         raise ValueError("used_amount must have at most 9 fractional digits")
-    return nanos
+    return int(scaled)
 
 
 def format_nanos(nanos: int) -> str:
