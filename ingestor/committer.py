@@ -24,6 +24,7 @@ from .store import Store
 __all__ = ["Committer", "day_closes_at"]
 
 log = logging.getLogger("ingestor.committer")
+_LEAD_RETRY = 5.0  # seconds between tries to take over from a lost leader
 
 
 def day_closes_at(day: dt.date, zones: set[dt.tzinfo]) -> dt.datetime:
@@ -60,6 +61,7 @@ class Committer:
         self.commits = 0
         self.batches_created = 0
         self.ticks = 0
+        self.leading = False
         self._ticked = trio.Event()
 
     def now(self) -> dt.datetime:
@@ -129,12 +131,22 @@ class Committer:
             await self._ticked.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every `interval`, if this instance leads, commit the due days and purge.
+
+        Only one instance among those sharing the store leads; the others try
+        to take over every few seconds, so losing the leader moves the job
+        quickly. (Committing from several instances would also be safe, as
+        every commit is one transaction; leading only saves the work.)
+        """
         task_status.started()
+        retry_lead = min(self._interval, _LEAD_RETRY)
         while True:
-            await trio.sleep(self._interval)
+            await trio.sleep(self._interval if self.leading else retry_lead)
             try:
-                await self.commit_due()
-                await self.purge()
+                self.leading = await trio.to_thread.run_sync(self._store.lead_committer)
+                if self.leading:
+                    await self.commit_due()
+                    await self.purge()
             except StoreError as exc:
                 log.warning("periodic commit failed", extra={"fields": {"error": str(exc)}})
             self.ticks += 1

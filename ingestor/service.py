@@ -20,7 +20,10 @@ from contextlib import asynccontextmanager
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .committer import Committer
 from .config import Settings
@@ -98,7 +101,7 @@ async def open_service(
             await trio.to_thread.run_sync(store.close)
 
 
-def _hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [settings.bind]
     config.graceful_timeout = settings.graceful_timeout
@@ -110,9 +113,16 @@ def _hypercorn_config(settings: Settings) -> HypercornConfig:
 
 
 async def serve(
-    settings: Settings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    sockets: Sockets | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the service until SIGTERM or SIGINT, then drain and return."""
+    """Run the service until SIGTERM or SIGINT, then drain and return.
+
+    `sockets` are listening sockets made by a supervisor (see `workers`);
+    without them the service binds `settings.bind` itself.
+    """
     from .api import create_app
 
     stop = trio.Event()
@@ -138,8 +148,16 @@ async def serve(
                 runtime.draining = True
 
             task_status.started()
-            config = _hypercorn_config(settings)
-            await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+            config = hypercorn_config(settings)
+            if sockets is None:
+                await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+            else:
+                await worker_serve(
+                    wrap_app(app, config.wsgi_max_body_size, mode=None),
+                    config,
+                    sockets=sockets,
+                    shutdown_trigger=shutdown_trigger,
+                )
             runtime.draining = True
         nursery.cancel_scope.cancel()
     log.info("stop", extra={"fields": {"bind": settings.bind}})

@@ -121,6 +121,15 @@ class Store(Protocol):
         """
         ...
 
+    def lead_committer(self) -> bool:
+        """Try to become (or stay) the one committer among all instances on this store.
+
+        Non-blocking. True while this store object holds the leadership; it is
+        released when the holder closes the store or its process dies, so
+        another instance takes over at its next try.
+        """
+        ...
+
     def outbox_statistics(self) -> tuple[int, int | None]:
         """(pending batches, created_at of the oldest pending one in µs)."""
         ...

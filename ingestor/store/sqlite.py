@@ -24,8 +24,11 @@ survives the process dying, not the machine.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import heapq
+import itertools
 import os
 import secrets
 import shutil
@@ -284,6 +287,7 @@ class SQLiteStore:
         self.store_id = store_id
         self.partitions = len(parts)
         self._parts = parts
+        self._leader_fd: int | None = None
 
     @classmethod
     def open(
@@ -352,8 +356,25 @@ class SQLiteStore:
             raise
 
     def close(self) -> None:
+        if self._leader_fd is not None:
+            os.close(self._leader_fd)  # releases the lock
+            self._leader_fd = None
         for part in self._parts:
             part.close()
+
+    def lead_committer(self) -> bool:
+        # An flock on a file beside the store: held by one open file
+        # description at a time, dropped by the kernel when its process dies.
+        if self._leader_fd is not None:
+            return True
+        fd = os.open(self.directory / "committer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._leader_fd = fd
+        return True
 
     def _part(self, partition: int) -> _Partition:
         return self._parts[partition]
@@ -540,9 +561,8 @@ class SQLiteStore:
             if query.tenant_id is not None
             else self._parts
         )
-        streams = [part.read(lambda conn: conn.execute(sql, args).fetchall()) for part in parts]
-        merged = heapq.merge(*streams, key=lambda row: row[:4])
-        return [_aggregate(row) for _, row in zip(range(query.limit), merged, strict=False)]
+        rows = _merged(parts, sql, args, key=lambda row: row[:4], limit=query.limit)
+        return [_aggregate(row) for row in rows]
 
     def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]:
         after = -1 if query.after is None else query.after
@@ -594,14 +614,8 @@ class SQLiteStore:
             f" {'WHERE ' + ' AND '.join(where) if where else ''}"
             " ORDER BY day, batch_id LIMIT ?"
         )
-        streams = [
-            part.read(lambda conn: conn.execute(sql, args).fetchall()) for part in self._parts
-        ]
-        merged = heapq.merge(*streams, key=lambda row: (row[1], row[0]))
-        return [
-            self._batch_view(row, None)
-            for _, row in zip(range(query.limit), merged, strict=False)
-        ]
+        rows = _merged(self._parts, sql, args, key=lambda row: (row[1], row[0]), limit=query.limit)
+        return [self._batch_view(row, None) for row in rows]
 
     def batch(self, batch_id: str) -> BatchView | None:
         partition = self._partition_of_batch(batch_id)
@@ -671,6 +685,36 @@ class SQLiteStore:
             if first is not None and (oldest is None or first < oldest):
                 oldest = first
         return pending, oldest
+
+
+def _merged(
+    parts: Sequence[_Partition],
+    sql: str,
+    args: Sequence[Any],
+    *,
+    key: Callable[[tuple[Any, ...]], Any],
+    limit: int,
+) -> list[tuple[Any, ...]]:
+    """The first `limit` rows of `sql` over all `parts`, in `key` order.
+
+    Each partition's query streams in index order; the k-way merge pulls
+    only as many rows as it returns, plus one per partition.
+    """
+    with contextlib.ExitStack() as held:
+        cursors = []
+        for part in parts:  # always in partition order, so no two readers deadlock
+            held.enter_context(part.read_lock)
+            try:
+                cursors.append(part.reader.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read") from exc
+        try:
+            return list(itertools.islice(heapq.merge(*cursors, key=key), limit))
+        except sqlite3.Error as exc:
+            raise _translate(exc, "read") from exc
+        finally:
+            for cursor in cursors:
+                cursor.close()
 
 
 def _known_ids(conn: sqlite3.Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:

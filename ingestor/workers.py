@@ -1,0 +1,94 @@
+"""Several worker processes on one port and one store (`--workers N`).
+
+The supervisor binds the listening sockets and opens (creating if needed)
+the store once, then starts N worker processes that each run the whole
+service on those sockets. The kernel spreads connections across them; the
+store's transactions and locks keep them correct together, exactly as with
+several machines on one PostgreSQL. SIGTERM or SIGINT is passed on to every
+worker, which drains as a single process would; a worker that dies on its
+own is restarted, with a pause if it keeps dying.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import trio
+from hypercorn.config import Sockets
+
+from .config import Settings
+from .logs import setup_logging
+from .store import open_store
+
+__all__ = ["run_workers"]
+
+log = logging.getLogger("ingestor.workers")
+_RESTART_PAUSE = 1.0
+
+
+def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
+    from .service import hypercorn_config, serve
+
+    setup_logging(settings.log_level, settings.log_format)
+    backlog = hypercorn_config(settings).backlog
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(backlog)
+    log.info("worker start", extra={"fields": {"worker": index}})
+    trio.run(lambda: serve(settings, sockets=sockets))
+
+
+def run_workers(settings: Settings) -> int:
+    """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
+    from .service import hypercorn_config
+
+    open_store(settings).close()  # create it here, never in racing workers
+    sockets = hypercorn_config(settings).create_sockets()
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(index: int) -> BaseProcess:
+        process = context.Process(
+            target=_worker, args=(settings, sockets, index), name=f"ingestor-worker-{index}"
+        )
+        process.start()
+        return process
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                process.terminate()  # SIGTERM: the worker drains
+
+    processes = [start(index) for index in range(settings.workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("start", extra={"fields": {"bind": settings.bind, "workers": settings.workers}})
+    codes: dict[int, int] = {}
+    while len(codes) < len(processes):
+        for index, process in enumerate(processes):
+            if index in codes:
+                continue
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            if stopping:
+                codes[index] = process.exitcode
+                continue
+            log.error(
+                "worker died, restarting",
+                extra={"fields": {"worker": index, "exit_code": process.exitcode}},
+            )
+            time.sleep(_RESTART_PAUSE)
+            processes[index] = start(index)
+    for group in (sockets.secure_sockets, sockets.insecure_sockets):
+        for sock in group:
+            sock.close()
+    exit_codes = sorted(codes.values())
+    log.info("stop", extra={"fields": {"bind": settings.bind, "exit_codes": exit_codes}})
+    return 0 if all(code == 0 for code in codes.values()) else 1
