@@ -26,5 +26,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check ingestor tests bench
 	$(BIN)/mypy
 
+# The load benchmark (bench/README.md). matplotlib draws the chart; it is the
+# `bench` extra, installed here on first use. BENCH_ARGS passes options on,
+# e.g. make bench BENCH_ARGS="--workers 2 --only array1000".
+bench: $(STAMP)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q matplotlib
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q matplotlib
+	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,229 @@
+"""Where the server's time goes under load: py-spy while wrk runs a scenario.
+
+    python bench/profile.py array1000-ids             # fsync, 10 s
+    python bench/profile.py single-ids --durability os --duration 20
+    python bench/profile.py aggregates                # GET /aggregates pages
+    python bench/profile.py svc-fsync-ndjson1000-noids --top 40
+
+SCENARIO is a body shape and ids (`single-ids`, `array100-noids`,
+`array1000-ids`, `ndjson1000-ids`, ...; a `svc-<durability>-` prefix as in
+the bench report is accepted too), or `aggregates`. The server runs pinned
+to core 1 as in the bench; py-spy samples it (`--nonblocking`, so the
+process is not paused) from core 0, next to wrk. Prints the top functions by
+own time (the leaf frame of each sample) and by total time (anywhere on the
+stack), and keeps the raw collapsed stacks, which speedscope.app and
+flamegraph.pl open as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import harness as h
+import run as bench
+
+
+def ensure_py_spy() -> str:
+    found = shutil.which("py-spy") or (Path(h.PYTHON).parent / "py-spy")
+    if Path(found).exists():
+        return str(found)
+    print("profile: installing py-spy into this venv", file=sys.stderr)
+    subprocess.run([h.PYTHON, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return str(Path(h.PYTHON).parent / "py-spy")
+
+
+_IDLE_WORKER = "WorkerThread._work "
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*)\)$")
+
+
+def _short(frame: str) -> str:
+    match = _FRAME.match(frame)
+    if not match:
+        return frame
+    path = match["file"]
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{match['func']} ({path})"
+
+
+def summarize(raw: Path, top: int) -> str:
+    """Tables of own time, total time, and the event loop's own time."""
+    own: Counter[str] = Counter()
+    loop_own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    by_thread: Counter[str] = Counter()
+    samples = idle = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        head, *rest = stack.split(";")
+        thread = "event loop (MainThread)" if head.endswith("MainThread") else "worker threads"
+        if not rest:
+            continue  # the thread was between Python frames
+        frames = [_short(f) for f in rest]
+        if frames[-1].startswith(_IDLE_WORKER):
+            idle += count  # a trio worker thread waiting for its next job
+            continue
+        samples += count
+        by_thread[thread] += count
+        own[frames[-1]] += count
+        if thread.startswith("event loop"):
+            loop_own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    if not samples:
+        return "no samples (did py-spy attach? is the server busy?)"
+
+    def table(title: str, counts: Counter[str], n: int) -> list[str]:
+        rows = [title, f"{'%':>6} {'samples':>8}  function (file:first line)"]
+        for frame, count in counts.most_common(n):
+            rows.append(f"{100 * count / samples:6.1f} {count:8d}  {frame[:110]}")
+        return rows
+
+    split = ", ".join(f"{name} {100 * n / samples:.0f}%" for name, n in by_thread.most_common())
+    return "\n".join(
+        [
+            f"{samples} samples of busy threads ({split}); {idle} samples of idle trio "
+            "worker threads left out.",
+            "Percentages are of thread-time, not of one CPU: a store thread waiting in fsync",
+            "counts as busy, and several threads can be sampled at once. Own time of a",
+            "function includes the C code it calls (sqlite3, msgspec): py-spy sees no C frames.",
+            "",
+            *table(f"top {top} by own time", own, top),
+            "",
+            *table(
+                "top 15 by own time on the event loop thread (it serializes all Python work "
+                "of requests)",
+                loop_own,
+                15,
+            ),
+            "",
+            *table("top 15 by total time (the function or anything it calls)", total, 15),
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", help="e.g. array1000-ids, single-noids, aggregates")
+    parser.add_argument("--durability", choices=["fsync", "os"], default=None)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=200, help="samples per second")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--idle", action="store_true", help="count idle threads too (e.g. threads waiting in fsync)"
+    )
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples holding the GIL: Python work, without waits and GIL-free C code",
+    )
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--output",
+        help="where to keep the raw stacks (default bench/results/profile-<scenario>-<time>.txt)",
+    )
+    opts = parser.parse_args()
+
+    name = opts.scenario
+    durability = opts.durability or "fsync"
+    if m := re.match(r"svc-(fsync|os)-(.*)", name):
+        durability = opts.durability or m[1]
+        name = m[2]
+    aggregates = name.startswith("aggregates")
+    if not aggregates:
+        shape, _, ids_text = name.rpartition("-")
+        if shape not in bench.SHAPES or ids_text not in ("ids", "noids"):
+            parser.error(
+                f"unknown scenario {opts.scenario!r}; shapes: "
+                f"{', '.join(bench.SHAPES)}, each -ids or -noids; or aggregates"
+            )
+    wrk = h.ensure_wrk()
+    spy = ensure_py_spy()
+    results = h.BENCH / "results"
+    results.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    raw = Path(opts.output) if opts.output else results / f"profile-{opts.scenario}-{stamp}.txt"
+
+    with h.scratch_dir(None, "profile") as scratch:
+        extra = {"INGESTOR_COMMIT_INTERVAL": "1d"} if aggregates else {}
+        server = h.service_server(
+            scratch / "data",
+            scratch / "server.log",
+            durability=durability,
+            workers=opts.workers,
+            extra_env=extra,
+        )
+        with h.running(server):
+            if aggregates:
+                yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+                pulses = bench.bucket_pulses(100_000, yesterday)
+                bench.preload_buckets(server.port, pulses)
+                bench.page_paths(server.port, 100_000, scratch / "paths.txt")
+                load = h.Load.pages(scratch / "paths.txt", connections=4)
+            else:
+                kind, count, connections = bench.SHAPES[shape]
+                h.warm_up(server.port, ids_text == "ids")
+                load = h.Load.pulses(kind, count, ids_text == "ids", connections)
+            argv = h.pinned(
+                h.LOAD_CPU,
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--rate",
+                    str(opts.rate),
+                    "--duration",
+                    str(opts.duration),
+                    "--nonblocking",
+                    "--function",
+                    "--threads",
+                    *(["--idle"] if opts.idle else []),
+                    *(["--gil"] if opts.gil else []),
+                ],
+            )
+            spying = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)  # let py-spy attach; the load outlasts its sampling
+            measured = h.measure(server, wrk, load, opts.duration + 1)
+            _, err = spying.communicate(timeout=opts.duration + 60)
+            if spying.returncode != 0:
+                print(
+                    f"py-spy failed ({spying.returncode}): {err.decode()[-2000:]}", file=sys.stderr
+                )
+                return 1
+        problems = server.log_problems()
+    print(
+        f"profile of {opts.scenario} ({durability}, {opts.duration} s, "
+        f"server pinned to core {h.SERVER_CPU})"
+    )
+    print(
+        f"load: {measured.get('pulses_per_s')} pulses/s, {measured.get('requests_per_s')} "
+        f"req/s, latency {measured.get('latency_ms')}, statuses {measured.get('statuses')}, "
+        f"server CPU {measured.get('server_cpu')} (py-spy slows the server somewhat)"
+    )
+    if problems.get("errors") or problems.get("warnings"):
+        print(f"server log: {problems}")
+    print()
+    print(summarize(raw, opts.top))
+    print(f"\nraw stacks: {raw} (open in https://www.speedscope.app or flamegraph.pl)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
