@@ -500,18 +500,24 @@ class SQLiteStore:
         removed = 0
         while True:
             with self._part(partition).transaction("purge") as conn:
-                # The log is appended in time order, so the oldest rows are the
-                # first by seq: look only at the head, never scan the table.
-                (last,) = conn.execute(
-                    "SELECT max(seq) FROM (SELECT seq, received_at FROM pulse_log"
-                    " ORDER BY seq LIMIT 500) WHERE received_at < ?",
-                    (before_us,),
-                ).fetchone()
-                if last is None:
+                # The log is appended in about time order, so the old rows are
+                # at its head: look only there, never scan the table. Only rows
+                # that are old themselves go, even if a newer one sits among
+                # them (a clock step, or two processes on one store).
+                old = [
+                    seq
+                    for (seq,) in conn.execute(
+                        "SELECT seq FROM (SELECT seq, received_at FROM pulse_log"
+                        " ORDER BY seq LIMIT 500) WHERE received_at < ?",
+                        (before_us,),
+                    )
+                ]
+                if not old:
                     return removed
+                marks = ",".join("?" * len(old))
                 for table in ("pulse_ids", "pulse_days", "pulse_log"):
-                    conn.execute(f"DELETE FROM {table} WHERE seq <= ?", (last,))
-                removed += 1
+                    conn.execute(f"DELETE FROM {table} WHERE seq IN ({marks})", old)
+            removed += len(old)
 
     # -- reads ----------------------------------------------------------
 

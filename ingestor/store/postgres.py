@@ -1,0 +1,809 @@
+"""The shared store: one PostgreSQL database for several processes or machines.
+
+It keeps the semantics of the SQLite store exactly; only the arbitration
+differs. SQLite has a file per partition and its write lock; here every
+partition shares the tables, and each writing transaction on partition `p`
+first takes `pg_advisory_xact_lock(<store key>, p)`. Writers of one partition
+are therefore serialised across every instance, as they are on one SQLite
+file, so "look up the ids, then insert" and "read the open buckets, then
+mark them committed" are race-free. The unique index on client ids stays as
+a safety net. The lock ends with the transaction, also when the connection
+dies, so a killed instance never leaves a partition locked or half-written.
+
+Amounts are NUMERIC (exact, unbounded), timestamps µs since the epoch as in
+SQLite, and names are `COLLATE "C"` so every order (and so every cursor) is
+the code-point order SQLite and Python use, whatever the database's locale.
+
+Errors of psycopg and its pool become `StoreError`s here: lock and pool
+timeouts `StoreBusy`, a full disk `StoreFull`, a database that is not ours
+`StoreMismatch`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+
+from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
+from ..ledger import BucketState, batch_id, bucket_deltas, commit_batches, resolve
+from ..model import (
+    Aggregate,
+    Batch,
+    BatchSummary,
+    BatchView,
+    Outcome,
+    Pulse,
+    StoredPulse,
+)
+from ..money import format_nanos, parse_nanos
+from ..partition import partition_of
+from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+
+__all__ = ["PostgresStore"]
+
+APPLICATION = "billing-ingestor"
+SCHEMA_VERSION = 1
+_CREATE_LOCK = 0x42494E47  # "BING": one-key advisory lock around schema creation
+_LEADER = -1  # second key of the committer's lock; partitions' locks use 0, 1, ...
+_PURGE_CHUNK = 5000
+
+Connection = psycopg.Connection[TupleRow]
+
+_SCHEMA = """
+CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE pulses (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    partition integer NOT NULL,
+    tenant_id text COLLATE "C" NOT NULL,
+    pulse_id text COLLATE "C" NOT NULL,
+    client_id boolean NOT NULL,
+    product_sku text COLLATE "C" NOT NULL,
+    use_unit text COLLATE "C" NOT NULL,
+    day date NOT NULL,
+    used_amount numeric NOT NULL,
+    ts bigint NOT NULL,
+    received_at bigint NOT NULL,
+    fingerprint bytea
+);
+CREATE UNIQUE INDEX pulses_client_id ON pulses (tenant_id, pulse_id) WHERE client_id;
+CREATE INDEX pulses_by_day ON pulses (tenant_id, day, seq);
+CREATE INDEX pulses_by_age ON pulses (partition, received_at);
+CREATE TABLE buckets (
+    partition integer NOT NULL,
+    day date NOT NULL,
+    tenant_id text COLLATE "C" NOT NULL,
+    product_sku text COLLATE "C" NOT NULL,
+    use_unit text COLLATE "C" NOT NULL,
+    used_amount numeric NOT NULL,
+    pulse_count bigint NOT NULL,
+    committed_amount numeric NOT NULL,
+    committed_count bigint NOT NULL,
+    revision integer NOT NULL,
+    PRIMARY KEY (partition, day, tenant_id, product_sku, use_unit)
+);
+CREATE INDEX buckets_listing ON buckets (day, tenant_id, product_sku, use_unit);
+CREATE INDEX buckets_open ON buckets (partition, day) WHERE pulse_count > committed_count;
+CREATE TABLE batches (
+    batch_id text COLLATE "C" PRIMARY KEY,
+    partition integer NOT NULL,
+    day date NOT NULL,
+    seq integer NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('initial', 'correction')),
+    created_at bigint NOT NULL,
+    record_count integer NOT NULL,
+    used_amount numeric NOT NULL,
+    body bytea NOT NULL,
+    status text NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts integer NOT NULL,
+    last_error text,
+    next_attempt_at bigint,
+    delivered_at bigint,
+    UNIQUE (partition, day, seq)
+);
+CREATE INDEX batches_listing ON batches (day, batch_id);
+CREATE INDEX batches_due ON batches (partition, next_attempt_at) WHERE status = 'pending';
+"""
+_TABLES = ("meta", "pulses", "buckets", "batches")
+
+_KNOWN_IDS = """
+SELECT p.tenant_id, p.pulse_id, p.fingerprint
+FROM unnest(%s::text[], %s::text[]) AS k (tenant_id, pulse_id)
+JOIN pulses AS p ON p.client_id AND p.tenant_id = k.tenant_id AND p.pulse_id = k.pulse_id
+"""
+
+_COPY_PULSES = """
+COPY pulses (partition, tenant_id, pulse_id, client_id, product_sku, use_unit, day,
+             used_amount, ts, received_at, fingerprint) FROM STDIN
+"""
+
+_UPSERT_BUCKETS = """
+INSERT INTO buckets AS b (partition, day, tenant_id, product_sku, use_unit, used_amount,
+                          pulse_count, committed_amount, committed_count, revision)
+SELECT %s, d.day, d.tenant_id, d.product_sku, d.use_unit, d.used_amount, d.pulse_count, 0, 0, 0
+FROM unnest(%s::date[], %s::text[], %s::text[], %s::text[], %s::numeric[], %s::bigint[])
+    AS d (day, tenant_id, product_sku, use_unit, used_amount, pulse_count)
+ON CONFLICT (partition, day, tenant_id, product_sku, use_unit) DO UPDATE SET
+    used_amount = b.used_amount + excluded.used_amount,
+    pulse_count = b.pulse_count + excluded.pulse_count
+"""
+
+_INSERT_BATCH = """
+INSERT INTO batches (batch_id, partition, day, seq, kind, created_at, record_count,
+                     used_amount, body, status, attempts, next_attempt_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s::numeric, %s, 'pending', 0, %s)
+"""
+
+# The oldest pulses of the partition by the age index, then each deleted by
+# its key: with a plain `IN (SELECT ...)` the planner may hash-join the table.
+_PURGE = """
+DELETE FROM pulses WHERE seq = ANY (ARRAY (
+    SELECT seq FROM pulses WHERE partition = %s AND received_at < %s
+    ORDER BY received_at LIMIT %s
+))
+"""
+
+_DUE_BATCHES = """
+SELECT p.partition, b.batch_id, b.day, b.body, b.attempts
+FROM generate_series(0, %s - 1) AS p (partition)
+CROSS JOIN LATERAL (
+    SELECT batch_id, day, body, attempts, next_attempt_at FROM batches
+    WHERE batches.partition = p.partition AND status = 'pending' AND next_attempt_at <= %s
+    ORDER BY next_attempt_at, batch_id LIMIT %s
+) AS b
+ORDER BY p.partition, b.next_attempt_at, b.batch_id
+"""
+
+_BUCKET_COLUMNS = (
+    "day, tenant_id, product_sku, use_unit, used_amount, pulse_count,"
+    " committed_amount, committed_count, revision"
+)
+_BATCH_COLUMNS = (
+    "batch_id, partition, day, kind, created_at, record_count, used_amount, status, attempts,"
+    " last_error, next_attempt_at, delivered_at"
+)
+
+_encode = msgspec.json.Encoder().encode
+_decode_batch = msgspec.json.Decoder(Batch).decode
+
+
+def _nanos(amount: Decimal) -> int:
+    """A NUMERIC read back, as exact nano-units (no decimal context, so no rounding)."""
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # we never store NaN
+    mantissa = int("".join(map(str, digits)))
+    scale: int = 10 ** abs(exponent + 9)
+    return mantissa * scale if exponent >= -9 else mantissa // scale
+
+
+def _amount(amount: Decimal) -> str:
+    return format_nanos(_nanos(amount))
+
+
+def _moment(us: int | None) -> dt.datetime | None:
+    if us is None:
+        return None
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+
+
+def _where(conninfo: str) -> str:
+    """Where the database is, for messages: never the password."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "the configured PostgreSQL URL"
+    host = params.get("host") or "localhost"
+    return f"PostgreSQL at {host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+
+
+def _translate(exc: psycopg.Error, what: str) -> StoreError:
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return StoreBusy(f"{what}: no database connection became free in time ({exc})")
+    if isinstance(exc, psycopg_pool.PoolClosed):
+        return StoreError(f"{what}: the store is closed")
+    if isinstance(exc, pg_errors.DiskFull):
+        return StoreFull(f"{what}: the disk under the database is full: {exc}")
+    if isinstance(
+        exc,
+        pg_errors.LockNotAvailable
+        | pg_errors.QueryCanceled
+        | pg_errors.SerializationFailure
+        | pg_errors.DeadlockDetected
+        | pg_errors.InsufficientResources,
+    ):
+        return StoreBusy(f"{what}: the database stayed busy past the busy timeout: {exc}")
+    if isinstance(exc, pg_errors.UniqueViolation):
+        # Only reachable if a writer bypassed the partition lock: the retry
+        # sees the row that won and reports the pulse as a duplicate.
+        return StoreBusy(f"{what}: a concurrent writer stored the same key; retry: {exc}")
+    if isinstance(exc, pg_errors.UndefinedTable | pg_errors.UndefinedColumn):
+        return StoreMismatch(f"{what}: the database no longer holds our schema: {exc}")
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreError(f"{what}: lost the connection to PostgreSQL: {exc}")
+    return StoreError(f"{what}: {exc}")
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _translate(exc, what) from exc
+
+
+def _ensure_schema(conn: Connection, partitions: int) -> dict[str, str]:
+    """Create the schema if it is missing and return the meta table.
+
+    One transaction under a one-key advisory lock: of several processes that
+    start on an empty database together, one creates the store (and its id)
+    and the others wait, then find it. A crash inside leaves no schema at all.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
+        missing = [
+            name
+            for name, oid in conn.execute(
+                "SELECT t, to_regclass(t) FROM unnest(%s::text[]) AS t", (list(_TABLES),)
+            )
+            if oid is None
+        ]
+        if missing == list(_TABLES):
+            try:
+                conn.execute(_SCHEMA)
+            except pg_errors.DuplicateTable as exc:
+                raise StoreMismatch(
+                    f"the database already holds a table that is not ours ({exc});"
+                    " refusing to use it: give the store its own database or schema"
+                ) from exc
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s)",
+                    [
+                        ("application", APPLICATION),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                        ("store_id", secrets.token_hex(6)),
+                        ("partitions", str(partitions)),
+                        ("created_at", dt.datetime.now(dt.UTC).isoformat()),
+                    ],
+                )
+        elif missing:
+            present = ", ".join(name for name in _TABLES if name not in missing)
+            raise StoreMismatch(
+                f"the database holds tables named {present} but no whole store;"
+                " refusing to use it: give the store its own database or schema"
+            )
+        rows = conn.execute("SELECT key, value FROM meta").fetchall()
+    meta = {str(key): str(value) for key, value in rows}
+    if meta.get("application") != APPLICATION:
+        raise StoreMismatch("the database's meta table is not a billing-ingestor store's")
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise StoreMismatch(
+            f"schema version {meta.get('schema_version')}, this version reads {SCHEMA_VERSION}"
+        )
+    return meta
+
+
+def _lock_key(store_id: str) -> int:
+    """The first key of this store's partition locks: an int4 made from its id."""
+    return zlib.crc32(store_id.encode()) - 2**31
+
+
+class _Connector:
+    """How this store connects: the URL, and the session settings of every connection."""
+
+    def __init__(self, url: str, busy_timeout: float) -> None:
+        self.url = url
+        self.where = _where(url)
+        self.busy_timeout = busy_timeout
+        self.kwargs: dict[str, Any] = {"autocommit": True}
+        if "application_name" not in url:
+            self.kwargs["application_name"] = APPLICATION
+        self._timeout_ms = str(max(1, round(busy_timeout * 1000)))
+        self._idle_ms = str(max(1, round(busy_timeout * 3000)))
+
+    def configure(self, conn: Connection) -> None:
+        # lock_timeout bounds the wait for a partition lock (SQLite's busy
+        # timeout); statement_timeout bounds any one statement; a session
+        # that stalls inside a transaction is ended so it cannot keep a
+        # partition locked for every other instance.
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, false),"
+            " set_config('statement_timeout', %s, false),"
+            " set_config('idle_in_transaction_session_timeout', %s, false)",
+            (self._timeout_ms, self._timeout_ms, self._idle_ms),
+        )
+
+    def connect(self) -> Connection:
+        """One connection of its own, outside the pool. Raises StoreError."""
+        try:
+            conn = psycopg.connect(
+                self.url, connect_timeout=max(2, round(self.busy_timeout)), **self.kwargs
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {self.where}: {exc}") from exc
+        try:
+            with _translated(f"configure a connection to {self.where}"):
+                self.configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+class PostgresStore:
+    """The `Store` on one PostgreSQL database shared by every instance.
+
+    Thread-safe: each method takes a connection from a bounded pool (waiting
+    at most `busy_timeout` for one) and runs one transaction on it.
+    """
+
+    def __init__(
+        self,
+        connector: _Connector,
+        pool: psycopg_pool.ConnectionPool[Connection],
+        store_id: str,
+        partitions: int,
+    ) -> None:
+        self.store_id = store_id
+        self.partitions = partitions
+        self._connector = connector
+        self._pool = pool
+        self._lock = _lock_key(store_id)
+        self._leader: Connection | None = None
+        self._leader_guard = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, url: str, *, partitions: int, pool_size: int, busy_timeout: float
+    ) -> PostgresStore:
+        """Connect, create the schema if it is missing, and open the pool.
+
+        The partition count recorded in the database wins over `partitions`,
+        which only applies when this call creates the store.
+        """
+        connector = _Connector(url, busy_timeout)
+        with connector.connect() as conn:
+            try:
+                meta = _ensure_schema(conn, partitions)
+            except psycopg.Error as exc:
+                raise _translate(exc, f"open {connector.where}") from exc
+        store_id, count = meta["store_id"], int(meta["partitions"])
+        pool: psycopg_pool.ConnectionPool[Connection] = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs=connector.kwargs,
+            configure=connector.configure,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=busy_timeout,
+            name=f"store-{store_id}",
+            open=False,
+        )
+        try:
+            pool.open(wait=True, timeout=busy_timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            pool.close()
+            raise StoreError(f"cannot connect to {connector.where}: {exc}") from exc
+        return cls(connector, pool, store_id, count)
+
+    def close(self) -> None:
+        with self._leader_guard:
+            if self._leader is not None:
+                self._leader.close()  # ends the session, and the leadership with it
+                self._leader = None
+        self._pool.close()
+
+    def lead_committer(self) -> bool:
+        """Hold a session-level advisory lock on a connection of our own.
+
+        The lock lives exactly as long as that session: closing the store,
+        the process dying or the server ending the session releases it, and
+        then another instance's next try takes it.
+        """
+        with self._leader_guard:
+            if self._leader is not None:
+                try:
+                    self._leader.execute("SELECT 1")
+                except psycopg.Error:
+                    # The session is gone and its lock with it; another
+                    # instance may lead by now, so try again like a newcomer.
+                    self._leader.close()
+                    self._leader = None
+                else:
+                    return True
+            conn = self._connector.connect()
+            try:
+                with _translated("lead committer"):
+                    row = conn.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (self._lock, _LEADER)
+                    ).fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            if row is None or not row[0]:
+                conn.close()
+                return False
+            self._leader = conn
+            return True
+
+    @contextmanager
+    def _writing(self, partition: int, what: str) -> Iterator[Connection]:
+        """One transaction holding partition `partition`'s lock. Any error: nothing kept."""
+        with _translated(what), self._pool.connection() as conn, conn.transaction():
+            # Waits (up to lock_timeout) for the partition's writer in any
+            # instance; released at COMMIT or ROLLBACK, or when the session dies.
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._lock, partition))
+            yield conn
+            # Leaving the block COMMITs: with synchronous_commit on, the WAL is
+            # flushed there. A crash before that keeps nothing of the
+            # transaction (the caller got no answer), after it all of it.
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[Connection]:
+        with _translated(what), self._pool.connection() as conn:
+            yield conn
+
+    # -- writes ---------------------------------------------------------
+
+    def write_pulses(
+        self, partition: int, pulses: Sequence[Pulse], received_us: int
+    ) -> list[Outcome]:
+        with self._writing(partition, "write pulses") as conn:
+            # Under the partition lock no other instance can store these ids
+            # before we commit, so the lookup stays true until then; the ids
+            # go in with the amounts, in this one transaction.
+            known = _known_ids(conn, pulses)
+            outcomes = resolve(pulses, known)
+            accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+            if not accepted:
+                return outcomes
+            with conn.cursor() as cursor, cursor.copy(_COPY_PULSES) as copy:
+                for p in accepted:
+                    copy.write_row(
+                        (
+                            partition,
+                            p.tenant_id,
+                            p.pulse_id,
+                            p.client_id,
+                            p.product_sku,
+                            p.use_unit,
+                            p.day,
+                            format_nanos(p.nanos),
+                            p.ts,
+                            received_us,
+                            p.fingerprint if p.client_id else None,
+                        )
+                    )
+            deltas = sorted(bucket_deltas(accepted).items(), key=lambda item: item[0])
+            conn.execute(
+                _UPSERT_BUCKETS,
+                (
+                    partition,
+                    [key[0] for key, _ in deltas],
+                    [key[1] for key, _ in deltas],
+                    [key[2] for key, _ in deltas],
+                    [key[3] for key, _ in deltas],
+                    [format_nanos(delta.nanos) for _, delta in deltas],
+                    [delta.count for _, delta in deltas],
+                ),
+            )
+        return outcomes
+
+    def commit_day(
+        self, partition: int, day: str, now_us: int, max_records: int
+    ) -> list[BatchSummary]:
+        summaries: list[BatchSummary] = []
+        with self._writing(partition, "commit") as conn:
+            rows = conn.execute(
+                f"SELECT {_BUCKET_COLUMNS} FROM buckets"
+                " WHERE partition = %s AND day = %s AND pulse_count > committed_count",
+                (partition, day),
+            ).fetchall()
+            if not rows:
+                return []
+            states = [_bucket_state(row) for row in rows]
+            found = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM batches WHERE partition = %s AND day = %s",
+                (partition, day),
+            ).fetchone()
+            last_seq = int(found[0]) if found else 0
+            created = _moment(now_us)
+            assert created is not None
+            inserts = []
+            for offset, (kind, records) in enumerate(commit_batches(states, max_records), 1):
+                seq = last_seq + offset
+                total = format_nanos(sum(parse_nanos(r.used_amount) for r in records))
+                batch = Batch(
+                    batch_id=batch_id(self.store_id, day, partition, seq),
+                    store_id=self.store_id,
+                    date=day,
+                    partition=partition,
+                    kind=kind,  # type: ignore[arg-type]
+                    created_at=created,
+                    record_count=len(records),
+                    used_amount=total,
+                    records=records,
+                )
+                inserts.append(
+                    (
+                        batch.batch_id,
+                        partition,
+                        day,
+                        seq,
+                        kind,
+                        now_us,
+                        len(records),
+                        total,
+                        _encode(batch),
+                        now_us,
+                    )
+                )
+                summaries.append(
+                    BatchSummary(batch.batch_id, batch.kind, partition, len(records), total)
+                )
+            with conn.cursor() as cursor:
+                cursor.executemany(_INSERT_BATCH, inserts)
+            # Same transaction as the outbox rows above: a bucket is marked
+            # committed if and only if its delta is in a batch.
+            conn.execute(
+                "UPDATE buckets SET committed_amount = used_amount,"
+                " committed_count = pulse_count, revision = revision + 1"
+                " WHERE partition = %s AND day = %s AND pulse_count > committed_count",
+                (partition, day),
+            )
+        return summaries
+
+    def record_delivery(
+        self,
+        partition: int,
+        batch_id: str,
+        *,
+        status: str,
+        error: str | None,
+        next_attempt_us: int | None,
+        now_us: int,
+    ) -> None:
+        with self._writing(partition, "record delivery") as conn:
+            conn.execute(
+                "UPDATE batches SET status = %s, attempts = attempts + 1, last_error = %s,"
+                " next_attempt_at = %s,"
+                " delivered_at = CASE WHEN %s = 'delivered' THEN %s ELSE delivered_at END"
+                " WHERE partition = %s AND batch_id = %s AND status = 'pending'",
+                (status, error, next_attempt_us, status, now_us, partition, batch_id),
+            )
+
+    def redeliver(self, batch_id: str, now_us: int) -> bool:
+        partition = self._partition_of_batch(batch_id)
+        if partition is None:
+            return False
+        with self._writing(partition, "redeliver") as conn:
+            cursor = conn.execute(
+                "UPDATE batches SET status = 'pending', next_attempt_at = %s"
+                " WHERE partition = %s AND batch_id = %s AND status = 'failed'",
+                (now_us, partition, batch_id),
+            )
+            return cursor.rowcount == 1
+
+    def purge(self, partition: int, before_us: int) -> int:
+        """Forget old pulses, a chunk per transaction so writers never wait long."""
+        removed = 0
+        while True:
+            with self._writing(partition, "purge") as conn:
+                cursor = conn.execute(_PURGE, (partition, before_us, _PURGE_CHUNK))
+            removed += cursor.rowcount
+            if cursor.rowcount < _PURGE_CHUNK:
+                return removed
+
+    # -- reads ----------------------------------------------------------
+
+    def open_days(self, partition: int) -> list[str]:
+        with self._reading("read") as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT day FROM buckets"
+                " WHERE partition = %s AND pulse_count > committed_count ORDER BY day",
+                (partition,),
+            ).fetchall()
+        return [day.isoformat() for (day,) in rows]
+
+    def aggregates(self, query: AggregateQuery) -> list[Aggregate]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.tenant_id is not None:
+            where.append("partition = %s")
+            args.append(partition_of(query.tenant_id, self.partitions))
+        for column, value in (
+            ("tenant_id", query.tenant_id),
+            ("product_sku", query.product_sku),
+            ("use_unit", query.use_unit),
+        ):
+            if value is not None:
+                where.append(f"{column} = %s")
+                args.append(value)
+        if query.date_from is not None:
+            where.append("day >= %s")
+            args.append(query.date_from)
+        if query.date_to is not None:
+            where.append("day <= %s")
+            args.append(query.date_to)
+        if query.status == "open":
+            where.append("pulse_count > committed_count")
+        elif query.status == "committed":
+            where.append("pulse_count = committed_count")
+        if query.after is not None:
+            where.append("(day, tenant_id, product_sku, use_unit) > (%s, %s, %s, %s)")
+            args.extend(query.after)
+        args.append(query.limit)
+        sql = (
+            f"SELECT {_BUCKET_COLUMNS} FROM buckets"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY day, tenant_id, product_sku, use_unit LIMIT %s"
+        )
+        with self._reading("read") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [_aggregate(row) for row in rows]
+
+    def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]:
+        where = ["partition = %s", "tenant_id = %s", "day = %s"]
+        args: list[Any] = [
+            partition_of(query.tenant_id, self.partitions),
+            query.tenant_id,
+            query.day,
+        ]
+        if query.product_sku is not None:
+            where.append("product_sku = %s")
+            args.append(query.product_sku)
+        if query.use_unit is not None:
+            where.append("use_unit = %s")
+            args.append(query.use_unit)
+        if query.after is not None:
+            where.append("seq > %s")
+            args.append(query.after)
+        args.append(query.limit)
+        sql = (
+            "SELECT seq, pulse_id, client_id, tenant_id, product_sku, use_unit, used_amount,"
+            " ts, day, received_at FROM pulses"
+            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s"
+        )
+        with self._reading("read") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [
+            (
+                seq,
+                StoredPulse(
+                    id=pulse_id,
+                    tenant_id=tenant,
+                    product_sku=sku,
+                    use_unit=unit,
+                    used_amount=_amount(amount),
+                    timestamp=_moment(ts),  # type: ignore[arg-type]
+                    date=day.isoformat(),
+                    received_at=_moment(received),  # type: ignore[arg-type]
+                    id_assigned=not client_id,
+                ),
+            )
+            for seq, pulse_id, client_id, tenant, sku, unit, amount, ts, day, received in rows
+        ]
+
+    def batches(self, query: BatchQuery) -> list[BatchView]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.day is not None:
+            where.append("day = %s")
+            args.append(query.day)
+        if query.status is not None:
+            where.append("status = %s")
+            args.append(query.status)
+        if query.after is not None:
+            where.append("(day, batch_id) > (%s, %s)")
+            args.extend(query.after)
+        args.append(query.limit)
+        sql = (
+            f"SELECT {_BATCH_COLUMNS}, NULL FROM batches"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY day, batch_id LIMIT %s"
+        )
+        with self._reading("read") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [self._batch_view(row) for row in rows]
+
+    def batch(self, batch_id: str) -> BatchView | None:
+        with self._reading("read") as conn:
+            row = conn.execute(
+                f"SELECT {_BATCH_COLUMNS}, body FROM batches WHERE batch_id = %s", (batch_id,)
+            ).fetchone()
+        return None if row is None else self._batch_view(row)
+
+    def _batch_view(self, row: tuple[Any, ...]) -> BatchView:
+        (bid, partition, day, kind, created, count, amount, status, attempts, error,
+         next_at, done, body) = row  # fmt: skip
+        return BatchView(
+            batch_id=bid,
+            store_id=self.store_id,
+            date=day.isoformat(),
+            partition=partition,
+            kind=kind,
+            created_at=_moment(created),  # type: ignore[arg-type]
+            record_count=count,
+            used_amount=_amount(amount),
+            status=status,
+            attempts=attempts,
+            last_error=error,
+            next_attempt_at=_moment(next_at) if status == "pending" else None,
+            delivered_at=_moment(done),
+            records=None if body is None else _decode_batch(body).records,
+        )
+
+    def _partition_of_batch(self, batch_id: str) -> int | None:
+        pieces = batch_id.split("-")
+        if len(pieces) != 4 or pieces[0] != self.store_id or not pieces[2].startswith("p"):
+            return None
+        try:
+            partition = int(pieces[2][1:])
+        except ValueError:
+            return None
+        return partition if 0 <= partition < self.partitions else None
+
+    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
+        with self._reading("read") as conn:
+            rows = conn.execute(_DUE_BATCHES, (self.partitions, now_us, limit)).fetchall()
+        return [
+            DueBatch(partition, bid, day.isoformat(), body, attempts)
+            for partition, bid, day, body, attempts in rows
+        ]
+
+    def outbox_statistics(self) -> tuple[int, int | None]:
+        with self._reading("read") as conn:
+            row = conn.execute(
+                "SELECT count(*), min(created_at) FROM batches WHERE status = 'pending'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+
+def _known_ids(conn: Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:
+    """The stored fingerprints of the client ids among `pulses`, in one statement."""
+    keys = {(p.tenant_id, p.pulse_id) for p in pulses if p.client_id}
+    if not keys:
+        return {}
+    tenants, ids = zip(*keys, strict=True)
+    rows = conn.execute(_KNOWN_IDS, (list(tenants), list(ids))).fetchall()
+    return {(tenant, pulse_id): bytes(fingerprint) for tenant, pulse_id, fingerprint in rows}
+
+
+def _bucket_state(row: tuple[Any, ...]) -> BucketState:
+    day, tenant, sku, unit, used, count, committed, committed_count, revision = row
+    return BucketState(
+        (day.isoformat(), tenant, sku, unit),
+        _nanos(used),
+        count,
+        _nanos(committed),
+        committed_count,
+        revision,
+    )
+
+
+def _aggregate(row: tuple[Any, ...]) -> Aggregate:
+    day, tenant, sku, unit, used, count, committed, committed_count, revision = row
+    return Aggregate(
+        tenant,
+        sku,
+        unit,
+        day.isoformat(),
+        _amount(used),
+        count,
+        _amount(committed),
+        committed_count,
+        revision,
+    )
