@@ -6,10 +6,20 @@ Layout under the store directory:
     p000.sqlite ...    one per partition: pulses, ids, buckets, the outbox
 
 Pulses are kept as a log: each write appends one row holding all its
-accepted pulses (encoded `Pulse` arrays), plus one `pulse_days` row per
-(tenant, day) it touches, so `GET /pulses` finds them. Client ids go to
-`pulse_ids` with their payload fingerprint, which is what dedup reads.
-Nothing on the write path costs a row per pulse, except a client id.
+accepted pulses (encoded `Pulse` arrays, client ids and fingerprints
+included), plus one `pulse_days` row per (tenant, day) it touches, so
+`GET /pulses` finds them. Nothing on the write path costs a row per pulse.
+
+Dedup reads two tiers. The log row is the durable record of an id: it
+commits with the amounts. Ids of the log's tail live in memory (`recent`),
+rebuilt only by reading committed log rows; every `_MERGE_AT` ids they are
+merged, sorted, into the indexed `pulse_ids` table, and the meta key
+`ids_merged_seq` records up to which log row that is done. Sorted merges
+touch each index page once per merge instead of once per id, which is
+what random ids cost when inserted with each write. Each transaction first
+compares that watermark with its own: if another process merged (or a
+merge rolled back), memory is rebuilt from the log tail, so it can never
+hold an id that is not durable, nor miss one that is.
 
 A file per partition lets shards write and fsync in parallel without sharing
 one write lock, and lets several processes share a data dir: SQLite's locks
@@ -63,6 +73,7 @@ __all__ = ["SQLiteStore"]
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
 SCHEMA_VERSION = 1
 _CHUNK = 500  # ids per lookup statement, under SQLite's variable limit
+_MERGE_AT = 20_000  # recent ids per partition held in memory before a merge (~3 MB)
 
 _META_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
@@ -183,6 +194,12 @@ class _Partition:
         self.reader = _connect(path, durability, busy_timeout)
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
+        # Under write_lock: client ids of log rows after `merged_seq`, up to
+        # `seen_seq`, keyed "tenant\0id" (tenants hold no control characters),
+        # each its log row's seq (8 bytes) followed by the payload fingerprint.
+        self.recent: dict[str, bytes] = {}
+        self.seen_seq = 0
+        self.merged_seq = -1  # unknown: the first transaction reads it
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -384,12 +401,17 @@ class SQLiteStore:
     def write_pulses(
         self, partition: int, pulses: Sequence[Pulse], received_us: int
     ) -> list[Outcome]:
-        with self._part(partition).transaction("write pulses") as conn:
-            known = _known_ids(conn, pulses)
-            outcomes = resolve(pulses, known)
+        part = self._part(partition)
+        with part.transaction("write pulses") as conn:
+            _catch_up(conn, part)
+            if len(part.recent) >= _MERGE_AT:
+                _merge_ids(conn, part)
+            outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
             accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
             if not accepted:
                 return outcomes
+            # The durable record of every accepted pulse and client id, in the
+            # same transaction as the bucket totals below.
             seq = conn.execute(
                 "INSERT INTO pulse_log (received_at, body) VALUES (?, ?)",
                 (received_us, _encode(accepted)),
@@ -397,10 +419,6 @@ class SQLiteStore:
             conn.executemany(
                 "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
                 [(tenant, day, seq) for tenant, day in {(p.tenant_id, p.day) for p in accepted}],
-            )
-            conn.executemany(
-                "INSERT INTO pulse_ids (tenant_id, pulse_id, fingerprint, seq) VALUES (?, ?, ?, ?)",
-                [(p.tenant_id, p.pulse_id, p.fingerprint, seq) for p in accepted if p.client_id],
             )
             conn.executemany(
                 _UPSERT_BUCKET,
@@ -497,9 +515,13 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
     def purge(self, partition: int, before_us: int) -> int:
+        part = self._part(partition)
         removed = 0
         while True:
-            with self._part(partition).transaction("purge") as conn:
+            with part.transaction("purge") as conn:
+                _catch_up(conn, part)
+                if part.recent:
+                    _merge_ids(conn, part)  # every id is in pulse_ids before any goes
                 # The log is appended in about time order, so the old rows are
                 # at its head: look only there, never scan the table. Only rows
                 # that are old themselves go, even if a newer one sits among
@@ -723,14 +745,62 @@ def _merged(
                 cursor.close()
 
 
-def _known_ids(conn: sqlite3.Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:
-    """The stored fingerprints of the client ids among `pulses`, in a few statements."""
-    by_tenant: dict[str, list[str]] = defaultdict(list)
+def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
+    """Bring `part.recent` up to the committed log (see the module docstring)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'ids_merged_seq'").fetchone()
+    merged = int(row[0]) if row else 0
+    if merged != part.merged_seq:
+        part.recent.clear()
+        part.merged_seq = part.seen_seq = merged
+    recent = part.recent
+    for seq, body in conn.execute(
+        "SELECT seq, body FROM pulse_log WHERE seq > ? ORDER BY seq", (part.seen_seq,)
+    ):
+        row = seq.to_bytes(8, "big")
+        for p in _decode_pulses(body):
+            if p.client_id:
+                recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
+        part.seen_seq = seq
+
+
+def _merge_ids(conn: sqlite3.Connection, part: _Partition) -> None:
+    """Move the recent ids into `pulse_ids`, sorted, within the caller's transaction.
+
+    If that transaction rolls back, the watermark stays behind the memory's,
+    and the next `_catch_up` rebuilds memory from the log.
+    """
+    rows = []
+    for key, value in sorted(part.recent.items()):
+        tenant, _, pulse_id = key.partition("\0")
+        rows.append((tenant, pulse_id, value[8:], int.from_bytes(value[:8], "big")))
+    conn.executemany(
+        "INSERT OR IGNORE INTO pulse_ids (tenant_id, pulse_id, fingerprint, seq)"
+        " VALUES (?, ?, ?, ?)",
+        rows,
+    )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('ids_merged_seq', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (str(part.seen_seq),),
+    )
+    part.recent.clear()
+    part.merged_seq = part.seen_seq
+
+
+def _known_ids(
+    conn: sqlite3.Connection, recent: dict[str, bytes], pulses: Sequence[Pulse]
+) -> dict[tuple[str, str], bytes]:
+    """The stored fingerprints of the client ids among `pulses`: memory, then the index."""
+    known: dict[tuple[str, str], bytes] = {}
+    missing: dict[str, list[str]] = defaultdict(list)
     for p in pulses:
         if p.client_id:
-            by_tenant[p.tenant_id].append(p.pulse_id)
-    known: dict[tuple[str, str], bytes] = {}
-    for tenant, ids in by_tenant.items():
+            value = recent.get(f"{p.tenant_id}\0{p.pulse_id}")
+            if value is None:
+                missing[p.tenant_id].append(p.pulse_id)
+            else:
+                known[(p.tenant_id, p.pulse_id)] = value[8:]
+    for tenant, ids in missing.items():
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
