@@ -1,12 +1,18 @@
-"""The command line: `billing-ingestor serve` (also `python -m ingestor serve`)."""
+"""The command line (also `python -m ingestor ...`).
+
+    billing-ingestor serve [--bind HOST:PORT] [--data-dir DIR] [--config FILE]
+    billing-ingestor keys new --role ingest|read|admin [--tenant T ...]
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 
 import trio
 
+from .auth import Role, new_key
 from .config import load_settings
 from .errors import ConfigError, StoreError
 from .logs import setup_logging
@@ -21,20 +27,68 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:8081)")
     serve.add_argument("--data-dir", help="where the store and deliveries live (default ./data)")
     serve.add_argument("--config", help="a TOML file of settings")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port and the store (default 1)"
+    )
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser(
+        "new", help="make a new random API key and print the config lines for it"
+    )
+    new.add_argument("--role", required=True, choices=["ingest", "read", "admin"])
+    new.add_argument(
+        "--tenant", action="append", default=[], dest="tenants",
+        help="a tenant the key acts for; repeat for more, or '*' for every tenant"
+        " (admin keys always act for every tenant)",
+    )
     return parser
+
+
+def _new_key(role: Role, tenants: list[str]) -> int:
+    if not tenants:
+        if role != "admin":
+            print(
+                "billing-ingestor: give --tenant (repeat it for more), or --tenant '*'"
+                " for every tenant",
+                file=sys.stderr,
+            )
+            return 2
+        tenants = ["*"]
+    key, table = new_key(role, list(dict.fromkeys(tenants)))
+    try:
+        # The same checks the server makes when it reads the table.
+        load_settings(environ={}, api_keys=[tomllib.loads(table)["api_keys"][0]])
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        print(f"billing-ingestor: {exc}", file=sys.stderr)
+        return 2
+    print("A new API key. It is shown only now and is stored nowhere; hand it to the client:")
+    print()
+    print(f"    {key}")
+    print()
+    print("Add these lines to the config file (the key appears only as its SHA-256):")
+    print()
+    print(table, end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        return _new_key(args.role, args.tenants)
     try:
-        settings = load_settings(args.config, bind=args.bind, data_dir=args.data_dir)
+        settings = load_settings(
+            args.config, bind=args.bind, data_dir=args.data_dir, workers=args.workers
+        )
     except ConfigError as exc:
         print(f"billing-ingestor: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
     from .service import serve
+    from .workers import run_workers
 
     try:
+        if settings.workers > 1:
+            return run_workers(settings)
         trio.run(serve, settings)
     except StoreError as exc:
         print(f"billing-ingestor: store error: {exc}", file=sys.stderr)

@@ -1,25 +1,35 @@
 """The HTTP API (DESIGN.md §4) on quart-trio.
 
-Handlers decode once at the edge into typed values, hand work to the shards
-or the store, and encode the answer with msgspec. Every error, ours or the
-framework's, is answered as {"error": {"code", "message", "details"?}} by one
-table (`_ERRORS`), never as HTML or a stack trace.
+    request ─▶ edge.py (counts requests in flight, marks those over max_in_flight)
+            ─▶ before: request id, 503 if over the limit, API key and role (auth.py)
+            ─▶ handler: decode once, hand work to the shards or the store
+            ─▶ after: X-Request-Id header, request metrics (metrics.py)
+
+The routes are those of the table in routes.py (rule, role, types), from
+which /openapi.json is generated too; the read handlers live in reads.py.
+Every error, ours or the framework's, is answered as {"error": {"code",
+"message", "details"?}} by one table (`_ERRORS`), never as HTML or a stack
+trace.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import logging
+import re
+import time
+import uuid
 from collections import defaultdict
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from . import __version__
+from .auth import OPEN, Keyring, Principal, Unauthorized
+from .edge import OVER_LIMIT, Edge
 from .errors import (
     Draining,
     IngestorError,
@@ -30,63 +40,35 @@ from .errors import (
     StoreFull,
 )
 from .intake import decode_pulses
+from .logs import request_id
+from .metrics import Metrics
 from .model import (
     AggregatePage,
     BatchPage,
+    BatchView,
     CommitRequest,
     CommitResult,
     ErrorBody,
     ErrorDetail,
     IngestItem,
     IngestReport,
-    Name,
     Outcome,
     Pulse,
     PulsePage,
-    Unit,
 )
+from .openapi import document
+from .reads import list_aggregates, list_batches, list_pulses, read_batch
+from .routes import NEEDS, OPERATIONS, CommitParams, Health, Readiness
 from .runtime import Runtime
 from .shard import Ingest, Reply
-from .store import AggregateQuery, BatchQuery, PulseQuery
 
 __all__ = ["create_app", "ingest"]
 
 log = logging.getLogger("ingestor.api")
 _encode = msgspec.json.Encoder().encode
 _JSON = "application/json"
-S = TypeVar("S")
-
-Limit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
-BatchLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
-
-
-class AggregateParams(
-    msgspec.Struct, forbid_unknown_fields=True, rename={"date_from": "from", "date_to": "to"}
-):
-    tenant_id: Name | None = None
-    product_sku: Name | None = None
-    use_unit: Unit | None = None
-    date_from: dt.date | None = None
-    date_to: dt.date | None = None
-    status: Literal["open", "committed", "all"] = "all"
-    limit: Limit = 1000
-    cursor: str | None = None
-
-
-class PulseParams(msgspec.Struct, forbid_unknown_fields=True):
-    tenant_id: Name
-    date: dt.date
-    product_sku: Name | None = None
-    use_unit: Unit | None = None
-    limit: Limit = 1000
-    cursor: str | None = None
-
-
-class BatchParams(msgspec.Struct, forbid_unknown_fields=True):
-    date: dt.date | None = None
-    status: Literal["pending", "delivered", "failed"] | None = None
-    limit: BatchLimit = 100
-    cursor: str | None = None
+_REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
+_REQUEST_ID_MAX = 128
 
 
 # -- errors ---------------------------------------------------------------
@@ -122,7 +104,10 @@ def error_response(
 
 def _for_error(exc: Exception) -> Response:
     if isinstance(exc, RequestError):
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = exc.challenge
+        return response
     if isinstance(exc, Overloaded):
         return error_response(503, "overloaded", str(exc), retry_after=exc.retry_after)
     for kind, status, code, retry_after in _ERRORS:
@@ -131,44 +116,30 @@ def _for_error(exc: Exception) -> Response:
     raise exc
 
 
-def _params(kind: type[S], args: Any) -> S:
-    try:
-        return msgspec.convert(dict(args), kind, strict=False)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        head, _, where = text.rpartition(" - at `$.")
-        field = where.rstrip("`")
-        message = f"{field}: {head}" if head else text
-        raise RequestError(400, "invalid_parameter", message) from None
-
-
-def _cursor_out(key: object) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(key)).decode().rstrip("=")
-
-
-def _cursor_in(text: str | None, kind: type[S]) -> S | None:
-    if text is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return msgspec.json.decode(raw, type=kind)
-    except (ValueError, msgspec.MsgspecError):
-        raise RequestError(
-            400, "invalid_parameter", "cursor: not a cursor this API gave out"
-        ) from None
-
-
 # -- the ingest path --------------------------------------------------------
 
 
-async def ingest(runtime: Runtime, body: bytes, content_type: str | None) -> tuple[int, bytes]:
+async def ingest(
+    runtime: Runtime, body: bytes, content_type: str | None, principal: Principal = OPEN
+) -> tuple[int, bytes]:
     """POST /pulses without the framework: (status, JSON body). Raises our errors."""
     if runtime.draining:
         raise Draining("the service is shutting down")
-    intake = decode_pulses(body, content_type, runtime.rules, runtime.clock())
+    intake = decode_pulses(
+        body, content_type, runtime.rules, runtime.clock(),
+        max_line_bytes=runtime.settings.max_line_bytes,
+    )
+    items = list(intake.items)
+    forbidden: set[int] = set()
     by_partition: dict[int, list[tuple[int, Pulse]]] = defaultdict(list)
     partition_of = runtime.partition_of
     for index, pulse in intake.pulses:
+        if not principal.sees(pulse.tenant_id):
+            forbidden.add(index)
+            reason = f"forbidden_tenant: this key may not write for tenant {pulse.tenant_id!r}"
+            own_id = pulse.pulse_id if pulse.client_id else None
+            items.append(IngestItem(index, "rejected", own_id, reason))
+            continue
         by_partition[partition_of(pulse.tenant_id)].append((index, pulse))
     shards = runtime.shards
     if not all(shards[p].has_room() for p in by_partition):
@@ -180,7 +151,6 @@ async def ingest(runtime: Runtime, body: bytes, content_type: str | None) -> tup
         shards[partition].submit_nowait(Ingest([p for _, p in part], reply))
         waiting.append((part, reply))
 
-    items = list(intake.items)
     accepted = duplicates = conflicts = 0
     failure: StoreError | None = None
     for part, reply in waiting:
@@ -209,13 +179,15 @@ async def ingest(runtime: Runtime, body: bytes, content_type: str | None) -> tup
     report = IngestReport(accepted, duplicates, rejected, items, conflicts)
     if intake.single and items:
         item = items[0]
+        details = {"items": [msgspec.to_builtins(item)]}
+        if item.index in forbidden:
+            error = ErrorDetail("forbidden_tenant", item.error or "", details)
+            return 403, _encode(ErrorBody(error))
         if item.status == "rejected":
-            details = {"items": [msgspec.to_builtins(item)]}
             error = ErrorDetail("invalid_pulse", item.error or "", details)
             return 422, _encode(ErrorBody(error))
         if item.status == "conflict":
             message = f"id {item.id!r} was already used for a different pulse of this tenant"
-            details = {"items": [msgspec.to_builtins(item)]}
             return 409, _encode(ErrorBody(ErrorDetail("conflict", message, details)))
     return 202, _encode(report)
 
@@ -223,14 +195,80 @@ async def ingest(runtime: Runtime, body: bytes, content_type: str | None) -> tup
 # -- the app ----------------------------------------------------------------
 
 
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id made safe for headers and logs, or a new one."""
+    if given:
+        cleaned = _REQUEST_ID_UNSAFE.sub("", given)[:_REQUEST_ID_MAX]
+        if cleaned:
+            return cleaned
+    return uuid.uuid4().hex
+
+
 def create_app(runtime: Runtime) -> Quart:
-    app = QuartTrio("ingestor")
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_body_bytes
-    app.config["BODY_TIMEOUT"] = 30
+    settings = runtime.settings
+    app = QuartTrio("ingestor", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = settings.body_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    keyring = Keyring(settings.api_keys)
+    edge = Edge(app.asgi_app, limit=settings.max_in_flight)
+    app.asgi_app = edge  # type: ignore[method-assign]
+    runtime.edge = edge
+    metrics = Metrics(runtime, lambda: edge.in_flight)
+    openapi_body = _encode(
+        document(
+            OPERATIONS, title="billing-ingestor", version=__version__,
+            description="Usage metering: pulses in, exact daily totals out, each billed once.",
+        )
+    )
 
     def ok(value: object, status: int = 200) -> Response:
         return Response(_encode(value), status=status, content_type=_JSON)
+
+    def principal() -> Principal:
+        found: Principal = g.principal
+        return found
+
+    @app.before_request
+    async def begin() -> None:
+        g.started = time.perf_counter()
+        g.request_id = _request_id(request.headers.get("X-Request-Id"))
+        g.request_id_token = request_id.set(g.request_id)
+        if request.scope.get(OVER_LIMIT):
+            raise Overloaded(f"more than {edge.limit} requests in flight (max_in_flight)")
+        # hypercorn bounds headers only while they are incomplete; this bounds them always.
+        if sum(len(k) + len(v) for k, v in request.scope["headers"]) > settings.max_header_bytes:
+            raise RequestError(
+                431, "headers_too_large",
+                f"request headers exceed {settings.max_header_bytes} bytes (max_header_bytes)",
+            )
+        rule = request.url_rule
+        if rule is None or request.endpoint is None:
+            return  # routing failed: answered 404 or 405 below
+        need = NEEDS.get(request.endpoint, "admin")  # a route not in the table: admins only
+        if need == "public":
+            g.principal = OPEN
+            return
+        who = keyring.authenticate(request.headers.get("Authorization"))
+        keyring.require(who, need, f"{request.method} {rule.rule}")
+        g.principal = who
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id") or _request_id(None)
+        rule = request.url_rule
+        started = g.get("started", time.perf_counter())
+        metrics.observe(
+            request.method, rule.rule if rule is not None else "unmatched",
+            response.status_code, time.perf_counter() - started,
+        )
+        return response
+
+    @app.teardown_request
+    async def end(exc: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            request_id.reset(token)
 
     @app.errorhandler(IngestorError)
     async def ingestor_error(exc: IngestorError) -> Response:
@@ -240,74 +278,53 @@ def create_app(runtime: Runtime) -> Quart:
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "http_error")
-        return error_response(status, code, exc.description or exc.name)
+        response = error_response(status, code, exc.description or exc.name)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         log.exception("unexpected error", extra={"fields": {"path": request.path}})
         return error_response(500, "internal", "internal error; see the server log")
 
-    @app.post("/pulses")
     async def post_pulses() -> Response:
         body = await request.get_data(cache=False)
         assert isinstance(body, bytes)
-        status, payload = await ingest(runtime, body, request.headers.get("Content-Type"))
+        status, payload = await ingest(
+            runtime, body, request.headers.get("Content-Type"), principal()
+        )
         return Response(payload, status=status, content_type=_JSON)
 
-    @app.get("/pulses")
     async def get_pulses() -> Response:
-        params = _params(PulseParams, request.args)
-        after = _cursor_in(params.cursor, int)
-        query = PulseQuery(
-            tenant_id=params.tenant_id, day=params.date.isoformat(),
-            product_sku=params.product_sku, use_unit=params.use_unit,
-            after=after, limit=params.limit + 1,
-        )
-        rows = await trio.to_thread.run_sync(runtime.store.pulses, query)
-        more = len(rows) > params.limit
-        rows = rows[: params.limit]
-        cursor = _cursor_out(rows[-1][0]) if more else None
-        return ok(PulsePage([pulse for _, pulse in rows], cursor))
+        page: PulsePage = await list_pulses(runtime, principal(), request.args)
+        return ok(page)
 
-    @app.get("/aggregates")
     async def get_aggregates() -> Response:
-        params = _params(AggregateParams, request.args)
-        after = _cursor_in(params.cursor, tuple[str, str, str, str])
-        query = AggregateQuery(
-            tenant_id=params.tenant_id, product_sku=params.product_sku,
-            use_unit=params.use_unit,
-            date_from=params.date_from.isoformat() if params.date_from else None,
-            date_to=params.date_to.isoformat() if params.date_to else None,
-            status=params.status, after=after, limit=params.limit + 1,
-        )
-        rows = await trio.to_thread.run_sync(runtime.store.aggregates, query)
-        more = len(rows) > params.limit
-        rows = rows[: params.limit]
-        last = rows[-1] if rows else None
-        cursor = (
-            _cursor_out([last.date, last.tenant_id, last.product_sku, last.use_unit])
-            if more and last
-            else None
-        )
-        return ok(AggregatePage(rows, cursor))
+        page: AggregatePage = await list_aggregates(runtime, principal(), request.args)
+        return ok(page)
 
-    @app.post("/aggregates/commit")
+    async def get_batches() -> Response:
+        page: BatchPage = await list_batches(runtime, principal(), request.args)
+        return ok(page)
+
+    async def get_batch(batch_id: str) -> Response:
+        return ok(await read_batch(runtime, principal(), batch_id))
+
     async def post_commit() -> Response:
-        raw_date = request.args.get("date")
-        if raw_date is None:
+        try:
+            day = msgspec.convert(dict(request.args), CommitParams, strict=False).date
+        except msgspec.ValidationError as exc:
+            raise RequestError(422, "invalid_commit", f"query: {exc}") from None
+        if day is None:
             body = await request.get_data(cache=False)
             assert isinstance(body, bytes)
             try:
                 day = msgspec.json.decode(body, type=CommitRequest).date
-            except msgspec.MsgspecError as exc:
+            except (msgspec.MsgspecError, RecursionError) as exc:
                 raise RequestError(
                     422, "invalid_commit", f'expected {{"date": "YYYY-MM-DD"}}: {exc}'
                 ) from None
-        else:
-            try:
-                day = dt.date.fromisoformat(raw_date)
-            except ValueError:
-                raise RequestError(422, "invalid_commit", "date: expected YYYY-MM-DD") from None
         today = max(
             runtime.committer.now().astimezone(zone).date() for zone in runtime.rules.zones()
         )
@@ -318,38 +335,53 @@ def create_app(runtime: Runtime) -> Quart:
         batches = await runtime.committer.commit_day(day)
         return ok(CommitResult(day.isoformat(), batches))
 
-    @app.get("/batches")
-    async def get_batches() -> Response:
-        params = _params(BatchParams, request.args)
-        after = _cursor_in(params.cursor, tuple[str, str])
-        query = BatchQuery(
-            day=params.date.isoformat() if params.date else None,
-            status=params.status, after=after, limit=params.limit + 1,
-        )
-        rows = await trio.to_thread.run_sync(runtime.store.batches, query)
-        more = len(rows) > params.limit
-        rows = rows[: params.limit]
-        cursor = _cursor_out([rows[-1].date, rows[-1].batch_id]) if more else None
-        return ok(BatchPage(rows, cursor))
+    async def post_redeliver(batch_id: str) -> Response:
+        def redeliver() -> tuple[BatchView | None, bool]:
+            store = runtime.store
+            batch = store.batch(batch_id)
+            if batch is None or batch.status != "failed":
+                return batch, False
+            done = store.redeliver(batch_id, runtime.clock())
+            return store.batch(batch_id), done
 
-    @app.get("/batches/<batch_id>")
-    async def get_batch(batch_id: str) -> Response:
-        batch = await trio.to_thread.run_sync(runtime.store.batch, batch_id)
+        batch, done = await trio.to_thread.run_sync(redeliver)
         if batch is None:
-            return error_response(404, "not_found", f"no batch {batch_id!r}")
+            raise RequestError(404, "not_found", f"no batch {batch_id!r}")
+        if not done:
+            raise RequestError(
+                409, "not_failed",
+                f"batch {batch_id!r} is {batch.status}; only a failed batch is redelivered",
+            )
+        runtime.deliverer.wake()
+        log.info("redeliver", extra={"fields": {"batch_id": batch_id,
+                                                "key": principal().label}})
         return ok(batch)
 
-    @app.get("/healthz")
     async def healthz() -> Response:
-        return ok({"status": "ok"})
+        return ok(Health("ok"))
 
-    @app.get("/readyz")
     async def readyz() -> Response:
         if runtime.draining:
             return error_response(503, "draining", "shutting down", retry_after=5)
         if not runtime.ready:
             return error_response(503, "starting", "starting up", retry_after=1)
-        return ok({"status": "ready", "store_id": runtime.store.store_id})
+        return ok(Readiness("ready", runtime.store.store_id))
 
+    async def metrics_text() -> Response:
+        body, content_type = await metrics.exposition(request.headers.get("Accept"))
+        return Response(body, content_type=content_type)
+
+    async def openapi() -> Response:
+        return Response(openapi_body, content_type=_JSON)
+
+    views: dict[str, Callable[..., Awaitable[Response]]] = {
+        "post_pulses": post_pulses, "get_pulses": get_pulses,
+        "get_aggregates": get_aggregates, "post_commit": post_commit,
+        "get_batches": get_batches, "get_batch": get_batch,
+        "post_redeliver": post_redeliver, "healthz": healthz, "readyz": readyz,
+        "metrics": metrics_text, "openapi": openapi,
+    }
+    for op in OPERATIONS:
+        app.add_url_rule(op.rule, op.name, views[op.name], methods=[op.method])
     return app
 

@@ -9,6 +9,7 @@ Durations are seconds, or strings such as "90s", "15m", "1h", "35d".
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,10 +22,23 @@ import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "parse_duration"]
+__all__ = ["ApiKey", "Settings", "load_settings", "parse_duration"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
+_SHA256_HEX = re.compile(r"\A[0-9a-fA-F]{64}\Z")
+_TENANT = re.compile(r"\A[^\x00-\x1f\x7f-\x9f]{1,128}\Z")  # model.Name, as a check here
+
+
+class ApiKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One `[[api_keys]]` table: a key known only by its SHA-256, a role, its tenants.
+
+    `tenants = ["*"]` means every tenant; admin keys always act on every tenant.
+    """
+
+    sha256: str
+    role: Literal["ingest", "read", "admin"]
+    tenants: tuple[str, ...]
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -62,6 +76,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     workers: Count = 1
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_keys: tuple[ApiKey, ...] = ()
+    max_line_bytes: Count = 64 * 1024
+    body_timeout: Seconds = 30
+    max_in_flight: Count = 1024
+    max_header_bytes: Count = 16 * 1024
 
     @property
     def data_path(self) -> Path:
@@ -105,8 +124,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         name = key.removeprefix("INGESTOR_").lower()
         if name not in fields:
             raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(fields))})")
-        if name == "tenant_timezones":
-            raise ConfigError(f"{key}: set tenant_timezones in the config file")
+        if name in ("tenant_timezones", "api_keys"):
+            raise ConfigError(f"{key}: set {name} in the config file (not by environment)")
         found[name] = value
     return found
 
@@ -184,3 +203,46 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             "dedup_window: must be >= late_window, or a late replay could count twice"
         )
+    _check_api_keys(settings)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (a bind address) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_api_keys(settings: Settings) -> None:
+    if not settings.api_keys and not _is_loopback(settings.bind_host):
+        raise ConfigError(
+            f"api_keys: none configured, and bind {settings.bind!r} is not a loopback address;"
+            " anyone who reaches it could write and read usage. Add [[api_keys]] tables"
+            " (make one with `billing-ingestor keys new`) or bind to 127.0.0.1"
+        )
+    seen: set[str] = set()
+    for number, key in enumerate(settings.api_keys):
+        where = f"api_keys[{number}]"
+        if not _SHA256_HEX.match(key.sha256):
+            raise ConfigError(
+                f"{where}.sha256: expected the 64 hex digits of the key's SHA-256"
+                " (`billing-ingestor keys new` prints them), never the key itself"
+            )
+        if key.sha256.lower() in seen:
+            raise ConfigError(f"{where}.sha256: the same key is listed twice")
+        seen.add(key.sha256.lower())
+        if not key.tenants:
+            raise ConfigError(f'{where}.tenants: name at least one tenant, or ["*"] for all')
+        if "*" in key.tenants and len(key.tenants) > 1:
+            raise ConfigError(f'{where}.tenants: "*" means every tenant and stands alone')
+        if key.role == "admin" and key.tenants != ("*",):
+            raise ConfigError(f'{where}.tenants: an admin key acts on every tenant; use ["*"]')
+        for tenant in key.tenants:
+            if tenant != "*" and not _TENANT.match(tenant):
+                raise ConfigError(
+                    f"{where}.tenants: {tenant!r} is not a tenant id"
+                    " (1-128 characters, no control characters)"
+                )

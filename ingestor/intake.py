@@ -37,6 +37,10 @@ _many_plain = msgspec.json.Decoder(list[PulseInPlain])
 # The UTF-8 encodings of the C1 controls (U+0080..U+009F).
 _C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+# Untyped decoding (Raw, object) recurses once per level of nesting; msgspec
+# stops at the interpreter's recursion limit with a RecursionError. Invalid
+# UTF-8 inside a string raises UnicodeDecodeError, not a msgspec error.
+_TOO_DEEP = "nested too deeply (arrays or objects inside each other)"
 
 
 class _IdOnly(msgspec.Struct):
@@ -146,7 +150,7 @@ def _validation_message(exc: msgspec.ValidationError) -> str:
 def _item_id(raw: bytes) -> str | None:
     try:
         found = _id_only.decode(raw).id
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
         return None
     return found if isinstance(found, str) else None
 
@@ -182,15 +186,20 @@ def _may_hide_controls(body: bytes) -> bool:
 
 
 def _one_by_one(
-    raws: Iterable[bytes], decoder: msgspec.json.Decoder[Any]
+    raws: Iterable[bytes], decoder: msgspec.json.Decoder[Any], max_line: int | None = None
 ) -> Iterable[PulseIn | PulseInPlain | tuple[bytes, str]]:
     for raw in raws:
+        if max_line is not None and len(raw) > max_line:
+            yield b"", f"line longer than {max_line} bytes (max_line_bytes)"
+            continue
         try:
             yield decoder.decode(raw)
         except msgspec.ValidationError as exc:
             yield raw, _validation_message(exc)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             yield raw, "not valid JSON"
+        except RecursionError:
+            yield raw, _TOO_DEEP
 
 
 def media_type(content_type: str | None) -> str:
@@ -198,12 +207,20 @@ def media_type(content_type: str | None) -> str:
 
 
 def decode_pulses(
-    body: bytes, content_type: str | None, rules: Rules, now_us: int
+    body: bytes,
+    content_type: str | None,
+    rules: Rules,
+    now_us: int,
+    *,
+    max_line_bytes: int | None = None,
 ) -> Intake:
-    """Decode a POST /pulses body. Raises RequestError for a whole-body problem."""
+    """Decode a POST /pulses body. Raises RequestError for a whole-body problem.
+
+    `max_line_bytes` bounds each NDJSON line; a longer line is rejected alone.
+    """
     kind = media_type(content_type)
     if kind in _NDJSON_ALIASES:
-        return _decode_ndjson(body, rules, now_us)
+        return _decode_ndjson(body, rules, now_us, max_line_bytes)
     if kind != JSON and not kind.endswith("+json"):
         raise RequestError(
             415, "unsupported_media_type",
@@ -220,7 +237,7 @@ def decode_pulses(
             # be broken JSON further on, which is a 400, not a bad pulse.
             _require_json(body)
             return _build([(body, _validation_message(exc))], rules, now_us, single=True)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if start != b"[":
         raise RequestError(
@@ -228,8 +245,8 @@ def decode_pulses(
         )
     try:
         many = (_many if strict else _many_plain).decode(body)
-    except msgspec.ValidationError:
-        pass
+    except (msgspec.ValidationError, UnicodeDecodeError):
+        pass  # each element is decoded alone below, to say which one is bad
     except msgspec.DecodeError as exc:
         raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     else:
@@ -239,24 +256,28 @@ def decode_pulses(
         raws = _raw_list.decode(body)
     except msgspec.MsgspecError as exc:
         raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid_json", f"body is {_TOO_DEEP}") from None
     _limit(len(raws), rules)
     return _build(_one_by_one(raws, one), rules, now_us, single=False)
 
 
-def _decode_ndjson(body: bytes, rules: Rules, now_us: int) -> Intake:
+def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None) -> Intake:
     # Each line is decoded alone: joining lines into one array would let a
     # line holding two values make up for two broken half-lines.
     lines = [line for line in body.splitlines() if line.strip()]
     _limit(len(lines), rules)
     one = _one if _may_hide_controls(body) else _one_plain
-    return _build(_one_by_one(lines, one), rules, now_us, single=False)
+    return _build(_one_by_one(lines, one, max_line), rules, now_us, single=False)
 
 
 def _require_json(body: bytes) -> None:
     try:
         msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid_json", f"body is {_TOO_DEEP}") from None
 
 
 def _limit(count: int, rules: Rules) -> None:

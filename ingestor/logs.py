@@ -1,7 +1,9 @@
 """Structured logs: one line per event, as `key=value` text or JSON.
 
 Callers pass their fields as `extra={"fields": {...}}`. Events are starts,
-stops, commits and failures; never one line per pulse.
+stops, commits and failures; never one line per pulse. A line logged while
+the API handles a request carries that request's id (`request_id`, set by the
+API in a context variable), the same id the client gets in `X-Request-Id`.
 """
 
 from __future__ import annotations
@@ -9,18 +11,23 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
 
-__all__ = ["setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "request_id", "setup_logging"]
 
 _encode = msgspec.json.Encoder().encode
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, dict) else {}
+    found = fields if isinstance(fields, dict) else {}
+    current = request_id.get()
+    return found if current is None else {"request_id": current, **found}
 
 
 def _when(record: logging.LogRecord) -> str:

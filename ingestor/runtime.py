@@ -10,6 +10,7 @@ import msgspec
 from .committer import Committer
 from .config import Settings
 from .deliverer import Deliverer
+from .edge import Edge
 from .intake import Rules
 from .partition import partition_of
 from .shard import Shard
@@ -47,6 +48,7 @@ class Runtime:
         self.rules = rules
         self.clock = clock
         self.partition_of = partial(partition_of, partitions=store.partitions)
+        self.edge: Edge | None = None  # set by the app: requests in flight
         self.ready = False
         self.draining = False
         self.pulses = PulseCounts()

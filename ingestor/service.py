@@ -21,13 +21,13 @@ from contextlib import asynccontextmanager
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .committer import Committer
 from .config import Settings
 from .deliverer import Deliverer
+from .edge import Edge
 from .intake import Rules
 from .runtime import Runtime
 from .shard import Shard, wall_clock_us
@@ -37,6 +37,7 @@ from .store import Store, open_store
 __all__ = ["open_service", "serve"]
 
 log = logging.getLogger("ingestor.service")
+_SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 
 
 @asynccontextmanager
@@ -130,6 +131,8 @@ async def serve(
         nursery.start_soon(_wait_for_signal, stop)
         async with open_service(settings) as runtime:
             app = create_app(runtime)
+            edge = runtime.edge
+            assert edge is not None  # installed by create_app
             log.info(
                 "start",
                 extra={
@@ -149,15 +152,15 @@ async def serve(
 
             task_status.started()
             config = hypercorn_config(settings)
-            if sockets is None:
-                await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
-            else:
+            async with trio.open_nursery() as http:
+                http.start_soon(_drain, stop, edge, settings.graceful_timeout, http.cancel_scope)
                 await worker_serve(
-                    wrap_app(app, config.wsgi_max_body_size, mode=None),
+                    wrap_app(app, config.wsgi_max_body_size, mode="asgi"),
                     config,
                     sockets=sockets,
                     shutdown_trigger=shutdown_trigger,
                 )
+                http.cancel_scope.cancel()
             runtime.draining = True
         nursery.cancel_scope.cancel()
     log.info("stop", extra={"fields": {"bind": settings.bind}})
@@ -170,6 +173,26 @@ def runtime_sink(settings: Settings) -> str:
         scheme, _, rest = sink.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return sink
+
+
+async def _drain(
+    stop: trio.Event, edge: Edge, graceful_timeout: float, http: trio.CancelScope
+) -> None:
+    """After `stop`, end HTTP serving once no request is in flight (or at the timeout).
+
+    Hypercorn stops accepting at `stop` and waits for its connections; idle
+    keep-alive connections would hold it for the whole timeout, so the edge's
+    count of requests in flight decides instead. A short settle lets a
+    request whose head was being read when `stop` came reach the app.
+    """
+    await stop.wait()
+    with trio.move_on_after(graceful_timeout):
+        while True:
+            await edge.wait_idle()
+            await trio.sleep(_SETTLE)
+            if not edge.in_flight:
+                break
+    http.cancel()
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:

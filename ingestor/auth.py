@@ -1,0 +1,150 @@
+"""API keys: who may call which operation, for which tenants.
+
+A client sends `Authorization: Bearer <key>`. The config file lists each key
+only by its SHA-256, so a leaked config leaks no key:
+
+    [[api_keys]]
+    sha256 = "<hex of SHA-256(key)>"
+    role = "ingest"            # ingest | read | admin
+    tenants = ["t1", "t2"]     # or ["*"]; admin keys are always ["*"]
+
+`ingest` may POST /pulses, `read` may call the GET listings, `admin` may do
+everything (it includes the other two). Tenant scope is applied by the
+handlers: a scoped key's pulses for other tenants are rejected one by one,
+and its reads show only its tenants.
+
+A presented key is hashed and compared with every configured hash by
+`hmac.compare_digest`, without stopping at a match, so the time an answer
+takes tells nothing about which hash was close. With no keys configured the
+service is in open mode (every request acts as an admin of every tenant);
+the settings allow that only on a loopback bind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from .config import ApiKey
+from .errors import RequestError
+
+__all__ = [
+    "Forbidden",
+    "Keyring",
+    "Need",
+    "Principal",
+    "Role",
+    "Unauthorized",
+    "new_key",
+]
+
+Role = Literal["ingest", "read", "admin"]
+Need = Literal["public", "ingest", "read", "admin"]
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: a role and the tenants it may act for (None: every tenant).
+
+    `label` names the key in logs without revealing it: the first 12 hex
+    digits of its hash, or "open" in open mode.
+    """
+
+    role: Role
+    tenants: frozenset[str] | None
+    label: str
+
+    def may(self, need: Need) -> bool:
+        return need == "public" or self.role in ("admin", need)
+
+    def sees(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+
+OPEN = Principal("admin", None, "open")
+
+
+class Unauthorized(RequestError):
+    """401: no key, a malformed Authorization header, or a key nobody configured."""
+
+    def __init__(self, message: str, *, invalid_token: bool) -> None:
+        super().__init__(401, "unauthorized", message)
+        challenge = 'Bearer realm="billing-ingestor"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        self.challenge = challenge
+
+
+class Forbidden(RequestError):
+    """403: a known key that lacks the role, or acts for a tenant outside its scope."""
+
+    def __init__(self, message: str, code: str = "forbidden") -> None:
+        super().__init__(403, code, message)
+
+
+class Keyring:
+    """The configured keys, ready to authenticate a request's Authorization header."""
+
+    def __init__(self, keys: Sequence[ApiKey]) -> None:
+        self._keys = [
+            (
+                bytes.fromhex(key.sha256),
+                Principal(
+                    key.role,
+                    None if key.tenants == ("*",) else frozenset(key.tenants),
+                    key.sha256[:12].lower(),
+                ),
+            )
+            for key in keys
+        ]
+
+    @property
+    def open(self) -> bool:
+        """True when no keys are configured: every request acts as an admin."""
+        return not self._keys
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of a request's Authorization header, or raise Unauthorized."""
+        if not self._keys:
+            return OPEN
+        if not authorization:
+            raise Unauthorized(
+                "send an API key as 'Authorization: Bearer <key>'", invalid_token=False
+            )
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("expected 'Authorization: Bearer <key>'", invalid_token=True)
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found: Principal | None = None
+        for expected, principal in self._keys:
+            # Every hash is compared, match or not: no early exit to time.
+            if hmac.compare_digest(digest, expected):
+                found = principal
+        if found is None:
+            raise Unauthorized("unknown API key", invalid_token=True)
+        return found
+
+    @staticmethod
+    def require(principal: Principal, need: Need, what: str) -> None:
+        """Raise Forbidden unless `principal` may do `what`, which needs `need`."""
+        if not principal.may(need):
+            roles = "admin" if need == "admin" else f"{need} or admin"
+            raise Forbidden(
+                f"{what} needs a key with role {roles}; this key's role is {principal.role}"
+            )
+
+
+def new_key(role: Role, tenants: Sequence[str]) -> tuple[str, str]:
+    """A new random key and the TOML table that configures it (by its hash only)."""
+    key = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    # An ASCII JSON string is a TOML basic string (\uXXXX escapes are the same).
+    listed = ", ".join(json.dumps(tenant) for tenant in tenants)
+    table = f'[[api_keys]]\nsha256 = "{digest}"\nrole = "{role}"\ntenants = [{listed}]\n'
+    return key, table

@@ -1,0 +1,100 @@
+"""The ASGI edge: what every HTTP request passes through before the app.
+
+Three jobs the framework does not do for us:
+
+- Count requests in flight, from their arrival to the end of their
+  response. Shutdown stops as soon as none is left (Quart keeps a request's
+  task waiting on an idle keep-alive connection, which would otherwise hold
+  a drain for the whole graceful timeout), and /metrics reports the count.
+- Mark a request that arrives while `limit` are already in flight, so the
+  app answers it 503 like any other overload. Health, metrics and the
+  OpenAPI document are not counted: probes and scrapes answer under load.
+- Close the connection after an error answered before the request body was
+  read (a 413 on Content-Length, a 404 or 405 with a body): the unread
+  body would otherwise be taken for the next request on the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+__all__ = ["OVER_LIMIT", "PUBLIC_PATHS", "Edge"]
+
+OVER_LIMIT = "ingestor.over_limit"  # scope key set on a request beyond the limit
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+def _has_body(scope: HTTPScope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+class Edge:
+    """Wraps the ASGI app; see the module docstring."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        while self.in_flight:
+            await self._idle.wait()
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counted = scope["path"] not in PUBLIC_PATHS
+        finished = not counted
+        body_read = not _has_body(scope)
+        if counted:
+            if not self.in_flight:
+                self._idle = trio.Event()
+            self.in_flight += 1
+            if self.in_flight > self.limit:
+                scope = cast(Scope, {**scope, OVER_LIMIT: True})
+
+        async def receive_body() -> Any:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+            return message
+
+        async def send_response(message: Any) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.start" and not body_read:
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"connection", b"close")],
+                }
+            await send(message)
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not finished:
+                finished = True
+                self._finished()
+
+        try:
+            await self.app(scope, receive_body, send_response)
+        finally:
+            if not finished:
+                self._finished()

@@ -1,0 +1,210 @@
+"""GET /metrics: Prometheus text, read from the running service at scrape time.
+
+Each app has its own CollectorRegistry (so two apps in one process, as in
+the tests, never share a series). Two kinds of series live in it:
+
+- per request, observed by the app's after-request hook: requests by route
+  and status code, and the latency histogram. One observation per request,
+  never per pulse.
+- read at scrape time by `ServiceCollector` from what the actors already
+  count: pulses by status (Runtime), shard queues and store transactions
+  (Shard.statistics()), commits and batches (Committer), deliveries
+  (Deliverer), and the outbox (store.outbox_statistics(), one query per
+  partition, run in a worker thread before each scrape).
+
+Open buckets are not exported: the Store interface has no cheap count of
+them, and counting rows on every scrape would cost a table scan.
+With several worker processes each one answers for itself (its own shards
+and counters); the outbox series are the store's, the same from every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+
+from .errors import StoreError
+from .runtime import Runtime
+
+__all__ = ["Metrics", "ServiceCollector"]
+
+log = logging.getLogger("ingestor.metrics")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class ServiceCollector:
+    """Series read from the service's actors and store when Prometheus scrapes."""
+
+    def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
+        self._runtime = runtime
+        self._in_flight = in_flight
+        self._outbox: tuple[int, int | None] | None = None
+
+    async def refresh(self) -> None:
+        """Read the store's outbox statistics (blocking: in a worker thread)."""
+        try:
+            self._outbox = await trio.to_thread.run_sync(self._runtime.store.outbox_statistics)
+        except StoreError as exc:
+            self._outbox = None
+            log.warning("metrics: outbox unreadable", extra={"fields": {"error": str(exc)}})
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self._runtime
+        pulses = CounterMetricFamily(
+            "ingestor_pulses", "Pulses answered, by status.", labels=["status"]
+        )
+        counts = runtime.pulses
+        for status, value in (
+            ("accepted", counts.accepted),
+            ("duplicate", counts.duplicate),
+            ("conflict", counts.conflict),
+            ("rejected", counts.rejected),
+        ):
+            pulses.add_metric([status], value)
+        yield pulses
+
+        yield GaugeMetricFamily(
+            "ingestor_http_requests_in_flight",
+            "Requests being handled now.",
+            value=self._in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "ingestor_ready",
+            "1 when the service takes requests (GET /readyz is 200).",
+            value=int(runtime.ready and not runtime.draining),
+        )
+        yield from self._shards()
+        committer = runtime.committer
+        yield CounterMetricFamily(
+            "ingestor_commits",
+            "Commits of a billing day (timer and API).",
+            value=committer.commits,
+        )
+        yield CounterMetricFamily(
+            "ingestor_batches_created",
+            "Outbox batches created by commits.",
+            value=committer.batches_created,
+        )
+        yield GaugeMetricFamily(
+            "ingestor_committer_leading",
+            "1 when this instance runs the periodic commits for the store.",
+            value=int(committer.leading),
+        )
+        deliverer = runtime.deliverer
+        deliveries = CounterMetricFamily(
+            "ingestor_deliveries", "Delivery attempts, by outcome.", labels=["outcome"]
+        )
+        deliveries.add_metric(["delivered"], deliverer.delivered)
+        deliveries.add_metric(["retried"], deliverer.retried)
+        deliveries.add_metric(["failed"], deliverer.failed)
+        yield deliveries
+        yield from self._outbox_series()
+
+    def _shards(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "ingestor_shard_queue_depth", "Messages waiting for the shard.", labels=["partition"]
+        )
+        capacity = GaugeMetricFamily(
+            "ingestor_shard_queue_capacity", "Size of the shard's queue.", labels=["partition"]
+        )
+        seconds = SummaryMetricFamily(
+            "ingestor_store_transaction_seconds",
+            "Store write transactions of the shard: count and total time.",
+            labels=["partition"],
+        )
+        size = SummaryMetricFamily(
+            "ingestor_store_transaction_pulses",
+            "Store write transactions of the shard: count and pulses written.",
+            labels=["partition"],
+        )
+        last = GaugeMetricFamily(
+            "ingestor_store_last_transaction_pulses",
+            "Pulses in the shard's latest write transaction (its group commit).",
+            labels=["partition"],
+        )
+        for shard in self._runtime.shards:
+            stats = shard.statistics()
+            label = [str(stats.partition)]
+            depth.add_metric(label, stats.queued)
+            capacity.add_metric(label, stats.capacity)
+            seconds.add_metric(label, stats.transactions, stats.transaction_seconds)
+            size.add_metric(label, stats.transactions, stats.pulses_written)
+            last.add_metric(label, stats.last_group_pulses)
+        yield from (depth, capacity, seconds, size, last)
+
+    def _outbox_series(self) -> Iterator[Metric]:
+        if self._outbox is None:
+            return
+        pending, oldest_us = self._outbox
+        yield GaugeMetricFamily(
+            "ingestor_outbox_pending_batches",
+            "Batches not yet confirmed by the sink.",
+            value=pending,
+        )
+        age = 0.0 if oldest_us is None else max(0, self._runtime.clock() - oldest_us) / 1e6
+        yield GaugeMetricFamily(
+            "ingestor_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending batch (0 when none is pending).",
+            value=age,
+        )
+
+
+class Metrics:
+    """One app's registry: the per-request instruments and the scrape-time collector."""
+
+    def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests = Counter(
+            "ingestor_http_requests",
+            "HTTP requests answered, by route and status code.",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "ingestor_http_request_duration_seconds",
+            "Time from routing a request to its response, by route.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._service = ServiceCollector(runtime, in_flight)
+        self.registry.register(self._service)
+
+    def observe(self, method: str, route: str, code: int, seconds: float) -> None:
+        """Count one answered request (route is the URL rule, never the raw path)."""
+        method = method if method in _METHODS else "other"
+        self._requests.labels(method, route, str(code)).inc()
+        self._latency.labels(method, route).observe(seconds)
+
+    async def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape body and its content type, negotiated from `accept`."""
+        await self._service.refresh()
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

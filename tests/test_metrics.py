@@ -1,0 +1,165 @@
+"""GET /metrics: Prometheus text, read from the service at scrape time."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from quart.typing import TestClientProtocol as Client
+
+from ingestor.api import create_app
+from ingestor.errors import SinkRejected, SinkRetryable
+from ingestor.runtime import Runtime
+from ingestor.sinks.memory import MemorySink
+
+from .conftest import FakeClock, pulse
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(client: Client, accept: str | None = None) -> Samples:
+    headers = {"Accept": accept} if accept else {}
+    response = await client.get("/metrics", headers=headers)
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    text = await response.get_data(as_text=True)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def commit(client: Client) -> list[dict[str, Any]]:
+    response = await client.post("/aggregates/commit", json={"date": "2026-11-28"})
+    assert response.status_code == 200
+    batches: list[dict[str, Any]] = (await response.get_json())["batches"]
+    return batches
+
+
+async def test_pulses_by_status(client: Client) -> None:
+    await client.post("/pulses", json=[pulse(id="a"), pulse(id="b"), pulse(used_amount="-1")])
+    await client.post("/pulses", json=[pulse(id="a"), pulse(id="b", used_amount="2")])
+    samples = await scrape(client)
+    assert value(samples, "ingestor_pulses_total", status="accepted") == 2
+    assert value(samples, "ingestor_pulses_total", status="duplicate") == 1
+    assert value(samples, "ingestor_pulses_total", status="conflict") == 1
+    assert value(samples, "ingestor_pulses_total", status="rejected") == 1
+
+
+async def test_requests_by_route_and_code_with_latency(client: Client) -> None:
+    for _ in range(3):
+        await client.post("/pulses", json=pulse())
+    await client.post("/pulses", data=b"nope", headers={"Content-Type": "application/json"})
+    await client.get("/batches/some-id")
+    await client.get("/no/such/page")
+    await client.open("/pulses", method="BREW")
+    samples = await scrape(client)
+    requests = "ingestor_http_requests_total"
+    assert value(samples, requests, method="POST", route="/pulses", code="202") == 3
+    assert value(samples, requests, method="POST", route="/pulses", code="400") == 1
+    # The route is the rule, never the raw path: ids do not make new series.
+    assert value(samples, requests, method="GET", route="/batches/<batch_id>", code="404") == 1
+    assert value(samples, requests, method="GET", route="unmatched", code="404") == 1
+    assert value(samples, requests, method="other", route="unmatched", code="405") == 1
+    latency = "ingestor_http_request_duration_seconds"
+    assert value(samples, f"{latency}_count", method="POST", route="/pulses") == 4
+    assert value(samples, f"{latency}_bucket", method="POST", route="/pulses", le="+Inf") == 4
+    assert value(samples, f"{latency}_sum", method="POST", route="/pulses") > 0
+
+
+async def test_shard_queues_and_store_transactions(client: Client, runtime: Runtime) -> None:
+    await client.post("/pulses", json=[pulse(tenant_id=f"t{i}") for i in range(12)])
+    samples = await scrape(client)
+    partitions = [str(p) for p in range(len(runtime.shards))]
+    for partition in partitions:
+        assert value(samples, "ingestor_shard_queue_depth", partition=partition) == 0
+        assert value(samples, "ingestor_shard_queue_capacity", partition=partition) == 64
+    written = sum(
+        value(samples, "ingestor_store_transaction_pulses_sum", partition=p) for p in partitions
+    )
+    transactions = sum(
+        value(samples, "ingestor_store_transaction_seconds_count", partition=p) for p in partitions
+    )
+    assert written == 12
+    assert 1 <= transactions <= len(partitions)
+    assert (
+        sum(
+            value(samples, "ingestor_store_transaction_seconds_sum", partition=p)
+            for p in partitions
+        )
+        > 0
+    )
+
+
+async def test_commits_deliveries_and_the_outbox(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    await client.post("/pulses", json=[pulse(tenant_id=f"t{i}") for i in range(8)])
+    sink.block()
+    batches = await commit(client)
+    samples = await scrape(client)
+    assert value(samples, "ingestor_commits_total") == 1
+    assert value(samples, "ingestor_batches_created_total") == len(batches)
+    assert value(samples, "ingestor_outbox_pending_batches") == len(batches)
+    assert value(samples, "ingestor_outbox_oldest_pending_age_seconds") == 0
+    clock.advance(90)
+    samples = await scrape(client)
+    assert value(samples, "ingestor_outbox_oldest_pending_age_seconds") == 90
+
+    sink.fail_with(SinkRetryable("HTTP 503"))
+    sink.fail_with(SinkRejected("HTTP 400"))
+    sink.unblock()
+    with trio.fail_after(5):
+        await runtime.deliverer.deliver_due()
+    samples = await scrape(client)
+    assert value(samples, "ingestor_deliveries_total", outcome="retried") == 1
+    assert value(samples, "ingestor_deliveries_total", outcome="failed") == 1
+    assert value(samples, "ingestor_deliveries_total", outcome="delivered") == len(batches) - 2
+    assert value(samples, "ingestor_outbox_pending_batches") == 1  # the retried one
+
+
+async def test_no_outbox_means_age_zero(client: Client) -> None:
+    samples = await scrape(client)
+    assert value(samples, "ingestor_outbox_pending_batches") == 0
+    assert value(samples, "ingestor_outbox_oldest_pending_age_seconds") == 0
+    assert value(samples, "ingestor_ready") == 1
+
+
+async def test_each_app_has_its_own_registry(runtime: Runtime) -> None:
+    first, second = create_app(runtime).test_client(), create_app(runtime).test_client()
+    await first.post("/pulses", json=pulse())
+    assert "ingestor_http_requests_total" in json.dumps([k[0] for k in await scrape(first)])
+    samples = await scrape(second)
+    assert (
+        "ingestor_http_requests_total",
+        frozenset({("method", "POST"), ("route", "/pulses"), ("code", "202")}),
+    ) not in samples
+
+
+async def test_openmetrics_on_request(client: Client) -> None:
+    response = await client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.content_type.startswith("application/openmetrics-text")
+    assert (await response.get_data(as_text=True)).endswith("# EOF\n")
+
+
+@pytest.mark.parametrize("settings_overrides", [{"partitions": 1}])
+async def test_store_errors_leave_out_only_the_outbox(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingestor.errors import StoreBusy
+
+    def busy() -> tuple[int, int | None]:
+        raise StoreBusy("locked")
+
+    monkeypatch.setattr(runtime.store, "outbox_statistics", busy)
+    samples = await scrape(client)
+    assert ("ingestor_outbox_pending_batches", frozenset()) not in samples
+    assert value(samples, "ingestor_shard_queue_depth", partition="0") == 0
