@@ -109,6 +109,10 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
+    # Quart cancels hypercorn's keep-alive timer when a request ends, so idle
+    # connections would stay open for ever; a connection that sends nothing
+    # for this long is closed instead.
+    config.read_timeout = 75
     config.h11_max_incomplete_size = 16 * 1024
     return config
 
@@ -123,13 +127,26 @@ async def serve(
 
     `sockets` are listening sockets made by a supervisor (see `workers`);
     without them the service binds `settings.bind` itself.
+
+    The store is opened and the port bound before any nursery: a failure
+    there (a store file that is not ours, a port in use) leaves as the plain
+    StoreError or OSError that `__main__` reports in one line, not wrapped
+    in an exception group that would end the process with a traceback.
     """
     from .api import create_app
 
+    config = hypercorn_config(settings)
+    store = await trio.to_thread.run_sync(open_store, settings)
+    if sockets is None:
+        try:
+            sockets = _listen(config)
+        except BaseException:
+            store.close()
+            raise
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, stop)
-        async with open_service(settings) as runtime:
+        async with open_service(settings, store=store) as runtime:
             app = create_app(runtime)
             edge = runtime.edge
             assert edge is not None  # installed by create_app
@@ -151,7 +168,6 @@ async def serve(
                 runtime.draining = True
 
             task_status.started()
-            config = hypercorn_config(settings)
             async with trio.open_nursery() as http:
                 http.start_soon(_drain, stop, edge, settings.graceful_timeout, http.cancel_scope)
                 await worker_serve(
@@ -173,6 +189,14 @@ def runtime_sink(settings: Settings) -> str:
         scheme, _, rest = sink.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return sink
+
+
+def _listen(config: HypercornConfig) -> Sockets:
+    """Bind and listen on the configured addresses (what hypercorn does when given none)."""
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(config.backlog)
+    return sockets
 
 
 async def _drain(

@@ -11,8 +11,10 @@ own is restarted, with a pause if it keeps dying.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from multiprocessing.process import BaseProcess
@@ -29,11 +31,28 @@ __all__ = ["run_workers"]
 
 log = logging.getLogger("ingestor.workers")
 _RESTART_PAUSE = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the supervisor dies, even by kill -9.
+
+    The worker then drains like any other; without this it would keep
+    serving, orphaned, holding the port. Elsewhere this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
     from .service import hypercorn_config, serve
 
+    _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     backlog = hypercorn_config(settings).backlog
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
