@@ -7,12 +7,13 @@ each rule is tested alone, with hypothesis, and shared by every store.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
-from .model import BatchRecord, Outcome, Pulse
-from .money import format_nanos
+from .model import Batch, BatchRecord, Outcome, Pulse
+from .money import format_nanos, parse_nanos
 
 __all__ = [
     "BucketKey",
@@ -21,6 +22,8 @@ __all__ = [
     "batch_id",
     "bucket_deltas",
     "commit_batches",
+    "new_batches",
+    "partition_of_batch",
     "resolve",
 ]
 
@@ -87,6 +90,47 @@ def bucket_deltas(accepted: Iterable[Pulse]) -> dict[BucketKey, Delta]:
 def batch_id(store_id: str, day: str, partition: int, seq: int) -> str:
     """The deterministic, file-name safe id of the `seq`-th batch of a day's partition."""
     return f"{store_id}-{day.replace('-', '')}-p{partition:03d}-{seq:05d}"
+
+
+def partition_of_batch(batch_id: str, store_id: str, partitions: int) -> int | None:
+    """The partition a batch id of this store names, or None if it is not one of ours."""
+    pieces = batch_id.split("-")
+    if len(pieces) != 4 or pieces[0] != store_id or not pieces[2].startswith("p"):
+        return None
+    try:
+        partition = int(pieces[2][1:])
+    except ValueError:
+        return None
+    return partition if 0 <= partition < partitions else None
+
+
+def new_batches(
+    store_id: str,
+    day: str,
+    partition: int,
+    last_seq: int,
+    buckets: Iterable[BucketState],
+    *,
+    max_records: int,
+    created: dt.datetime,
+) -> list[tuple[int, Batch]]:
+    """The outbox batches (with their seq) that commit `buckets` after batch `last_seq`."""
+    made = []
+    for offset, (kind, records) in enumerate(commit_batches(buckets, max_records), 1):
+        seq = last_seq + offset
+        batch = Batch(
+            batch_id=batch_id(store_id, day, partition, seq),
+            store_id=store_id,
+            date=day,
+            partition=partition,
+            kind=kind,  # type: ignore[arg-type]
+            created_at=created,
+            record_count=len(records),
+            used_amount=format_nanos(sum(parse_nanos(r.used_amount) for r in records)),
+            records=records,
+        )
+        made.append((seq, batch))
+    return made
 
 
 def commit_batches(

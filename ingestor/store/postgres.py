@@ -38,7 +38,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
-from ..ledger import BucketState, batch_id, bucket_deltas, commit_batches, resolve
+from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
     Aggregate,
     Batch,
@@ -48,9 +48,10 @@ from ..model import (
     Pulse,
     StoredPulse,
 )
-from ..money import format_nanos, parse_nanos
+from ..money import format_nanos
 from ..partition import partition_of
 from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["PostgresStore"]
 
@@ -504,7 +505,6 @@ class PostgresStore:
     def commit_day(
         self, partition: int, day: str, now_us: int, max_records: int
     ) -> list[BatchSummary]:
-        summaries: list[BatchSummary] = []
         with self._writing(partition, "commit") as conn:
             rows = conn.execute(
                 f"SELECT {_BUCKET_COLUMNS} FROM buckets"
@@ -521,38 +521,19 @@ class PostgresStore:
             last_seq = int(found[0]) if found else 0
             created = _moment(now_us)
             assert created is not None
-            inserts = []
-            for offset, (kind, records) in enumerate(commit_batches(states, max_records), 1):
-                seq = last_seq + offset
-                total = format_nanos(sum(parse_nanos(r.used_amount) for r in records))
-                batch = Batch(
-                    batch_id=batch_id(self.store_id, day, partition, seq),
-                    store_id=self.store_id,
-                    date=day,
-                    partition=partition,
-                    kind=kind,  # type: ignore[arg-type]
-                    created_at=created,
-                    record_count=len(records),
-                    used_amount=total,
-                    records=records,
-                )
-                inserts.append(
-                    (
-                        batch.batch_id,
-                        partition,
-                        day,
-                        seq,
-                        kind,
-                        now_us,
-                        len(records),
-                        total,
-                        _encode(batch),
-                        now_us,
-                    )
-                )
-                summaries.append(
-                    BatchSummary(batch.batch_id, batch.kind, partition, len(records), total)
-                )
+            made = new_batches(
+                self.store_id, day, partition, last_seq, states,
+                max_records=max_records, created=created,
+            )
+            inserts = [
+                (b.batch_id, partition, day, seq, b.kind, now_us, b.record_count, b.used_amount,
+                 _encode(b), now_us)
+                for seq, b in made
+            ]
+            summaries = [
+                BatchSummary(b.batch_id, b.kind, partition, b.record_count, b.used_amount)
+                for _, b in made
+            ]
             with conn.cursor() as cursor:
                 cursor.executemany(_INSERT_BATCH, inserts)
             # Same transaction as the outbox rows above: a bucket is marked
@@ -618,36 +599,13 @@ class PostgresStore:
         return [day.isoformat() for (day,) in rows]
 
     def aggregates(self, query: AggregateQuery) -> list[Aggregate]:
-        where: list[str] = []
-        args: list[Any] = []
+        clauses, args = aggregate_filter(query, "%s")
         if query.tenant_id is not None:
-            where.append("partition = %s")
-            args.append(partition_of(query.tenant_id, self.partitions))
-        for column, value in (
-            ("tenant_id", query.tenant_id),
-            ("product_sku", query.product_sku),
-            ("use_unit", query.use_unit),
-        ):
-            if value is not None:
-                where.append(f"{column} = %s")
-                args.append(value)
-        if query.date_from is not None:
-            where.append("day >= %s")
-            args.append(query.date_from)
-        if query.date_to is not None:
-            where.append("day <= %s")
-            args.append(query.date_to)
-        if query.status == "open":
-            where.append("pulse_count > committed_count")
-        elif query.status == "committed":
-            where.append("pulse_count = committed_count")
-        if query.after is not None:
-            where.append("(day, tenant_id, product_sku, use_unit) > (%s, %s, %s, %s)")
-            args.extend(query.after)
+            clauses.insert(0, "partition = %s")
+            args.insert(0, partition_of(query.tenant_id, self.partitions))
         args.append(query.limit)
         sql = (
-            f"SELECT {_BUCKET_COLUMNS} FROM buckets"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f"SELECT {_BUCKET_COLUMNS} FROM buckets {where(clauses)}"
             " ORDER BY day, tenant_id, product_sku, use_unit LIMIT %s"
         )
         with self._reading("read") as conn:
@@ -655,26 +613,26 @@ class PostgresStore:
         return [_aggregate(row) for row in rows]
 
     def pulses(self, query: PulseQuery) -> list[tuple[int, StoredPulse]]:
-        where = ["partition = %s", "tenant_id = %s", "day = %s"]
+        clauses = ["partition = %s", "tenant_id = %s", "day = %s"]
         args: list[Any] = [
             partition_of(query.tenant_id, self.partitions),
             query.tenant_id,
             query.day,
         ]
         if query.product_sku is not None:
-            where.append("product_sku = %s")
+            clauses.append("product_sku = %s")
             args.append(query.product_sku)
         if query.use_unit is not None:
-            where.append("use_unit = %s")
+            clauses.append("use_unit = %s")
             args.append(query.use_unit)
         if query.after is not None:
-            where.append("seq > %s")
+            clauses.append("seq > %s")
             args.append(query.after)
         args.append(query.limit)
         sql = (
             "SELECT seq, pulse_id, client_id, tenant_id, product_sku, use_unit, used_amount,"
             " ts, day, received_at FROM pulses"
-            f" WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s"
+            f" WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT %s"
         )
         with self._reading("read") as conn:
             rows = conn.execute(sql, args).fetchall()
@@ -697,21 +655,10 @@ class PostgresStore:
         ]
 
     def batches(self, query: BatchQuery) -> list[BatchView]:
-        where: list[str] = []
-        args: list[Any] = []
-        if query.day is not None:
-            where.append("day = %s")
-            args.append(query.day)
-        if query.status is not None:
-            where.append("status = %s")
-            args.append(query.status)
-        if query.after is not None:
-            where.append("(day, batch_id) > (%s, %s)")
-            args.extend(query.after)
+        clauses, args = batch_filter(query, "%s")
         args.append(query.limit)
         sql = (
-            f"SELECT {_BATCH_COLUMNS}, NULL FROM batches"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f"SELECT {_BATCH_COLUMNS}, NULL FROM batches {where(clauses)}"
             " ORDER BY day, batch_id LIMIT %s"
         )
         with self._reading("read") as conn:
@@ -746,14 +693,7 @@ class PostgresStore:
         )
 
     def _partition_of_batch(self, batch_id: str) -> int | None:
-        pieces = batch_id.split("-")
-        if len(pieces) != 4 or pieces[0] != self.store_id or not pieces[2].startswith("p"):
-            return None
-        try:
-            partition = int(pieces[2][1:])
-        except ValueError:
-            return None
-        return partition if 0 <= partition < self.partitions else None
+        return partition_of_batch(batch_id, self.store_id, self.partitions)
 
     def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
         with self._reading("read") as conn:

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
-from ..ledger import BucketState, batch_id, bucket_deltas, commit_batches, resolve
+from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
     Aggregate,
     Batch,
@@ -67,6 +67,7 @@ from ..model import (
 from ..money import format_nanos, parse_nanos
 from ..partition import partition_of
 from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["SQLiteStore"]
 
@@ -432,7 +433,6 @@ class SQLiteStore:
     def commit_day(
         self, partition: int, day: str, now_us: int, max_records: int
     ) -> list[BatchSummary]:
-        summaries: list[BatchSummary] = []
         with self._part(partition).transaction("commit") as conn:
             rows = conn.execute(
                 f"SELECT {_BUCKET_COLUMNS} FROM buckets"
@@ -447,32 +447,24 @@ class SQLiteStore:
             ).fetchone()
             created = _moment(now_us)
             assert created is not None
-            for offset, (kind, records) in enumerate(commit_batches(states, max_records), 1):
-                seq = last_seq + offset
-                total = format_nanos(sum(parse_nanos(r.used_amount) for r in records))
-                batch = Batch(
-                    batch_id=batch_id(self.store_id, day, partition, seq),
-                    store_id=self.store_id,
-                    date=day,
-                    partition=partition,
-                    kind=kind,  # type: ignore[arg-type]
-                    created_at=created,
-                    record_count=len(records),
-                    used_amount=total,
-                    records=records,
-                )
-                conn.execute(
-                    "INSERT INTO batches (batch_id, day, seq, kind, created_at, record_count,"
-                    " used_amount, body, status, attempts, next_attempt_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
-                    (
-                        batch.batch_id, day, seq, kind, now_us, len(records), total,
-                        _encode(batch), now_us,
-                    ),
-                )
-                summaries.append(
-                    BatchSummary(batch.batch_id, batch.kind, partition, len(records), total)
-                )
+            made = new_batches(
+                self.store_id, day, partition, last_seq, states,
+                max_records=max_records, created=created,
+            )
+            conn.executemany(
+                "INSERT INTO batches (batch_id, day, seq, kind, created_at, record_count,"
+                " used_amount, body, status, attempts, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+                [
+                    (b.batch_id, day, seq, b.kind, now_us, b.record_count, b.used_amount,
+                     _encode(b), now_us)
+                    for seq, b in made
+                ],
+            )
+            summaries = [
+                BatchSummary(b.batch_id, b.kind, partition, b.record_count, b.used_amount)
+                for _, b in made
+            ]
             # Same transaction as the outbox rows above: a bucket is marked
             # committed if and only if its delta is in a batch.
             conn.execute(
@@ -555,32 +547,9 @@ class SQLiteStore:
         )
 
     def aggregates(self, query: AggregateQuery) -> list[Aggregate]:
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (
-            ("tenant_id", query.tenant_id),
-            ("product_sku", query.product_sku),
-            ("use_unit", query.use_unit),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.date_from is not None:
-            where.append("day >= ?")
-            args.append(query.date_from)
-        if query.date_to is not None:
-            where.append("day <= ?")
-            args.append(query.date_to)
-        if query.status == "open":
-            where.append("pulse_count > committed_count")
-        elif query.status == "committed":
-            where.append("pulse_count = committed_count")
-        if query.after is not None:
-            where.append("(day, tenant_id, product_sku, use_unit) > (?, ?, ?, ?)")
-            args.extend(query.after)
+        clauses, args = aggregate_filter(query, "?")
         sql = (
-            f"SELECT {_BUCKET_COLUMNS} FROM buckets"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f"SELECT {_BUCKET_COLUMNS} FROM buckets {where(clauses)}"
             " ORDER BY day, tenant_id, product_sku, use_unit LIMIT ?"
         )
         args.append(query.limit)
@@ -625,21 +594,10 @@ class SQLiteStore:
         return part.read(read)
 
     def batches(self, query: BatchQuery) -> list[BatchView]:
-        where: list[str] = []
-        args: list[Any] = []
-        if query.day is not None:
-            where.append("day = ?")
-            args.append(query.day)
-        if query.status is not None:
-            where.append("status = ?")
-            args.append(query.status)
-        if query.after is not None:
-            where.append("(day, batch_id) > (?, ?)")
-            args.extend(query.after)
+        clauses, args = batch_filter(query, "?")
         args.append(query.limit)
         sql = (
-            f"SELECT {_BATCH_COLUMNS} FROM batches"
-            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            f"SELECT {_BATCH_COLUMNS} FROM batches {where(clauses)}"
             " ORDER BY day, batch_id LIMIT ?"
         )
         rows = _merged(self._parts, sql, args, key=lambda row: (row[1], row[0]), limit=query.limit)
@@ -678,14 +636,7 @@ class SQLiteStore:
         )
 
     def _partition_of_batch(self, batch_id: str) -> int | None:
-        pieces = batch_id.split("-")
-        if len(pieces) != 4 or pieces[0] != self.store_id or not pieces[2].startswith("p"):
-            return None
-        try:
-            partition = int(pieces[2][1:])
-        except ValueError:
-            return None
-        return partition if 0 <= partition < self.partitions else None
+        return partition_of_batch(batch_id, self.store_id, self.partitions)
 
     def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
         found: list[DueBatch] = []
