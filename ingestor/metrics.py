@@ -12,8 +12,8 @@ the tests, never share a series). Two kinds of series live in it:
   (Deliverer), and the outbox (store.outbox_statistics(), one query per
   partition, run in a worker thread before each scrape).
 
-Open buckets are not exported: the Store interface has no cheap count of
-them, and counting rows on every scrape would cost a table scan.
+Open buckets (store.open_buckets(), a count over the partial index of
+uncommitted buckets) are read in the same worker-thread call.
 With several worker processes each one answers for itself (its own shards
 and counters); the outbox series are the store's, the same from every worker.
 """
@@ -66,14 +66,20 @@ class ServiceCollector:
         self._runtime = runtime
         self._in_flight = in_flight
         self._outbox: tuple[int, int | None] | None = None
+        self._open_buckets: int | None = None
 
     async def refresh(self) -> None:
-        """Read the store's outbox statistics (blocking: in a worker thread)."""
+        """Read the store's outbox and open-bucket counts (blocking: in a worker thread)."""
+        store = self._runtime.store
+
+        def read() -> tuple[tuple[int, int | None], int]:
+            return store.outbox_statistics(), store.open_buckets()
+
         try:
-            self._outbox = await trio.to_thread.run_sync(self._runtime.store.outbox_statistics)
+            self._outbox, self._open_buckets = await trio.to_thread.run_sync(read)
         except StoreError as exc:
-            self._outbox = None
-            log.warning("metrics: outbox unreadable", extra={"fields": {"error": str(exc)}})
+            self._outbox = self._open_buckets = None
+            log.warning("metrics: store unreadable", extra={"fields": {"error": str(exc)}})
 
     def collect(self) -> Iterator[Metric]:
         runtime = self._runtime
@@ -160,6 +166,12 @@ class ServiceCollector:
         yield from (depth, capacity, seconds, size, last)
 
     def _outbox_series(self) -> Iterator[Metric]:
+        if self._open_buckets is not None:
+            yield GaugeMetricFamily(
+                "ingestor_open_buckets",
+                "Buckets holding usage not yet in a batch.",
+                value=self._open_buckets,
+            )
         if self._outbox is None:
             return
         pending, oldest_us = self._outbox

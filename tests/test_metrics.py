@@ -163,3 +163,13 @@ async def test_store_errors_leave_out_only_the_outbox(
     samples = await scrape(client)
     assert ("ingestor_outbox_pending_batches", frozenset()) not in samples
     assert value(samples, "ingestor_shard_queue_depth", partition="0") == 0
+
+
+async def test_open_buckets_follow_commits(client: Client) -> None:
+    assert value(await scrape(client), "ingestor_open_buckets") == 0
+    await client.post("/pulses", json=[pulse(tenant_id=f"t{i}") for i in range(8)])
+    assert value(await scrape(client), "ingestor_open_buckets") == 8
+    await commit(client)
+    assert value(await scrape(client), "ingestor_open_buckets") == 0
+    await client.post("/pulses", json=pulse(tenant_id="t3"))
+    assert value(await scrape(client), "ingestor_open_buckets") == 1

@@ -130,6 +130,10 @@ class Store(Protocol):
         """
         ...
 
+    def open_buckets(self) -> int:
+        """How many buckets hold uncommitted usage (a count over a partial index)."""
+        ...
+
     def outbox_statistics(self) -> tuple[int, int | None]:
         """(pending batches, created_at of the oldest pending one in µs)."""
         ...

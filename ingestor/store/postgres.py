@@ -703,6 +703,13 @@ class PostgresStore:
             for partition, bid, day, body, attempts in rows
         ]
 
+    def open_buckets(self) -> int:
+        with self._reading("read") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM buckets WHERE pulse_count > committed_count"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def outbox_statistics(self) -> tuple[int, int | None]:
         with self._reading("read") as conn:
             row = conn.execute(

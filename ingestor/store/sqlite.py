@@ -652,6 +652,16 @@ class SQLiteStore:
             found.extend(DueBatch(part.index, bid, day, body, n) for bid, day, body, n in rows)
         return found
 
+    def open_buckets(self) -> int:
+        return sum(
+            part.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM buckets WHERE pulse_count > committed_count"
+                ).fetchone()[0]
+            )
+            for part in self._parts
+        )
+
     def outbox_statistics(self) -> tuple[int, int | None]:
         pending, oldest = 0, None
         for part in self._parts:

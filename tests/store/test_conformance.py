@@ -322,6 +322,16 @@ def test_open_days(spread: Store) -> None:
     assert days[partition_of("e", PARTITIONS)] == [D2]
 
 
+def test_open_buckets_counts_buckets_with_uncommitted_usage(store: Store) -> None:
+    assert store.open_buckets() == 0
+    write(store, [pulse("a", "1"), pulse("a", "1", sku="s2"), pulse("e", "2", day=D2)])
+    assert store.open_buckets() == 3
+    store.commit_day(partition_of("a", PARTITIONS), D1, T0, 100)
+    assert store.open_buckets() == 1
+    write(store, [pulse("a", "5")])
+    assert store.open_buckets() == 2
+
+
 # -- pulses: the audit trail -----------------------------------------------
 
 
