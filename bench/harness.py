@@ -117,6 +117,7 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    cpus: str = SERVER_CPU  # taskset list: one core, or "0,1" for several workers
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready_after: float | None = None
@@ -127,7 +128,7 @@ class Server:
         log = self.log_path.open("ab")
         self.started_at = time.perf_counter()
         self.process = subprocess.Popen(
-            pinned(SERVER_CPU, self.argv),
+            pinned(self.cpus, self.argv),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -203,6 +204,7 @@ def service_server(
     durability: str = "fsync",
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    cpus: str = SERVER_CPU,
 ) -> Server:
     port = free_port()
     env = {
@@ -221,7 +223,7 @@ def service_server(
         "--data-dir",
         str(data_dir),
     ]
-    return Server(argv, port, log_path, env)
+    return Server(argv, port, log_path, env, cpus)
 
 
 def baseline_server(log_path: Path) -> Server:

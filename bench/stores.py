@@ -1,0 +1,104 @@
+"""Both stores side by side, one worker and two, in one run.
+
+    .venv/bin/python bench/stores.py [--runs 3] [--duration 5] [--postgres URL]
+
+For SQLite and PostgreSQL, with 1 and 2 worker processes: 1,000-pulse JSON
+arrays with new ids (4 connections) and single-pulse POSTs (32
+connections), durability fsync. One worker is pinned to one core; two
+workers get both cores, which they share with wrk (this machine has two),
+so the 2-worker figures understate what two free cores give. Every run
+starts on a fresh data dir or a fresh PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as h
+
+SCENARIOS = [("array1000-ids", "array", 1000, 4), ("single-ids", "single", 1, 32)]
+CONFIGS = [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
+
+
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    name = f"bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextmanager
+def store_env(store: str, admin_url: str) -> Iterator[dict[str, str]]:
+    if store == "sqlite":
+        yield {}
+        return
+    with fresh_database(admin_url) as url:
+        yield {"INGESTOR_STORE": url}
+
+
+def one_run(
+    store: str, workers: int, scenario: tuple[str, str, int, int], options: argparse.Namespace
+) -> float:
+    name, kind, count, connections = scenario
+    logs = Path(options.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    with h.scratch_dir(None, name) as scratch, store_env(store, options.postgres) as env:
+        server = h.service_server(
+            scratch / "data",
+            logs / f"stores-{store}-{workers}-{name}.log",
+            workers=workers,
+            extra_env=env,
+            cpus=h.SERVER_CPU if workers == 1 else "0,1",
+        )
+        with h.running(server):
+            h.warm_up(server.port, True)
+            result = h.measure(
+                server, options.wrk, h.Load.pulses(kind, count, True, connections), options.duration
+            )
+    if result["non_2xx"] or result["socket_errors"]:
+        print(f"  {store}/{workers} {name}: {result['statuses']} {result['first_error']}")
+    return float(result["pulses_per_s"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--logs", default=str(h.ROOT / "bench" / "results" / "stores-logs"))
+    options = parser.parse_args()
+    options.wrk = h.ensure_wrk()
+    rows = []
+    for name, *_ in SCENARIOS:
+        for store, workers in CONFIGS:
+            scenario = next(s for s in SCENARIOS if s[0] == name)
+            rates = [one_run(store, workers, scenario, options) for _ in range(options.runs)]
+            rows.append((name, store, workers, statistics.median(rates), min(rates), max(rates)))
+            median = statistics.median(rates)
+            print(f"{name} {store} x{workers}: {median:,.0f} pulses/s", flush=True)
+    print("\n| scenario | store | workers | pulses/s (median) | min-max | vs 1 worker |")
+    print("|---|---|---:|---:|---:|---:|")
+    single = {(n, s): m for n, s, w, m, _, _ in rows if w == 1}
+    for name, store, workers, med, low, high in rows:
+        ratio = med / single[(name, store)]
+        spread = f"{low:,.0f}-{high:,.0f}"
+        print(f"| {name} | {store} | {workers} | {med:,.0f} | {spread} | {ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
