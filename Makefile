@@ -37,5 +37,12 @@ bench-quick: $(STAMP)
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q matplotlib
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
+# A steady load at 70% of the capacity it measures first, for 10 minutes by
+# default; writes bench/results/soak-<time>.{json,md} (throughput, latency
+# percentiles, server RSS over time). SOAK_ARGS passes options on, e.g.
+# make soak SOAK_ARGS="--minutes 60" or SOAK_ARGS="--rate 150".
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["ApiKey", "Settings", "load_settings", "parse_duration"]
+__all__ = ["ApiKey", "Settings", "check_nats_names", "load_settings", "parse_duration"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -195,6 +195,8 @@ def _check(settings: Settings) -> None:
         )
     if "{date}" not in settings.nats_subject:
         raise ConfigError("nats_subject: must contain {date}, e.g. 'billing.batches.{date}'")
+    if sink.startswith("nats://"):
+        check_nats_names(settings.nats_stream, settings.nats_subject)
     if sink.startswith("http") and not settings.sink_secret:
         raise ConfigError("sink_secret: required with an http sink, to sign each delivery")
     if settings.retry_max < settings.retry_initial:
@@ -204,6 +206,23 @@ def _check(settings: Settings) -> None:
             "dedup_window: must be >= late_window, or a late replay could count twice"
         )
     _check_api_keys(settings)
+
+
+_INVALID_STREAM_CHARS = frozenset(">*. /\\\t\r\n")
+
+
+def check_nats_names(stream: str, subject: str) -> None:
+    """Refuse a JetStream stream name or subject template the server would refuse."""
+    if not stream or _INVALID_STREAM_CHARS & set(stream):
+        raise ConfigError(
+            f"nats_stream: {stream!r} is not a valid stream name (no spaces, '.', '*', '>')"
+        )
+    tokens = subject.split(".")
+    if any(not token or any(c.isspace() or c in "*>" for c in token) for token in tokens):
+        raise ConfigError(
+            f"nats_subject: {subject!r} is not a valid subject "
+            "(dot-separated tokens, no spaces or wildcards)"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,7 +3,9 @@
 The bytes are written to a temporary file, fsynced, and renamed into place,
 then the directory is fsynced: a crash leaves either the whole file or none.
 A batch whose file already exists was delivered before (its content never
-changes), so it is not written twice.
+changes), so it is not written twice. A process killed mid-write leaves its
+temporary file (`.<batch_id>.json.<pid>.tmp`) behind; the first write into a
+day's directory by a later process removes those whose process is gone.
 """
 
 from __future__ import annotations
@@ -27,11 +29,23 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (another worker may be writing its file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FileSink:
     name = "file"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._swept: set[Path] = set()
 
     def path_of(self, batch_id: str, day: str) -> Path:
         return self.directory / day / f"{batch_id}.json"
@@ -48,6 +62,7 @@ class FileSink:
         if final.exists():
             return
         final.parent.mkdir(parents=True, exist_ok=True)
+        self._sweep(final.parent)
         temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
             with open(temporary, "wb") as f:
@@ -60,6 +75,16 @@ class FileSink:
             raise
         # Delivered point: once the directory entry is on disk, so is the batch.
         _fsync_path(final.parent)
+
+    def _sweep(self, directory: Path) -> None:
+        """Once per directory and process: remove temporary files of dead writers."""
+        if directory in self._swept:
+            return
+        self._swept.add(directory)
+        for leftover in directory.glob(".*.tmp"):
+            pid = leftover.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                leftover.unlink(missing_ok=True)
 
     async def aclose(self) -> None:
         return None

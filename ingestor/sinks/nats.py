@@ -49,7 +49,8 @@ import trio
 from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 
-from ..errors import ConfigError, SinkError, SinkRejected, SinkRetryable
+from ..config import check_nats_names
+from ..errors import SinkError, SinkRejected, SinkRetryable
 
 __all__ = ["DUPLICATE_WINDOW", "NatsSink", "stream_subject", "subject_matches"]
 
@@ -73,7 +74,6 @@ _REJECTED = {
     10060: "the subject belongs to another stream",
     10065: "the stream's subjects overlap those of another stream",
 }
-_INVALID_NAME_CHARS = frozenset(">*. /\\\t\r\n")
 
 
 def stream_subject(template: str) -> str:
@@ -111,24 +111,11 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-def _check_names(stream: str, subject: str) -> None:
-    if not stream or _INVALID_NAME_CHARS & set(stream):
-        raise ConfigError(
-            f"nats_stream: {stream!r} is not a valid stream name (no spaces, '.', '*', '>')"
-        )
-    tokens = subject.split(".")
-    if any(not token or any(c.isspace() or c in "*>" for c in token) for token in tokens):
-        raise ConfigError(
-            f"nats_subject: {subject!r} is not a valid subject "
-            "(dot-separated tokens, no spaces or wildcards)"
-        )
-
-
 class NatsSink:
     name = "nats"
 
     def __init__(self, url: str, *, stream: str, subject: str, timeout: float) -> None:
-        _check_names(stream, subject)
+        check_nats_names(stream, subject)
         servers = [server.strip() for server in url.split(",")]
         self.url = ",".join(_without_credentials(server) for server in servers)
         self.stream = stream

@@ -74,6 +74,8 @@ __all__ = ["SQLiteStore"]
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
 SCHEMA_VERSION = 1
 _CHUNK = 500  # ids per lookup statement, under SQLite's variable limit
+_WRITER_CACHE_KIB = 8 * 1024  # holds the hot part of the id index and the buckets
+_READER_CACHE_KIB = 2 * 1024
 _MERGE_AT = 20_000  # recent ids per partition held in memory before a merge (~3 MB)
 
 _META_SCHEMA = """
@@ -83,7 +85,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 _PARTITION_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE pulse_log (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after purge (see _catch_up)
     received_at INTEGER NOT NULL,
     body BLOB NOT NULL
 ) STRICT;
@@ -191,8 +193,8 @@ class _Partition:
     def __init__(self, path: Path, index: int, durability: str, busy_timeout: float) -> None:
         self.index = index
         self.path = path
-        self.writer = _connect(path, durability, busy_timeout)
-        self.reader = _connect(path, durability, busy_timeout)
+        self.writer = _connect(path, durability, busy_timeout, _WRITER_CACHE_KIB)
+        self.reader = _connect(path, durability, busy_timeout, _READER_CACHE_KIB)
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
         # Under write_lock: client ids of log rows after `merged_seq`, up to
@@ -235,7 +237,9 @@ class _Partition:
             self.writer.close()
 
 
-def _connect(path: Path, durability: str, busy_timeout: float) -> sqlite3.Connection:
+def _connect(
+    path: Path, durability: str, busy_timeout: float, cache_kib: int
+) -> sqlite3.Connection:
     conn = sqlite3.connect(
         f"file:{path}?mode=rw",
         uri=True,
@@ -244,7 +248,9 @@ def _connect(path: Path, durability: str, busy_timeout: float) -> sqlite3.Connec
         timeout=busy_timeout,
     )
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'fsync' else 'NORMAL'}")
-    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the id index stays in memory
+    # KiB of page cache per connection; there are two per partition, so this
+    # is the store's memory: 16 partitions x (8 + 2) MiB at most.
+    conn.execute(f"PRAGMA cache_size = -{cache_kib}")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     return conn
 
@@ -252,7 +258,8 @@ def _connect(path: Path, durability: str, busy_timeout: float) -> sqlite3.Connec
 def _check_file(path: Path, expect: dict[str, str]) -> dict[str, str]:
     """Refuse a file that is not ours, or not this store's. Never writes to it."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # immutable: read without creating -wal/-shm files beside a file we may refuse.
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -680,6 +680,15 @@ def test_purge_many(store: Store) -> None:
     assert write(store, again, T0 + HOUR) == ["accepted", "accepted", "accepted", "duplicate"]
 
 
+def test_ids_after_a_purge_that_emptied_the_log_are_still_deduplicated(store: Store) -> None:
+    """Sequence numbers are never reused once purge has removed the newest writes."""
+    pa = partition_of("a", PARTITIONS)
+    write(store, [pulse("a", "1", id="old")], received_us=T0)
+    assert store.purge(pa, T0 + 1) == 1  # the log of the partition is now empty
+    assert write(store, [pulse("a", "1", id="new")], T0 + HOUR) == ["accepted"]
+    assert write(store, [pulse("a", "1", id="new")], T0 + HOUR) == ["duplicate"]
+
+
 def test_purge_keeps_recent_pulses_stored_after_older_ones(backend: Backend) -> None:
     """Receive times come from each writer's wall clock: a clock stepped back
     (or, with PostgreSQL, another machine's clock) stores an older receive time

@@ -1,0 +1,1 @@
+"""Fault injection against real server processes (issue 4)."""
