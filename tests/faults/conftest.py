@@ -1,12 +1,7 @@
 """Fixtures of the fault suite: real servers, a tiny disk, and the scenario report.
 
-`start_server(data_dir=None, kind=ServerProcess, config=None, **env)` starts
-`python -m ingestor serve` (or what a ServerProcess subclass `kind` runs;
-`config` is the text of a TOML settings file) with a
-quiet periodic committer (every commit is the test's own unless a test sets
-INGESTOR_COMMIT_INTERVAL). Every server is killed when its test ends, and its
-output must hold no traceback: an unexpected error is a defect even when the
-test's own checks did not notice it.
+`start_server` is tests/support/fixtures.py's: real servers, killed when the
+test ends, whose output must hold no traceback.
 
 `tiny_disk` is a 6 MiB tmpfs mounted for the test (root only); where mounting
 is impossible (or FAULTS_NO_MOUNT=1) it is None and the disk-full test uses a
@@ -20,28 +15,24 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.server import ServerProcess
+from tests.support.fixtures import (
+    ABORTED_UPLOAD_WARNINGS,
+    QUIET_COMMITTER,
+    StartServer,
+    start_server,
+)
 
-StartServer = Callable[..., Awaitable[ServerProcess]]
+__all__ = ["QUIET_COMMITTER", "StartServer", "report", "start_server", "tiny_disk"]
+
 Report = Callable[[str], None]
 
-QUIET_COMMITTER = {"INGESTOR_COMMIT_INTERVAL": "3600"}
 TINY_DISK_BYTES = 6 * 1024 * 1024
 _REPORT: list[str] = []
-
-# A client cut off mid-upload (the server was killed) leaves httpx's request-body
-# generator unfinished; trio warns when it is collected. The client's leftover.
-ABORTED_UPLOADS = [
-    "ignore:Async generator 'httpx._content.ByteStream.__aiter__':ResourceWarning",
-    "ignore:Exception ignored in. <async_generator object ByteStream.__aiter__"
-    ":pytest.PytestUnraisableExceptionWarning",
-]
-
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults: fault injection against real server processes")
@@ -52,7 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.faults)
-            for rule in ABORTED_UPLOADS:
+            for rule in ABORTED_UPLOAD_WARNINGS:
                 item.add_marker(pytest.mark.filterwarnings(rule))
 
 
@@ -66,35 +57,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture
 def report() -> Report:
     return _REPORT.append
-
-
-@pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
-    servers: list[ServerProcess] = []
-
-    async def start(
-        data_dir: Path | None = None,
-        *,
-        kind: type[ServerProcess] = ServerProcess,
-        config: str | None = None,
-        **env: str,
-    ) -> ServerProcess:
-        server = kind(
-            data_dir or tmp_path / f"data{len(servers)}",
-            env={**QUIET_COMMITTER, **env},
-            config=config,
-        )
-        servers.append(server)
-        await server.start()
-        return server
-
-    yield start
-    for server in servers:
-        await server.aclose()
-    for server in servers:
-        assert "Traceback" not in server.output, (
-            f"the server on {server.data_dir} logged a traceback:\n{server.output[-4000:]}"
-        )
 
 
 @pytest.fixture
