@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from .clock import moment, wall_clock_us
 from .errors import StoreError
 from .model import BatchSummary
-from .shard import Commit, Reply, Shard, wall_clock_us
+from .shard import Commit, Reply, Shard
 from .store import Store
 
 __all__ = ["Committer", "day_closes_at"]
@@ -65,7 +66,7 @@ class Committer:
         self._ticked = trio.Event()
 
     def now(self) -> dt.datetime:
-        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=self._clock())
+        return moment(self._clock())
 
     def is_due(self, day: dt.date, now: dt.datetime) -> bool:
         return day_closes_at(day, self._zones) + self._grace <= now

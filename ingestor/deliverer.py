@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import trio
 
+from .clock import wall_clock_us
 from .errors import SinkRejected, SinkRetryable, StoreError
-from .shard import wall_clock_us
 from .sinks import Sink
 from .store import DueBatch, Store
 

@@ -18,16 +18,16 @@ from typing import Any, Final
 
 import msgspec
 
+from .clock import epoch_us, moment
 from .errors import RequestError
 from .model import IngestItem, Pulse, PulseIn, PulseInPlain
 from .money import to_nanos
 
-__all__ = ["Intake", "Rules", "decode_pulses", "epoch_us"]
+__all__ = ["Intake", "Rules", "decode_pulses"]
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 _NDJSON_ALIASES = frozenset({NDJSON, "application/jsonl", "application/x-jsonlines"})
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _SLOT_US: Final = 15 * 60 * 1_000_000  # every modern UTC offset is a multiple of 15 min
 
 _one = msgspec.json.Decoder(PulseIn)
@@ -48,12 +48,6 @@ class _IdOnly(msgspec.Struct):
 
 
 _id_only = msgspec.json.Decoder(_IdOnly)
-
-
-def epoch_us(moment: dt.datetime) -> int:
-    """Exact microseconds since the epoch of an aware datetime (no float)."""
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class Rules:
@@ -95,8 +89,7 @@ class Rules:
         if day is None:
             if len(self._days) > 100_000:
                 self._days.clear()
-            moment = _EPOCH + dt.timedelta(microseconds=key[1] * _SLOT_US)
-            day = moment.astimezone(zone).date().isoformat()
+            day = moment(key[1] * _SLOT_US).astimezone(zone).date().isoformat()
             self._days[key] = day
         return day
 

@@ -24,13 +24,14 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .clock import wall_clock_us
 from .committer import Committer
 from .config import Settings
 from .deliverer import Deliverer
 from .edge import Edge
 from .intake import Rules
 from .runtime import Runtime
-from .shard import Shard, wall_clock_us
+from .shard import Shard
 from .sinks import Sink, open_sink
 from .store import Store, open_store
 

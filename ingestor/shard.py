@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 import msgspec
 import trio
 
+from .clock import wall_clock_us
 from .errors import Draining, Overloaded, StoreError
 from .model import BatchSummary, Outcome, Pulse
 from .store import Store
@@ -74,10 +75,6 @@ class ShardStatistics(msgspec.Struct, frozen=True):
     pulses_written: int
     last_group_pulses: int
     transaction_seconds: float
-
-
-def wall_clock_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Shard:

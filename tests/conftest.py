@@ -12,8 +12,8 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from ingestor.api import create_app
+from ingestor.clock import epoch_us
 from ingestor.config import Settings, load_settings
-from ingestor.intake import epoch_us
 from ingestor.runtime import Runtime
 from ingestor.service import open_service
 from ingestor.sinks.memory import MemorySink

@@ -37,6 +37,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
+from ..clock import moment
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
 from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
@@ -194,9 +195,7 @@ def _amount(amount: Decimal) -> str:
 
 
 def _moment(us: int | None) -> dt.datetime | None:
-    if us is None:
-        return None
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+    return None if us is None else moment(us)
 
 
 def _where(conninfo: str) -> str:

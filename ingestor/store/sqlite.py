@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..clock import moment
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
 from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
@@ -167,9 +168,7 @@ def _dec_add(a: str, b: str) -> str:
 
 
 def _moment(us: int | None) -> dt.datetime | None:
-    if us is None:
-        return None
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+    return None if us is None else moment(us)
 
 
 def _translate(exc: sqlite3.Error, what: str) -> StoreError:

@@ -18,8 +18,9 @@ from decimal import Decimal
 import msgspec
 import pytest
 
+from ingestor.clock import epoch_us
 from ingestor.errors import StoreMismatch
-from ingestor.intake import Rules, decode_pulses, epoch_us
+from ingestor.intake import Rules, decode_pulses
 from ingestor.ledger import batch_id
 from ingestor.model import (
     Aggregate,

@@ -23,8 +23,8 @@ import msgspec
 import psycopg
 import pytest
 
+from ingestor.clock import epoch_us
 from ingestor.errors import StoreBusy, StoreError
-from ingestor.intake import epoch_us
 from ingestor.model import Batch, Pulse
 from ingestor.money import format_nanos, to_nanos
 from ingestor.partition import partition_of

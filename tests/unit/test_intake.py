@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingestor.clock import epoch_us
 from ingestor.errors import RequestError
-from ingestor.intake import Intake, Rules, decode_pulses, epoch_us
+from ingestor.intake import Intake, Rules, decode_pulses
 from ingestor.model import IngestItem, Pulse
 
 JSON = "application/json"
