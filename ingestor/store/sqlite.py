@@ -624,11 +624,13 @@ class SQLiteStore:
 
     def _batch_view(self, row: tuple[Any, ...], records: list[BatchRecord] | None) -> BatchView:
         (bid, day, kind, created, count, amount, status, attempts, error, next_at, done) = row
+        partition = self._partition_of_batch(bid)
+        assert partition is not None  # an id from our own outbox
         return BatchView(
             batch_id=bid,
             store_id=self.store_id,
             date=day,
-            partition=int(bid.rsplit("-", 2)[1][1:]),
+            partition=partition,
             kind=kind,
             created_at=_moment(created),  # type: ignore[arg-type]
             record_count=count,
