@@ -12,6 +12,7 @@ from tests.support.server import ServerProcess
 
 __all__ = ["ABORTED_UPLOADS", "QUIET_COMMITTER", "StartServer", "client", "server", "start_server"]
 
+
 @pytest.fixture
 async def server(start_server: StartServer) -> ServerProcess:
     return await start_server()
