@@ -438,8 +438,7 @@ async def test_full_queue_is_503_with_retry_after_and_stores_nothing(
     taken: Reply[Any] = Reply()
     queued: Reply[Any] = Reply()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_occupy, runtime)
-        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(_occupy, runtime)
         shard.submit_nowait(Ingest([], taken))  # the shard takes it and waits on the store
         await trio.testing.wait_all_tasks_blocked()
         shard.submit_nowait(Ingest([], queued))  # fills the one queue slot
@@ -455,12 +454,17 @@ async def test_full_queue_is_503_with_retry_after_and_stores_nothing(
     assert (await post(client, pulse(id="later"))).status_code == 202
 
 
-async def _occupy(runtime: Runtime) -> None:
-    """Keep the store's writer busy so the shard cannot take its next message."""
+async def _occupy(runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
+    """Keep the store's writer busy so the shard cannot take its next message.
+
+    Started, not just spawned: other threads (the committer's) may hold the
+    lock for a moment, and only once it is ours is it sure to be released.
+    """
     store = runtime.store
     lock = store._parts[0].write_lock  # type: ignore[attr-defined]
     await trio.to_thread.run_sync(lock.acquire)
     try:
+        task_status.started()
         await trio.sleep_forever()
     finally:
         lock.release()

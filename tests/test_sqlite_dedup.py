@@ -115,3 +115,189 @@ def test_a_reopened_store_knows_unmerged_ids(tmp_path: Path) -> None:
         assert reopened.write_pulses(0, [pulse("kept")], 0) == ["duplicate"]
     finally:
         reopened.close()
+
+
+def test_ids_of_a_write_that_rolled_back_are_not_remembered(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = stores
+    assert a.write_pulses(0, [pulse("first")], 0) == ["accepted"]
+
+    def explode(*args: object) -> object:
+        raise sqlite3.OperationalError("injected")
+
+    # The log row of "lost" is written, then the transaction fails before COMMIT.
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "bucket_deltas", explode)
+        with pytest.raises(StoreError):
+            a.write_pulses(0, [pulse("lost")], 0)
+    assert a.write_pulses(0, [pulse("lost"), pulse("first")], 0) == ["accepted", "duplicate"]
+    assert b.write_pulses(0, [pulse("lost")], 0) == ["duplicate"]
+    [bucket] = b.aggregates(sqlite_store.AggregateQuery())
+    assert bucket.pulse_count == 2
+
+
+def test_a_lone_writer_never_reads_its_own_log_back(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids of a committed write join memory directly; the log is read only when
+    another connection has committed since."""
+    a, b = stores
+    a.write_pulses(0, [pulse("one")], 0)
+    reads: list[int] = []
+    decode = sqlite_store._decode_pulses
+
+    def counted(body: bytes) -> list[Pulse]:
+        reads.append(1)
+        return decode(body)
+
+    monkeypatch.setattr(sqlite_store, "_decode_pulses", counted)
+    assert a.write_pulses(0, [pulse("two"), pulse("one")], 0) == ["accepted", "duplicate"]
+    assert a.write_pulses(0, [pulse("two")], 0) == ["duplicate"]
+    assert reads == []
+    assert b.write_pulses(0, [pulse("three"), pulse("two")], 0) == ["accepted", "duplicate"]
+    assert len(reads) == 2  # b read a's two rows
+    assert a.write_pulses(0, [pulse("three")], 0) == ["duplicate"]  # a read b's row
+    assert len(reads) == 3
+
+
+# -- bucket totals folded from the log ----------------------------------------------
+
+
+def totals(store: SQLiteStore) -> tuple[int, int]:
+    buckets = store.aggregates(sqlite_store.AggregateQuery())
+    return (
+        sum(parse_nanos(b.used_amount) for b in buckets),
+        sum(b.pulse_count for b in buckets),
+    )
+
+
+def folded_watermark(store: SQLiteStore) -> int:
+    row = store._parts[0].read(
+        lambda c: c.execute("SELECT value FROM meta WHERE key = 'buckets_seq'").fetchone()
+    )
+    return int(row[0]) if row else 0
+
+
+def test_a_read_sees_deltas_another_process_has_not_folded(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    a, b = stores
+    a.write_pulses(0, [pulse("x", 5)], 0)
+    assert folded_watermark(a) == 0  # a keeps the delta in memory; the log holds it
+    assert totals(b) == (5, 1)  # b folds a's logged delta before reading
+    assert folded_watermark(a) > 0
+    a.write_pulses(0, [pulse("y", 7)], 0)  # a learns its memory was folded by b
+    assert totals(a) == (12, 2)
+    assert totals(b) == (12, 2)
+
+
+def test_deltas_survive_a_restart_before_any_fold(tmp_path: Path) -> None:
+    store = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    store.write_pulses(0, [pulse("kept", 3), pulse("also", 4)], 0)
+    assert folded_watermark(store) == 0
+    store.close()  # as after a kill: nothing folded
+    reopened = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    try:
+        [batch] = reopened.commit_day(0, DAY, 0, 100)
+        assert (batch.record_count, batch.used_amount) == (1, "0.000000007")
+        assert totals(reopened) == (7, 2)
+    finally:
+        reopened.close()
+
+
+def test_a_fold_that_rolls_back_keeps_its_deltas_pending(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = stores
+    monkeypatch.setattr(sqlite_store, "_FOLD_AFTER_S", 0.0)  # every write folds
+    a.write_pulses(0, [pulse("one", 1)], 0)
+    a.write_pulses(0, [pulse("two", 2)], 0)  # folds "one"
+    fold = sqlite_store._fold
+
+    def fold_then_fail(conn: sqlite3.Connection, part: object) -> None:
+        fold(conn, part)  # type: ignore[arg-type]
+        raise sqlite3.OperationalError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "_fold", fold_then_fail)
+        with pytest.raises(StoreError):
+            a.write_pulses(0, [pulse("lost", 100)], 0)
+    a.write_pulses(0, [pulse("three", 4)], 0)
+    assert totals(a) == totals(b) == (7, 3)
+
+
+@pytest.mark.parametrize("fold_after", [0.0, 1000.0])
+@pytest.mark.usefixtures("small_merges")
+def test_totals_and_commits_add_up_whoever_writes_reads_and_folds(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch, fold_after: float
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_FOLD_AFTER_S", fold_after)
+    rng = random.Random(11)
+    accepted: dict[str, int] = {}
+    committed = 0
+    for step in range(120):
+        store = rng.choice(stores)
+        action = rng.random()
+        if action < 0.7:
+            ids = [f"id{rng.randrange(150)}" for _ in range(rng.randrange(1, 5))]
+            batch = [pulse(i, amount=int(i[2:]) + 1) for i in ids]
+            for p, outcome in zip(batch, store.write_pulses(0, batch, 0), strict=True):
+                if outcome == "accepted":
+                    assert p.pulse_id not in accepted
+                    accepted[p.pulse_id] = p.nanos
+        elif action < 0.85:
+            assert totals(store) == (sum(accepted.values()), len(accepted)), step
+        else:
+            committed += sum(parse_nanos(b.used_amount) for b in store.commit_day(0, DAY, 0, 10))
+    committed += sum(parse_nanos(b.used_amount) for b in stores[0].commit_day(0, DAY, 0, 10))
+    assert committed == sum(accepted.values())
+    assert totals(stores[1]) == (sum(accepted.values()), len(accepted))
+
+
+def test_reads_that_cannot_fold_add_the_log_tail_themselves(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a fold cannot be written (a full disk), reads answer exactly what they
+    would after it, from the table and the log, and write nothing."""
+    a, b = stores
+    rng = random.Random(3)
+    days = ["2026-11-26", "2026-11-27", "2026-11-28"]
+
+    def some(count: int, prefix: str) -> list[Pulse]:
+        return [
+            Pulse(
+                f"t{rng.randrange(3)}", f"s{rng.randrange(2)}", "u", rng.randrange(1, 10**12),
+                f"{prefix}{n}", True, 0, rng.choice(days), b"f",
+            )
+            for n in range(count)
+        ]
+
+    a.write_pulses(0, some(60, "a"), 0)
+    assert a.commit_day(0, days[0], 0, 100)  # folds everything so far
+    a.write_pulses(0, some(60, "b"), 0)  # left in a's memory and the log
+    b.write_pulses(0, some(40, "c"), 0)  # and in b's
+    Query = sqlite_store.AggregateQuery
+    queries = [
+        Query(),
+        Query(status="open"),
+        Query(status="committed"),
+        Query(tenant_id="t1"),
+        Query(product_sku="s0", date_from=days[1]),
+        Query(date_to=days[1], limit=3),
+        Query(after=(days[0], "t1", "s1", "u"), limit=5),
+        Query(status="open", after=(days[1], "t0", "s1", "u"), limit=4),
+    ]
+
+    def everything(store: SQLiteStore) -> list[object]:
+        return [*(store.aggregates(q) for q in queries), store.open_days(0), store.open_buckets()]
+
+    before = folded_watermark(a)
+    with monkeypatch.context() as patch:
+        patch.setattr(SQLiteStore, "_settle", lambda self, parts: False)
+        unfolded = everything(a)
+    assert folded_watermark(a) == before  # nothing was written
+    folded = everything(b)
+    assert folded_watermark(a) > before
+    assert unfolded == folded
+    assert sum(len(rows) for rows in folded[:3]) > 10  # the queries select something
