@@ -19,8 +19,26 @@ _DIGITS = 9
 _EXACT = decimal.Context(prec=40, traps=[decimal.Inexact, decimal.InvalidOperation])
 
 
+_KNOWN: dict[Decimal, int] = {}  # amounts already converted (pulses repeat a few)
+_KNOWN_MAX = 4096
+
+
 def to_nanos(amount: Decimal) -> int:
     """Convert a wire amount to nano-units, or raise ValueError saying why not."""
+    # Equal decimals ("1", "1.0", "1E0") have one answer, so the value is the key.
+    try:
+        return _KNOWN[amount]
+    except KeyError:
+        pass
+    except TypeError:  # a signaling NaN cannot be hashed
+        raise ValueError("used_amount must be a finite number") from None
+    nanos = _convert(amount)
+    if len(_KNOWN) < _KNOWN_MAX:
+        _KNOWN[amount] = nanos
+    return nanos
+
+
+def _convert(amount: Decimal) -> int:
     if not amount.is_finite():
         raise ValueError("used_amount must be a finite number")
     if amount < 0:

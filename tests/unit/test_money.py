@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingestor import money
 from ingestor.money import format_nanos, parse_nanos, to_nanos
 
 NANO = Decimal("1e-9")
@@ -163,3 +164,24 @@ def test_sum_at_exactly_ten_to_the_twentieth() -> None:
     )
     assert format_nanos(nanos) == str(10**20)
     assert parse_nanos(str(10**20)) == 10**29
+
+
+@given(
+    st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(
+        lambda d: abs(d) < Decimal(10**19)
+    )
+)
+def test_remembered_amounts_convert_as_fresh_ones(amount: Decimal) -> None:
+    """to_nanos remembers what it converted by value: equal decimals written apart
+    ("1", "1.0", "1E0") must get the answer a fresh conversion gives, or the same error."""
+    for written in (amount, amount.normalize(), Decimal(f"{amount:f}")):
+        for _ in range(2):  # the second call may come from memory
+            try:
+                fresh: int | str = money._convert(written)
+            except ValueError as exc:
+                fresh = str(exc)
+            try:
+                got: int | str = to_nanos(written)
+            except ValueError as exc:
+                got = str(exc)
+            assert got == fresh
