@@ -5,6 +5,9 @@
             ─▶ handler: decode once, hand work to the shards or the store
             ─▶ after: X-Request-Id header, request metrics (metrics.py)
 
+POST /pulses, the route whose cost per request matters, is answered by
+hotpath.py on plain ASGI, with the same steps and the same errors.
+
 The routes are those of the table in routes.py (rule, role, types), from
 which /openapi.json is generated too; the read handlers live in reads.py.
 Every error, ours or the framework's, is answered as {"error": {"code",
@@ -39,6 +42,7 @@ from .errors import (
     StoreError,
     StoreFull,
 )
+from .hotpath import PulseRoute
 from .intake import decode_pulses
 from .logs import request_id
 from .metrics import Metrics
@@ -102,18 +106,30 @@ def error_response(
     return response
 
 
-def _for_error(exc: Exception) -> Response:
+def error_parts(exc: Exception) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """(status, JSON body, extra headers) answering one of our errors; re-raise others."""
+
+    def body(code: str, message: str, details: object = None) -> bytes:
+        return _encode(ErrorBody(ErrorDetail(code, message, details)))
+
     if isinstance(exc, RequestError):
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
-        if isinstance(exc, Unauthorized):
-            response.headers["WWW-Authenticate"] = exc.challenge
-        return response
+        extra = [("WWW-Authenticate", exc.challenge)] if isinstance(exc, Unauthorized) else []
+        return exc.status, body(exc.code, exc.message, exc.details), extra
     if isinstance(exc, Overloaded):
-        return error_response(503, "overloaded", str(exc), retry_after=exc.retry_after)
+        return 503, body("overloaded", str(exc)), [("Retry-After", str(exc.retry_after))]
     for kind, status, code, retry_after in _ERRORS:
         if isinstance(exc, kind):
-            return error_response(status, code, str(exc), retry_after=retry_after)
+            extra = [("Retry-After", str(retry_after))] if retry_after is not None else []
+            return status, body(code, str(exc)), extra
     raise exc
+
+
+def _for_error(exc: Exception) -> Response:
+    status, body, extra = error_parts(exc)
+    response = Response(body, status=status, content_type=_JSON)
+    for name, value in extra:
+        response.headers[name] = value
+    return response
 
 
 # -- the ingest path --------------------------------------------------------
@@ -215,6 +231,10 @@ def create_app(runtime: Runtime) -> Quart:
     app.asgi_app = edge  # type: ignore[method-assign]
     runtime.edge = edge
     metrics = Metrics(runtime, lambda: edge.in_flight)
+    edge.routes[("POST", "/pulses")] = PulseRoute(
+        runtime, keyring, metrics, ingest=ingest, error_parts=error_parts,
+        new_request_id=_request_id, limit=lambda: edge.limit,
+    )
     openapi_body = _encode(
         document(
             OPERATIONS, title="billing-ingestor", version=__version__,
@@ -289,12 +309,7 @@ def create_app(runtime: Runtime) -> Quart:
         return error_response(500, "internal", "internal error; see the server log")
 
     async def post_pulses() -> Response:
-        body = await request.get_data(cache=False)
-        assert isinstance(body, bytes)
-        status, payload = await ingest(
-            runtime, body, request.headers.get("Content-Type"), principal()
-        )
-        return Response(payload, status=status, content_type=_JSON)
+        raise AssertionError("POST /pulses is answered by hotpath.PulseRoute")
 
     async def get_pulses() -> Response:
         page: PulsePage = await list_pulses(runtime, principal(), request.args)

@@ -1,6 +1,7 @@
 """The ASGI edge: what every HTTP request passes through before the app.
 
-Three jobs the framework does not do for us:
+Three jobs the framework does not do for us, for every route, including
+those answered by a handler of `routes` instead of the framework:
 
 - Count requests in flight, from their arrival to the end of their
   response. Shutdown stops as soon as none is left (Quart keeps a request's
@@ -43,6 +44,8 @@ class Edge:
     def __init__(self, app: Callable[..., Awaitable[None]], *, limit: int) -> None:
         self.app = app
         self.limit = limit
+        # (method, path) -> a handler that answers that route instead of `app`.
+        self.routes: dict[tuple[str, str], Callable[..., Awaitable[None]]] = {}
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -93,8 +96,10 @@ class Edge:
                 finished = True
                 self._finished()
 
+        http = cast(HTTPScope, scope)
+        handler = self.routes.get((http["method"], http["path"]), self.app)
         try:
-            await self.app(scope, receive_body, send_response)
+            await handler(scope, receive_body, send_response)
         finally:
             if not finished:
                 self._finished()
