@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 
@@ -47,7 +48,9 @@ class Runtime:
         self.deliverer = deliverer
         self.rules = rules
         self.clock = clock
-        self.partition_of = partial(partition_of, partitions=store.partitions)
+        self.partition_of = functools.lru_cache(maxsize=1 << 16)(
+            partial(partition_of, partitions=store.partitions)
+        )
         self.edge: Edge | None = None  # set by the app: requests in flight
         self.ready = False
         self.draining = False
