@@ -80,11 +80,18 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--logs", default=str(h.ROOT / "bench" / "results" / "stores-logs"))
+    parser.add_argument("--stores", default="sqlite,postgresql", help="which stores to run")
+    parser.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS))
     options = parser.parse_args()
     options.wrk = h.ensure_wrk()
     rows = []
+    stores = options.stores.split(",")
     for name, *_ in SCENARIOS:
+        if name not in options.scenarios.split(","):
+            continue
         for store, workers in CONFIGS:
+            if store not in stores:
+                continue
             scenario = next(s for s in SCENARIOS if s[0] == name)
             rates = [one_run(store, workers, scenario, options) for _ in range(options.runs)]
             rows.append((name, store, workers, statistics.median(rates), min(rates), max(rates)))
