@@ -157,7 +157,8 @@ def main() -> int:
     raw = Path(opts.output) if opts.output else results / f"profile-{opts.scenario}-{stamp}.txt"
 
     with h.scratch_dir(None, "profile") as scratch:
-        extra = {"INGESTOR_COMMIT_INTERVAL": "1d"} if aggregates else {}
+        quiet = {"INGESTOR_COMMIT_INTERVAL": "1d", "INGESTOR_COMMIT_GRACE": "7d"}
+        extra = quiet if aggregates else {}
         server = h.service_server(
             scratch / "data",
             scratch / "server.log",

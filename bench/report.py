@@ -199,7 +199,10 @@ def render(meta: Record, runs: list[Record], other: list[Record]) -> str:
             rs = by[name]
             if rs[0]["group"] == "commit":
                 bad = [r for r in rs if r.get("status") != 200 or r.get("records") != r["buckets"]]
-                trouble = "; ".join(str(r.get("error") or r.get("records")) for r in bad)
+                trouble = "; ".join(
+                    str(r.get("error") or f"committed {r.get('records'):,} of {r['buckets']:,}")
+                    for r in bad
+                )
                 lines.append(
                     f"| {name} | POST /aggregates/commit of a day with {rs[0]['buckets']:,} "
                     f"buckets (fsync) | {_cell(_stat(rs, lambda r: r['commit_s']), 3)} "
