@@ -131,6 +131,11 @@ async def test_a_full_disk_is_503_store_full_loses_nothing_and_heals_by_itself(
             # A crash while the disk is full: the server must start again on it,
             # answer 503 store_full, and lose nothing acknowledged.
             load.down()
+
+            async def settled() -> bool:  # the requests already sent are answered
+                return load.in_flight == 0
+
+            await wait_until(settled, within=15, what="requests in flight answered")
             assert await server.kill() == -9
             await server.start()
             await check_bounds(server, ledger)
