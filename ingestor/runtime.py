@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 import msgspec
 
@@ -48,7 +47,8 @@ class Runtime:
         self.deliverer = deliverer
         self.rules = rules
         self.clock = clock
-        self.partition_of = functools.lru_cache(maxsize=1 << 16)(
+        # Tenants repeat: their partition is computed once (up to 65,536 of them).
+        self.partition_of = lru_cache(maxsize=1 << 16)(
             partial(partition_of, partitions=store.partitions)
         )
         self.edge: Edge | None = None  # set by the app: requests in flight

@@ -60,7 +60,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,10 +99,9 @@ log = logging.getLogger("ingestor.store")
 
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
 SCHEMA_VERSION = 1
-_CHUNK = 500  # ids per lookup statement, under SQLite's variable limit
 _WRITER_CACHE_KIB = 8 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 2 * 1024
-_MERGE_AT = 20_000  # recent ids per partition held in memory before a merge (~3 MB)
+_MERGE_AT = 5_000  # recent ids per partition held in memory before a merge (~1 MB)
 _FOLD_AFTER_S = 1.0  # how long logged deltas may wait before the writer folds them
 _FOLD_AT_KEYS = 20_000  # ... or how many buckets they may touch
 _ALL = 1 << 62  # "no limit" for a query
@@ -174,6 +172,13 @@ VALUES (?, ?, ?, ?, ?, ?, '0', 0, 0)
 ON CONFLICT (day, tenant_id, product_sku, use_unit) DO UPDATE SET
     used_amount = dec_add(used_amount, excluded.used_amount),
     pulse_count = pulse_count + excluded.pulse_count
+"""
+
+_LOOKUP_IDS = """
+SELECT i.tenant_id, i.pulse_id, i.fingerprint
+FROM json_each(?) AS j
+JOIN pulse_ids AS i
+  ON i.tenant_id = json_extract(j.value, '$[0]') AND i.pulse_id = json_extract(j.value, '$[1]')
 """
 
 _BUCKET_COLUMNS = (
@@ -977,25 +982,19 @@ def _known_ids(
 ) -> dict[tuple[str, str], bytes]:
     """The stored fingerprints of the client ids among `pulses`: memory, then the index."""
     known: dict[tuple[str, str], bytes] = {}
-    missing: dict[str, list[str]] = defaultdict(list)
+    missing: list[tuple[str, str]] = []
     for p in pulses:
         if p.client_id:
             value = recent.get(f"{p.tenant_id}\0{p.pulse_id}")
             if value is None:
-                missing[p.tenant_id].append(p.pulse_id)
+                missing.append((p.tenant_id, p.pulse_id))
             else:
                 known[(p.tenant_id, p.pulse_id)] = value[8:]
-    for tenant, ids in missing.items():
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = conn.execute(
-                "SELECT pulse_id, fingerprint FROM pulse_ids"
-                f" WHERE tenant_id = ? AND pulse_id IN ({marks})",
-                (tenant, *chunk),
-            )
-            for pulse_id, fingerprint in rows:
-                known[(tenant, pulse_id)] = fingerprint
+    if missing:
+        # One statement, whatever the count: the ids go in as one JSON
+        # array, and each is looked up through the primary key.
+        for tenant, pulse_id, fingerprint in conn.execute(_LOOKUP_IDS, (_encode(missing),)):
+            known[(tenant, pulse_id)] = fingerprint
     return known
 
 
