@@ -228,7 +228,6 @@ def _request_id(given: str | None) -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):08x}"
 
 
-
 def create_app(runtime: Runtime) -> Quart:
     settings = runtime.settings
     app = QuartTrio("ingestor", static_folder=None)
