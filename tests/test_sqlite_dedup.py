@@ -39,11 +39,16 @@ def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore]]:
     b.close()
 
 
-def merged_watermark(store: SQLiteStore) -> int:
+def watermark(store: SQLiteStore, key: str) -> int:
+    """A meta watermark of partition 0 (0 if never set)."""
     row = store._parts[0].read(
-        lambda c: c.execute("SELECT value FROM meta WHERE key = 'ids_merged_seq'").fetchone()
+        lambda c: c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     )
     return int(row[0]) if row else 0
+
+
+def merged_watermark(store: SQLiteStore) -> int:
+    return watermark(store, "ids_merged_seq")
 
 
 @pytest.mark.usefixtures("small_merges")
@@ -173,10 +178,7 @@ def totals(store: SQLiteStore) -> tuple[int, int]:
 
 
 def folded_watermark(store: SQLiteStore) -> int:
-    row = store._parts[0].read(
-        lambda c: c.execute("SELECT value FROM meta WHERE key = 'buckets_seq'").fetchone()
-    )
-    return int(row[0]) if row else 0
+    return watermark(store, "buckets_seq")
 
 
 def test_a_read_sees_deltas_another_process_has_not_folded(
