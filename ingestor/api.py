@@ -33,7 +33,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import __version__
 from .auth import OPEN, Keyring, Principal, Unauthorized
-from .edge import OVER_LIMIT, Edge
+from .edge import OVER_LIMIT, Edge, admit
 from .errors import (
     Draining,
     IngestorError,
@@ -262,14 +262,12 @@ def create_app(runtime: Runtime) -> Quart:
         g.started = time.perf_counter()
         g.request_id = _request_id(request.headers.get("X-Request-Id"))
         g.request_id_token = request_id.set(g.request_id)
-        if request.scope.get(OVER_LIMIT):
-            raise Overloaded(f"more than {edge.limit} requests in flight (max_in_flight)")
-        # hypercorn bounds headers only while they are incomplete; this bounds them always.
-        if sum(len(k) + len(v) for k, v in request.scope["headers"]) > settings.max_header_bytes:
-            raise RequestError(
-                431, "headers_too_large",
-                f"request headers exceed {settings.max_header_bytes} bytes (max_header_bytes)",
-            )
+        admit(
+            over_limit=bool(request.scope.get(OVER_LIMIT)),
+            limit=edge.limit,
+            header_bytes=sum(len(k) + len(v) for k, v in request.scope["headers"]),
+            max_header_bytes=settings.max_header_bytes,
+        )
         rule = request.url_rule
         if rule is None or request.endpoint is None:
             return  # routing failed: answered 404 or 405 below

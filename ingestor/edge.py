@@ -23,10 +23,28 @@ from typing import Any, cast
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-__all__ = ["OVER_LIMIT", "PUBLIC_PATHS", "Edge"]
+from .errors import Overloaded, RequestError
+
+__all__ = ["OVER_LIMIT", "PUBLIC_PATHS", "Edge", "admit"]
 
 OVER_LIMIT = "ingestor.over_limit"  # scope key set on a request beyond the limit
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+def admit(*, over_limit: bool, limit: int, header_bytes: int, max_header_bytes: int) -> None:
+    """The checks before any other: requests in flight (503), then header size (431).
+
+    Every route makes them, through Quart's hook or on its own ASGI path.
+    """
+    if over_limit:
+        raise Overloaded(f"more than {limit} requests in flight (max_in_flight)")
+    # hypercorn bounds headers only while they are incomplete; this bounds them always.
+    if header_bytes > max_header_bytes:
+        raise RequestError(
+            431,
+            "headers_too_large",
+            f"request headers exceed {max_header_bytes} bytes (max_header_bytes)",
+        )
 
 
 def _has_body(scope: HTTPScope) -> bool:

@@ -25,8 +25,8 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .auth import Keyring
-from .edge import OVER_LIMIT
-from .errors import IngestorError, Overloaded, RequestError
+from .edge import OVER_LIMIT, admit
+from .errors import IngestorError, RequestError
 from .logs import request_id
 from .metrics import Metrics
 from .routes import NEEDS
@@ -90,15 +90,12 @@ class PulseRoute:
         headers: list[tuple[bytes, bytes]] = [_JSON, (b"x-request-id", rid.encode())]
         try:
             try:
-                if scope.get(OVER_LIMIT):
-                    raise Overloaded(
-                        f"more than {self._limit()} requests in flight (max_in_flight)"
-                    )
-                if size > self._max_headers:
-                    raise RequestError(
-                        431, "headers_too_large",
-                        f"request headers exceed {self._max_headers} bytes (max_header_bytes)",
-                    )
+                admit(
+                    over_limit=bool(scope.get(OVER_LIMIT)),
+                    limit=self._limit(),
+                    header_bytes=size,
+                    max_header_bytes=self._max_headers,
+                )
                 principal = self._keyring.authenticate(authorization)
                 self._keyring.require(principal, self._need, "POST /pulses")
                 body = await self._read_body(receive, length)
