@@ -66,6 +66,7 @@ from tests.support.server import (
     Sent,
     ServerProcess,
     Total,
+    check_pulses_stored_once,
     collect_pages,
     encode_body,
     exact_sum,
@@ -499,27 +500,6 @@ def check_outbox(
                 f"{key}: batches add up to {amount} / {count}, expected {expected.get(key)}"
             )
     return wrong
-
-
-async def check_pulses_stored_once(
-    http: httpx.AsyncClient, server: ServerProcess, ledger: Ledger
-) -> None:
-    """GET /pulses lists each acknowledged id exactly once, and no other id."""
-    expected: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for attempt in ledger.stored():
-        assert attempt.identity is not None
-        expected[attempt.identity[0], ledger.day_of(attempt)].add(attempt.identity[1])
-    for (tenant, day), ids in sorted(expected.items()):
-        listed = await collect_pages(
-            http,
-            f"{server.url}/pulses",
-            "pulses",
-            {"tenant_id": tenant, "date": day},
-            limit=10_000,
-        )
-        counts = Counter(row["id"] for row in listed)
-        assert [i for i, n in counts.items() if n > 1] == [], f"{tenant} {day}: stored twice"
-        assert set(counts) == ids, f"{tenant} {day}: stored ids differ from acknowledged"
 
 
 # -- 1. three instances, one store, one stream -------------------------------------

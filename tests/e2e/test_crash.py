@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +28,7 @@ from tests.support.server import (
     Payload,
     ServerProcess,
     Total,
+    check_pulses_stored_once,
     collect_pages,
     exact_sum,
     send_pulses,
@@ -225,23 +226,7 @@ async def test_kill_9_under_load_loses_nothing_and_counts_once(
     async with httpx.AsyncClient(timeout=30.0) as http:
         rows = await collect_pages(http, f"{server.url}/aggregates", "aggregates", limit=500)
         assert totals_of(rows) == ledger.expected_totals()
-        expected_ids: dict[tuple[str, str], set[str]] = {}
-        for attempt in ledger.stored():
-            identity = attempt.identity
-            assert identity is not None
-            key = (identity[0], ledger.day_of(attempt))
-            expected_ids.setdefault(key, set()).add(identity[1])
-        for (tenant, day), ids in expected_ids.items():
-            listed = await collect_pages(
-                http,
-                f"{server.url}/pulses",
-                "pulses",
-                {"tenant_id": tenant, "date": day},
-                limit=10_000,
-            )
-            counts = Counter(row["id"] for row in listed)
-            assert [i for i, c in counts.items() if c > 1] == [], "pulses stored twice"
-            assert set(counts) == ids, f"{tenant} {day}: stored ids differ from acknowledged"
+        await check_pulses_stored_once(http, server, ledger)
 
     print(
         f"\n{len(ledger.by_identity())} pulses, kills at {load.in_flight_at_kill} requests"
