@@ -831,17 +831,13 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         part.pending_since = None
         part.folded_seq = deltas_after = folded
     seen = max(part.seen_seq, merged, folded)
-    recent = part.recent
     for seq, body in conn.execute(
         "SELECT seq, body FROM pulse_log WHERE seq > ? ORDER BY seq",
         (min(ids_after, deltas_after),),
     ):
         pulses = _decode_pulses(body)
         if seq > ids_after:
-            row = seq.to_bytes(8, "big")
-            for p in pulses:
-                if p.client_id:
-                    recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
+            _add_ids(part.recent, seq, pulses)
         if seq > deltas_after:
             _add_deltas(part, bucket_deltas(pulses))
         seen = max(seen, seq)
@@ -865,10 +861,7 @@ def _unfolded_buckets(conn: sqlite3.Connection, query: AggregateQuery) -> list[t
         for (body,) in conn.execute(
             "SELECT body FROM pulse_log WHERE seq > ?", (int(row[0]) if row else 0,)
         ):
-            for key, delta in bucket_deltas(_decode_pulses(body)).items():
-                known = tail.setdefault(key, Delta())
-                known.nanos += delta.nanos
-                known.count += delta.count
+            _merge_deltas(tail, bucket_deltas(_decode_pulses(body)))
         rows = {
             tuple(r[:4]): list(r)
             for r in conn.execute(f"SELECT {_BUCKET_COLUMNS} FROM buckets {where(clauses)}", args)
@@ -907,26 +900,33 @@ def _remember(
 
     What `_catch_up` would read back from that row, without reading it.
     """
-    row = seq.to_bytes(8, "big")
-    recent = part.recent
-    for p in accepted:
-        if p.client_id:
-            recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
+    _add_ids(part.recent, seq, accepted)
     _add_deltas(part, deltas)
     part.seen_seq = seq
 
 
+def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> None:
+    """The client ids of log row `seq` into `recent` (see `_Partition.recent`)."""
+    row = seq.to_bytes(8, "big")
+    for p in pulses:
+        if p.client_id:
+            recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
+
+
 def _add_deltas(part: _Partition, deltas: dict[BucketKey, Delta]) -> None:
-    pending = part.pending
+    _merge_deltas(part.pending, deltas)
+    if part.pending_since is None:
+        part.pending_since = time.monotonic()
+
+
+def _merge_deltas(into: dict[BucketKey, Delta], deltas: dict[BucketKey, Delta]) -> None:
     for key, delta in deltas.items():
-        known = pending.get(key)
+        known = into.get(key)
         if known is None:
-            pending[key] = Delta(delta.nanos, delta.count)
+            into[key] = Delta(delta.nanos, delta.count)
         else:
             known.nanos += delta.nanos
             known.count += delta.count
-    if part.pending_since is None:
-        part.pending_since = time.monotonic()
 
 
 def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
