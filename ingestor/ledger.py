@@ -19,6 +19,7 @@ __all__ = [
     "BucketKey",
     "BucketState",
     "Delta",
+    "add_pulses",
     "batch_id",
     "bucket_deltas",
     "commit_batches",
@@ -76,6 +77,12 @@ def resolve(
 def bucket_deltas(accepted: Iterable[Pulse]) -> dict[BucketKey, Delta]:
     """Pre-aggregate accepted pulses per bucket: one row write per bucket."""
     deltas: dict[BucketKey, Delta] = {}
+    add_pulses(deltas, accepted)
+    return deltas
+
+
+def add_pulses(deltas: dict[BucketKey, Delta], accepted: Iterable[Pulse]) -> None:
+    """Add accepted pulses to the per-bucket `deltas`, in place."""
     for p in accepted:
         key = (p.day, p.tenant_id, p.product_sku, p.use_unit)
         delta = deltas.get(key)
@@ -84,7 +91,6 @@ def bucket_deltas(accepted: Iterable[Pulse]) -> dict[BucketKey, Delta]:
         else:
             delta.nanos += p.nanos
             delta.count += 1
-    return deltas
 
 
 def batch_id(store_id: str, day: str, partition: int, seq: int) -> str:

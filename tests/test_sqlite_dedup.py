@@ -94,15 +94,14 @@ def test_a_merge_that_rolls_back_leaves_memory_rebuilt(
     a, _ = stores
     a.write_pulses(0, [pulse(f"p{i}") for i in range(10)], 0)
     # The next write merges, then fails before COMMIT: nothing of it is kept.
-    original = sqlite_store.bucket_deltas
-
     def explode(*args: object) -> object:
         raise sqlite3.OperationalError("injected")
 
-    monkeypatch.setattr(sqlite_store, "bucket_deltas", explode)
-    with pytest.raises(StoreError):
-        a.write_pulses(0, [pulse("q")], 0)
-    monkeypatch.setattr(sqlite_store, "bucket_deltas", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)  # every write folds: the fold fails
+        patch.setattr(sqlite_store, "_fold", explode)
+        with pytest.raises(StoreError):
+            a.write_pulses(0, [pulse("q")], 0)
     assert merged_watermark(a) == 0
     # Memory said "merged"; the watermark says not: the next write rebuilds
     # from the log and still knows every earlier id, and q was never stored.
@@ -133,7 +132,8 @@ def test_ids_of_a_write_that_rolled_back_are_not_remembered(
 
     # The log row of "lost" is written, then the transaction fails before COMMIT.
     with monkeypatch.context() as patch:
-        patch.setattr(sqlite_store, "bucket_deltas", explode)
+        patch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)  # every write folds: the fold fails
+        patch.setattr(sqlite_store, "_fold", explode)
         with pytest.raises(StoreError):
             a.write_pulses(0, [pulse("lost")], 0)
     assert a.write_pulses(0, [pulse("lost"), pulse("first")], 0) == ["accepted", "duplicate"]

@@ -73,7 +73,7 @@ from ..ledger import (
     BucketKey,
     BucketState,
     Delta,
-    bucket_deltas,
+    add_pulses,
     new_batches,
     partition_of_batch,
     resolve,
@@ -485,13 +485,12 @@ class SQLiteStore:
                 "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
                 [(tenant, day, seq) for tenant, day in {(p.tenant_id, p.day) for p in accepted}],
             )
-            deltas = bucket_deltas(accepted)
             since = part.pending_since
             if len(part.pending) >= _FOLD_AT_KEYS or (
                 since is not None and time.monotonic() - since >= _FOLD_AFTER_S
             ):
                 _fold(conn, part)
-            part.on_commit(lambda: _remember(part, seq, accepted, deltas))
+            part.on_commit(lambda: _remember(part, seq, accepted))
         return outcomes
 
     def commit_day(
@@ -839,7 +838,7 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         if seq > ids_after:
             _add_ids(part.recent, seq, pulses)
         if seq > deltas_after:
-            _add_deltas(part, bucket_deltas(pulses))
+            _add_pulses(part, pulses)
         seen = max(seen, seq)
     part.seen_seq = seen
     part.version = version
@@ -861,7 +860,7 @@ def _unfolded_buckets(conn: sqlite3.Connection, query: AggregateQuery) -> list[t
         for (body,) in conn.execute(
             "SELECT body FROM pulse_log WHERE seq > ?", (int(row[0]) if row else 0,)
         ):
-            _merge_deltas(tail, bucket_deltas(_decode_pulses(body)))
+            add_pulses(tail, _decode_pulses(body))
         rows = {
             tuple(r[:4]): list(r)
             for r in conn.execute(f"SELECT {_BUCKET_COLUMNS} FROM buckets {where(clauses)}", args)
@@ -893,15 +892,13 @@ def _unfolded_buckets(conn: sqlite3.Connection, query: AggregateQuery) -> list[t
     return selected
 
 
-def _remember(
-    part: _Partition, seq: int, accepted: Sequence[Pulse], deltas: dict[BucketKey, Delta]
-) -> None:
-    """After log row `seq` is durable: its client ids and deltas join memory.
+def _remember(part: _Partition, seq: int, accepted: Sequence[Pulse]) -> None:
+    """After log row `seq` is durable: its client ids and bucket deltas join memory.
 
     What `_catch_up` would read back from that row, without reading it.
     """
     _add_ids(part.recent, seq, accepted)
-    _add_deltas(part, deltas)
+    _add_pulses(part, accepted)
     part.seen_seq = seq
 
 
@@ -913,20 +910,10 @@ def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> Non
             recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
 
 
-def _add_deltas(part: _Partition, deltas: dict[BucketKey, Delta]) -> None:
-    _merge_deltas(part.pending, deltas)
+def _add_pulses(part: _Partition, pulses: Sequence[Pulse]) -> None:
+    add_pulses(part.pending, pulses)
     if part.pending_since is None:
         part.pending_since = time.monotonic()
-
-
-def _merge_deltas(into: dict[BucketKey, Delta], deltas: dict[BucketKey, Delta]) -> None:
-    for key, delta in deltas.items():
-        known = into.get(key)
-        if known is None:
-            into[key] = Delta(delta.nanos, delta.count)
-        else:
-            known.nanos += delta.nanos
-            known.count += delta.count
 
 
 def _fold(conn: sqlite3.Connection, part: _Partition) -> None:

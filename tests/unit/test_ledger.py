@@ -14,6 +14,7 @@ from ingestor.ledger import (
     BucketKey,
     BucketState,
     Delta,
+    add_pulses,
     batch_id,
     bucket_deltas,
     commit_batches,
@@ -203,6 +204,15 @@ def test_bucket_deltas_of_nothing() -> None:
 def test_bucket_deltas_do_not_depend_on_order(pulses: list[Pulse], data: st.DataObject) -> None:
     shuffled = data.draw(st.permutations(pulses))
     assert as_plain(bucket_deltas(shuffled)) == as_plain(bucket_deltas(pulses))
+
+
+@given(bucket_pulses, bucket_pulses)
+def test_adding_pulses_to_deltas_equals_deltas_of_both(
+    first: list[Pulse], second: list[Pulse]
+) -> None:
+    deltas = bucket_deltas(first)
+    add_pulses(deltas, second)
+    assert as_plain(deltas) == as_plain(bucket_deltas(first + second))
 
 
 @given(bucket_pulses)
