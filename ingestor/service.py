@@ -31,7 +31,7 @@ from .deliverer import Deliverer
 from .edge import Edge
 from .intake import Rules
 from .runtime import Runtime
-from .shard import Shard
+from .shard import Shard, WriteLane
 from .sinks import Sink, open_sink
 from .store import Store, open_store
 
@@ -61,10 +61,12 @@ async def open_service(
             billing_timezone=settings.billing_timezone,
             tenant_timezones=settings.tenant_timezones,
         )
+        lanes = [WriteLane() for _ in range(max(1, min(store.write_lanes, store.partitions)))]
         shards = [
             Shard(
                 partition, store, queue_size=settings.shard_queue,
                 group_max_pulses=settings.group_max_pulses, clock=clock,
+                lane=lanes[partition % len(lanes)],
             )
             for partition in range(store.partitions)
         ]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from ingestor import shard as shard_module
 from ingestor.errors import Draining, StoreFull
 from ingestor.model import Outcome, Pulse
-from ingestor.shard import Ingest, Reply, Shard
+from ingestor.shard import Ingest, Reply, Shard, WriteLane
 from ingestor.store.sqlite import SQLiteStore
 
 NOW = 1_795_000_000_000_000
@@ -148,3 +150,113 @@ async def test_queued_messages_are_finished_after_close(held: HeldStore) -> None
     await shard.run()  # returns once the queue is drained
     for reply in replies:
         assert await reply.receive() == ["accepted"]
+
+
+# --- the write lane ---------------------------------------------------------
+
+
+class LaneWrites:
+    """Writes for a lane: "a" holds its thread until `gate` is set; "bad" fails."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.gate = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+        self.ran: list[str] = []
+
+    def __call__(self, name: str) -> str:
+        if name == "a":
+            trio.from_thread.run_sync(self.entered.set, trio_token=self.token)
+            trio.from_thread.run(self.gate.wait, trio_token=self.token)
+        self.ran.append(name)
+        if name == "bad":
+            raise StoreFull("disk full")
+        return name.upper()
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The names of the writes each worker-thread hop of a lane ran."""
+    seen: list[list[str]] = []
+    run_jobs = shard_module._run_jobs
+
+    def counted(jobs: list[Any]) -> None:
+        seen.append([job.args[0] for job in jobs])
+        run_jobs(jobs)
+
+    monkeypatch.setattr(shard_module, "_run_jobs", counted)
+    return seen
+
+
+async def test_lane_takes_the_writes_that_wait_meanwhile_in_one_hop(
+    hops: list[list[str]],
+) -> None:
+    lane, writes = WriteLane(), LaneWrites()
+    results: dict[str, str] = {}
+
+    async def call(name: str) -> None:
+        results[name] = await lane.run(writes, name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "a")
+        await writes.entered.wait()
+        for name in "bcd":
+            nursery.start_soon(call, name)
+        await trio.testing.wait_all_tasks_blocked()
+        waiting = (list(hops), dict(results))
+        writes.gate.set()
+    # b, c and d waited for the lane, not in threads of their own:
+    assert waiting == ([["a"]], {})
+    assert len(hops) == 2
+    assert sorted(hops[1]) == ["b", "c", "d"]
+    assert writes.ran == ["a", *hops[1]]  # one after another, in the order they queued
+    assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}
+
+
+async def test_lane_failure_is_only_its_own_writes(hops: list[list[str]]) -> None:
+    lane, writes = WriteLane(), LaneWrites()
+    writes.gate.set()
+    outcomes: dict[str, object] = {}
+
+    async def call(name: str) -> None:
+        try:
+            outcomes[name] = await lane.run(writes, name)
+        except StoreFull as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        for name in ("x", "bad", "y"):
+            nursery.start_soon(call, name)
+    assert len(hops) == 1
+    assert sorted(hops[0]) == ["bad", "x", "y"]
+    assert outcomes["x"] == "X"
+    assert outcomes["y"] == "Y"
+    assert isinstance(outcomes["bad"], StoreFull)
+    # The lane goes on.
+    assert await lane.run(writes, "z") == "Z"
+
+
+async def test_lane_finishes_a_write_whose_caller_is_cancelled() -> None:
+    """Like trio.to_thread.run_sync: a write that was handed over is finished and
+    its result returned, so a shard never loses track of what it wrote."""
+    lane, writes = WriteLane(), LaneWrites()
+    results: dict[str, str] = {}
+
+    async def call(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            results[name] = await lane.run(writes, name)
+
+    async with trio.open_nursery() as nursery:
+        first, second = trio.CancelScope(), trio.CancelScope()
+        nursery.start_soon(call, "a", first)
+        await writes.entered.wait()
+        nursery.start_soon(call, "b", second)  # waits for the lane
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
+        second.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        before = dict(results)
+        writes.gate.set()
+    assert before == {}  # still running, or waiting to run: not abandoned
+    assert results == {"a": "A", "b": "B"}
+    assert writes.ran == ["a", "b"]

@@ -68,6 +68,11 @@ class Store(Protocol):
 
     store_id: str
     partitions: int
+    # How many partitions' writes are best run at once, each in its own
+    # thread. SQLite's writes are local work: one thread runs them all, and
+    # each thread more only adds hops and contention (see `shard.WriteLane`).
+    # A server's writes wait on the network: one thread per partition.
+    write_lanes: int
 
     def write_pulses(
         self, partition: int, pulses: Sequence[Pulse], received_us: int

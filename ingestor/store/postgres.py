@@ -358,6 +358,7 @@ class PostgresStore:
     ) -> None:
         self.store_id = store_id
         self.partitions = partitions
+        self.write_lanes = partitions
         self._connector = connector
         self._pool = pool
         self._lock = _lock_key(store_id)

@@ -367,6 +367,7 @@ class SQLiteStore:
         self.directory = directory
         self.store_id = store_id
         self.partitions = len(parts)
+        self.write_lanes = 1
         self._parts = parts
         self._leader_fd: int | None = None
 
