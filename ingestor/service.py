@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -170,6 +171,7 @@ async def serve(
                 await stop.wait()
                 runtime.draining = True
 
+            _tune_collector()
             task_status.started()
             async with trio.open_nursery() as http:
                 http.start_soon(_drain, stop, edge, settings.graceful_timeout, http.cancel_scope)
@@ -183,6 +185,20 @@ async def serve(
             runtime.draining = True
         nursery.cancel_scope.cancel()
     log.info("stop", extra={"fields": {"bind": settings.bind}})
+
+
+def _tune_collector() -> None:
+    """Make the cyclic garbage collector cheap on the ingest path.
+
+    What start-up built lives as long as the process: freezing it keeps
+    every full collection from walking it again. Requests allocate many
+    short-lived containers but make few cycles, so collections of the
+    youngest generation can wait for 50,000 allocations instead of 700.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(50_000, older, oldest)
 
 
 def runtime_sink(settings: Settings) -> str:
