@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import re
 import secrets
 import zoneinfo
@@ -43,6 +44,10 @@ _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 _TOO_DEEP = "nested too deeply (arrays or objects inside each other)"
 
 
+_RUN = secrets.token_hex(6)
+_REQUESTS = itertools.count()
+
+
 class _IdOnly(msgspec.Struct):
     id: object = None
 
@@ -74,7 +79,15 @@ class Rules:
         self.tenant_zones = {
             tenant: zoneinfo.ZoneInfo(zone) for tenant, zone in (tenant_timezones or {}).items()
         }
-        self._days: dict[tuple[dt.tzinfo, int], str] = {}
+        # Per zone: the billing day of each 15-minute slot seen so far.
+        self._days: dict[dt.tzinfo, dict[int, str]] = {}
+        self._default_days = self._days_in(self.default_zone)
+        self._tenant_days = {
+            tenant: self._days_in(zone) for tenant, zone in self.tenant_zones.items()
+        }
+
+    def _days_in(self, zone: dt.tzinfo) -> dict[int, str]:
+        return self._days.setdefault(zone, {})
 
     def zone_of(self, tenant_id: str) -> dt.tzinfo:
         return self.tenant_zones.get(tenant_id, self.default_zone)
@@ -83,14 +96,14 @@ class Rules:
         return {self.default_zone, *self.tenant_zones.values()}
 
     def day_of(self, tenant_id: str, ts_us: int) -> str:
-        zone = self.tenant_zones.get(tenant_id, self.default_zone)
-        key = (zone, ts_us // _SLOT_US)
-        day = self._days.get(key)
+        days = self._tenant_days.get(tenant_id, self._default_days)
+        slot = ts_us // _SLOT_US
+        day = days.get(slot)
         if day is None:
-            if len(self._days) > 100_000:
-                self._days.clear()
-            day = moment(key[1] * _SLOT_US).astimezone(zone).date().isoformat()
-            self._days[key] = day
+            if len(days) > 100_000:
+                days.clear()
+            zone = self.zone_of(tenant_id)
+            day = days[slot] = moment(slot * _SLOT_US).astimezone(zone).date().isoformat()
         return day
 
 
@@ -154,7 +167,8 @@ def _build(
     now_us: int,
     single: bool,
 ) -> Intake:
-    prefix = f"srv-{secrets.token_hex(8)}-"
+    # Unique per request: random per process, then counted.
+    prefix = f"srv-{_RUN}{next(_REQUESTS):x}-"
     pulses: list[tuple[int, Pulse]] = []
     items: list[IngestItem] = []
     index = -1
