@@ -65,13 +65,15 @@ class _Job:
         self.done = trio.Event()  # set when it has run, or when it is to lead
         self.leads = False
         self.value: object = None
-        self.error: BaseException | None = None
+        # Until it has run: a write that never ran is answered as not stored.
+        self.error: BaseException | None = StoreError("the write did not run")
 
 
 def _run_jobs(jobs: list[_Job]) -> None:
     for job in jobs:
         try:
             job.value = job.fn(*job.args)
+            job.error = None
         except BaseException as exc:  # each job's failure is its own
             job.error = exc
 
