@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,20 @@ def test_conflict_detected_from_memory_and_from_the_index(
     assert b.write_pulses(0, [pulse("x", 2), pulse("x", 1)], 0) == ["conflict", "duplicate"]
 
 
+@contextmanager
+def failing_before_commit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Writes fail inside their transaction, after their log row: every write
+    folds, and the fold fails."""
+
+    def explode(*args: object) -> object:
+        raise sqlite3.OperationalError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)
+        patch.setattr(sqlite_store, "_fold", explode)
+        yield
+
+
 @pytest.mark.usefixtures("small_merges")
 def test_a_merge_that_rolls_back_leaves_memory_rebuilt(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
@@ -94,14 +109,8 @@ def test_a_merge_that_rolls_back_leaves_memory_rebuilt(
     a, _ = stores
     a.write_pulses(0, [pulse(f"p{i}") for i in range(10)], 0)
     # The next write merges, then fails before COMMIT: nothing of it is kept.
-    def explode(*args: object) -> object:
-        raise sqlite3.OperationalError("injected")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)  # every write folds: the fold fails
-        patch.setattr(sqlite_store, "_fold", explode)
-        with pytest.raises(StoreError):
-            a.write_pulses(0, [pulse("q")], 0)
+    with failing_before_commit(monkeypatch), pytest.raises(StoreError):
+        a.write_pulses(0, [pulse("q")], 0)
     assert merged_watermark(a) == 0
     # Memory said "merged"; the watermark says not: the next write rebuilds
     # from the log and still knows every earlier id, and q was never stored.
@@ -126,16 +135,9 @@ def test_ids_of_a_write_that_rolled_back_are_not_remembered(
 ) -> None:
     a, b = stores
     assert a.write_pulses(0, [pulse("first")], 0) == ["accepted"]
-
-    def explode(*args: object) -> object:
-        raise sqlite3.OperationalError("injected")
-
     # The log row of "lost" is written, then the transaction fails before COMMIT.
-    with monkeypatch.context() as patch:
-        patch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)  # every write folds: the fold fails
-        patch.setattr(sqlite_store, "_fold", explode)
-        with pytest.raises(StoreError):
-            a.write_pulses(0, [pulse("lost")], 0)
+    with failing_before_commit(monkeypatch), pytest.raises(StoreError):
+        a.write_pulses(0, [pulse("lost")], 0)
     assert a.write_pulses(0, [pulse("lost"), pulse("first")], 0) == ["accepted", "duplicate"]
     assert b.write_pulses(0, [pulse("lost")], 0) == ["duplicate"]
     [bucket] = b.aggregates(sqlite_store.AggregateQuery())
