@@ -26,6 +26,11 @@ def pulse(pulse_id: str, amount: int = 1, tenant: str = "t") -> Pulse:
     return Pulse(tenant, "sku", "unit", amount, pulse_id, True, 0, DAY, b"fp%d" % amount)
 
 
+def open_store(directory: Path) -> SQLiteStore:
+    """A one-partition store in `directory`, as every test here opens it."""
+    return SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5)
+
+
 @pytest.fixture
 def small_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
@@ -33,8 +38,8 @@ def small_merges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore]]:
-    a = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
-    b = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    a = open_store(tmp_path / "s")
+    b = open_store(tmp_path / "s")
     yield a, b
     a.close()
     b.close()
@@ -119,10 +124,10 @@ def test_a_merge_that_rolls_back_leaves_memory_rebuilt(
 
 
 def test_a_reopened_store_knows_unmerged_ids(tmp_path: Path) -> None:
-    store = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    store = open_store(tmp_path / "s")
     store.write_pulses(0, [pulse("kept")], 0)
     store.close()
-    reopened = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    reopened = open_store(tmp_path / "s")
     try:
         assert merged_watermark(reopened) == 0
         assert reopened.write_pulses(0, [pulse("kept")], 0) == ["duplicate"]
@@ -197,11 +202,11 @@ def test_a_read_sees_deltas_another_process_has_not_folded(
 
 
 def test_deltas_survive_a_restart_before_any_fold(tmp_path: Path) -> None:
-    store = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    store = open_store(tmp_path / "s")
     store.write_pulses(0, [pulse("kept", 3), pulse("also", 4)], 0)
     assert folded_watermark(store) == 0
     store.close()  # as after a kill: nothing folded
-    reopened = SQLiteStore.open(tmp_path / "s", partitions=1, durability="os", busy_timeout=5)
+    reopened = open_store(tmp_path / "s")
     try:
         [batch] = reopened.commit_day(0, DAY, 0, 100)
         assert (batch.record_count, batch.used_amount) == (1, "0.000000007")
