@@ -40,7 +40,8 @@ _C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 # Untyped decoding (Raw, object) recurses once per level of nesting; msgspec
 # stops at the interpreter's recursion limit with a RecursionError. Invalid
-# UTF-8 inside a string raises UnicodeDecodeError, not a msgspec error.
+# UTF-8 inside a string raises UnicodeDecodeError before msgspec 0.23, and
+# a DecodeError since.
 _TOO_DEEP = "nested too deeply (arrays or objects inside each other)"
 
 
@@ -252,10 +253,12 @@ def decode_pulses(
         )
     try:
         many = (_many if strict else _many_plain).decode(body)
-    except (msgspec.ValidationError, UnicodeDecodeError):
-        pass  # each element is decoded alone below, to say which one is bad
-    except msgspec.DecodeError as exc:
-        raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        # Each element is decoded alone below, to say which one is bad. A
+        # DecodeError may be one element's (invalid UTF-8 in a string is one
+        # since msgspec 0.23): the list of raw elements tells whether the
+        # body as a whole is JSON.
+        pass
     else:
         _limit(len(many), rules)
         return _build(many, rules, now_us, single=False)
