@@ -62,7 +62,10 @@ async def open_service(
             billing_timezone=settings.billing_timezone,
             tenant_timezones=settings.tenant_timezones,
         )
-        lanes = [WriteLane() for _ in range(max(1, min(store.write_lanes, store.partitions)))]
+        lanes = [
+            WriteLane(store.writing_together)
+            for _ in range(max(1, min(store.write_lanes, store.partitions)))
+        ]
         shards = [
             Shard(
                 partition, store, queue_size=settings.shard_queue,

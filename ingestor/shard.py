@@ -7,14 +7,16 @@ channel is overload, answered 503 by the API, never a growing queue.
 
 The write itself runs in a worker thread through a `WriteLane` that shards
 share as the store prefers (`Store.write_lanes`): on SQLite, one lane takes
-every shard's waiting write to one thread in one hop.
+every shard's waiting write to one thread in one hop, and one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
 import msgspec
@@ -69,13 +71,19 @@ class _Job:
         self.error: BaseException | None = StoreError("the write did not run")
 
 
-def _run_jobs(jobs: list[_Job]) -> None:
-    for job in jobs:
-        try:
-            job.value = job.fn(*job.args)
-            job.error = None
-        except BaseException as exc:  # each job's failure is its own
-            job.error = exc
+def _run_jobs(jobs: list[_Job], together: Callable[[], AbstractContextManager[None]]) -> None:
+    try:
+        with together():
+            for job in jobs:
+                try:
+                    job.value = job.fn(*job.args)
+                    job.error = None
+                except BaseException as exc:  # each job's failure is its own
+                    job.error = exc
+    except BaseException as exc:  # what they did together did not last
+        for job in jobs:
+            if job.error is None:
+                job.value, job.error = None, exc
 
 
 class WriteLane:
@@ -85,12 +93,17 @@ class WriteLane:
     each, and a thread hop each: handing work to a thread, waking it, and
     waking the event loop again cost more than the transactions themselves.
     Through the lane, the writes that are waiting when one starts go in one
-    hop and run one after another, each still its own transaction with its
-    own result: whoever finds the lane idle leads and runs every waiting
-    write; those that arrive meanwhile wait, and the first of them leads next.
+    hop and run one after another, each with its own result: whoever finds
+    the lane idle leads and runs every waiting write; those that arrive
+    meanwhile wait, and the first of them leads next. The writes of one hop
+    run inside `together()` (the store's `writing_together`), which may make
+    them one durable transaction; if it fails, so does every write in it.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, together: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> None:
+        self._together = together
         self._waiting: list[_Job] = []
         self._busy = False
 
@@ -108,7 +121,7 @@ class WriteLane:
                 await trio.lowlevel.checkpoint()
                 jobs, self._waiting = self._waiting, []
                 try:
-                    await trio.to_thread.run_sync(_run_jobs, jobs)
+                    await trio.to_thread.run_sync(_run_jobs, jobs, self._together)
                 finally:
                     for done in jobs:
                         done.done.set()
@@ -162,7 +175,7 @@ class Shard:
         lane: WriteLane | None = None,
     ) -> None:
         self.partition = partition
-        self._lane = lane or WriteLane()
+        self._lane = lane or WriteLane(store.writing_together)
         self._store = store
         self._group_max = group_max_pulses
         self._clock = clock

@@ -461,7 +461,7 @@ async def _occupy(runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> No
     lock for a moment, and only once it is ours is it sure to be released.
     """
     store = runtime.store
-    lock = store._parts[0].write_lock  # type: ignore[attr-defined]
+    lock = store._file.write_lock  # type: ignore[attr-defined]
     await trio.to_thread.run_sync(lock.acquire)
     try:
         task_status.started()

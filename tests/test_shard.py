@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import trio
 import trio.testing
 
 from ingestor import shard as shard_module
-from ingestor.errors import Draining, StoreFull
+from ingestor.errors import Draining, StoreError, StoreFull
 from ingestor.model import Outcome, Pulse
 from ingestor.shard import Ingest, Reply, Shard, WriteLane
 from ingestor.store.sqlite import SQLiteStore
@@ -47,6 +49,9 @@ class HeldStore:
             error, self.fail_next = self.fail_next, None
             raise error
         return self.inner.write_pulses(partition, pulses, received_us)
+
+    def writing_together(self) -> AbstractContextManager[None]:
+        return self.inner.writing_together()
 
 
 @pytest.fixture
@@ -180,9 +185,9 @@ def hops(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     seen: list[list[str]] = []
     run_jobs = shard_module._run_jobs
 
-    def counted(jobs: list[Any]) -> None:
+    def counted(jobs: list[Any], together: Any) -> None:
         seen.append([job.args[0] for job in jobs])
-        run_jobs(jobs)
+        run_jobs(jobs, together)
 
     monkeypatch.setattr(shard_module, "_run_jobs", counted)
     return seen
@@ -234,6 +239,39 @@ async def test_lane_failure_is_only_its_own_writes(hops: list[list[str]]) -> Non
     assert isinstance(outcomes["bad"], StoreFull)
     # The lane goes on.
     assert await lane.run(writes, "z") == "Z"
+
+
+async def test_lane_writes_fail_together_when_what_holds_them_fails() -> None:
+    """The store's `writing_together` failing (its COMMIT, say) undoes every write
+    in it: each caller gets that error, and a write that failed keeps its own."""
+    ended: list[str] = []
+
+    @contextlib.contextmanager
+    def together() -> Iterator[None]:
+        yield
+        ended.append("commit")
+        raise StoreError("the round did not commit")
+
+    lane, writes = WriteLane(together), LaneWrites()
+    writes.gate.set()
+    outcomes: dict[str, object] = {}
+
+    async def call(name: str) -> None:
+        try:
+            outcomes[name] = await lane.run(writes, name)
+        except StoreError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        for name in ("x", "bad", "y"):
+            nursery.start_soon(call, name)
+    assert ended == ["commit"]  # one hop, one round
+    assert sorted(writes.ran) == ["bad", "x", "y"]
+    assert isinstance(outcomes["bad"], StoreFull)
+    for name in ("x", "y"):
+        assert isinstance(outcomes[name], StoreError)
+        assert not isinstance(outcomes[name], StoreFull)
+        assert "did not commit" in str(outcomes[name])
 
 
 async def test_lane_finishes_a_write_whose_caller_is_cancelled() -> None:

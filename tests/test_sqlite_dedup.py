@@ -47,8 +47,8 @@ def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore]]:
 
 def watermark(store: SQLiteStore, key: str) -> int:
     """A meta watermark of partition 0 (0 if never set)."""
-    row = store._parts[0].read(
-        lambda c: c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    row = store._file.read(
+        lambda c: c.execute("SELECT value FROM meta WHERE key = ?", (f"{key}/0",)).fetchone()
     )
     return int(row[0]) if row else 0
 

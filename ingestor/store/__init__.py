@@ -9,6 +9,7 @@ Each writing method is one transaction, so a crash leaves all of it or none.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import msgspec
@@ -78,6 +79,12 @@ class Store(Protocol):
         self, partition: int, pulses: Sequence[Pulse], received_us: int
     ) -> list[Outcome]:
         """Dedup, store and add up `pulses` in one durable transaction."""
+        ...
+
+    def writing_together(self) -> AbstractContextManager[None]:
+        """A block whose `write_pulses` calls (from this thread) may share one
+        transaction: each keeps its own result, a failed one leaves nothing,
+        and none is durable before the block ends; if the block fails, none is."""
         ...
 
     def commit_day(

@@ -21,6 +21,7 @@ timeouts `StoreBusy`, a full disk `StoreFull`, a database that is not ours
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import threading
@@ -405,6 +406,11 @@ class PostgresStore:
                 self._leader.close()  # ends the session, and the leadership with it
                 self._leader = None
         self._pool.close()
+
+    def writing_together(self) -> contextlib.AbstractContextManager[None]:
+        # Each write is its own transaction on its own connection: a lane
+        # per partition runs them side by side (`write_lanes`).
+        return contextlib.nullcontext()
 
     def lead_committer(self) -> bool:
         """Hold a session-level advisory lock on a connection of our own.

@@ -1,9 +1,18 @@
-"""The embedded store: one SQLite file per partition, in WAL mode.
+"""The embedded store: one SQLite file in WAL mode, holding every partition.
 
 Layout under the store directory:
 
-    meta.sqlite        store id, partition count, schema version
-    p000.sqlite ...    one per partition: pulses, ids, buckets, the outbox
+    store.sqlite       store id, partition count, schema version, and all
+                       partitions' pulses, ids, buckets and outbox
+    committer.lock     held by the one process that runs the committer
+
+Partitions are logical here: rows carry theirs (`part`), and each has its own
+memory below. One file makes the writes a process has waiting one
+transaction: the write lane hands them to `writing_together`, each runs in a
+savepoint of its own (a failed write leaves nothing), and one COMMIT makes
+them all durable, with one fsync. A file per partition cost one transaction
+and one fsync per partition a round touched, and a 1,000-pulse request
+touches all sixteen.
 
 Pulses are kept as a log: each write appends one row holding all its
 accepted pulses (encoded `Pulse` arrays, client ids and fingerprints
@@ -11,35 +20,34 @@ included), plus one `pulse_days` row per (tenant, day) it touches, so
 `GET /pulses` finds them. Nothing on the write path costs a row per pulse.
 
 The log row is also the durable record of the amounts. Bucket totals are
-folded from it: the writer keeps the deltas of the log's tail in memory
-(`pending`) and adds them to `buckets` at most every `_FOLD_AFTER_S`, in
-one upsert per bucket however many pulses it got, moving the meta key
-`buckets_seq` (the last log row folded) in the same transaction. Anything
-that reads buckets folds first (commits, purges, reads), so the table it
-reads holds every acknowledged pulse, whichever process took it; a read
-that cannot write the fold (a full disk) adds the log's tail itself. An
-upsert of a bucket costs about 10 µs, as much as the rest of a pulse's
-write: folding turns one per bucket per transaction into one per bucket
-per second.
+folded from it: the writer keeps the deltas of each partition's log tail in
+memory (`pending`) and adds them to `buckets` at most every `_FOLD_AFTER_S`,
+in one upsert per bucket however many pulses it got, moving the partition's
+meta key `buckets_seq/<n>` (the last log row folded) in the same
+transaction. Anything that reads buckets folds first (commits, purges,
+reads), so the table it reads holds every acknowledged pulse, whichever
+process took it; a read that cannot write the fold (a full disk) adds the
+log's tail itself. An upsert of a bucket costs about 10 µs, as much as the
+rest of a pulse's write: folding turns one per bucket per transaction into
+one per bucket per second.
 
 Dedup reads two tiers. The log row is the durable record of an id: it
 commits with the amounts. Ids of the log's tail live in memory (`recent`),
 added only once their log row has committed; every `_MERGE_AT` ids they
 are merged, sorted, into the indexed `pulse_ids` table, and the meta key
-`ids_merged_seq` records up to which log row that is done. Sorted merges
+`ids_merged_seq/<n>` records up to which log row that is done. Sorted merges
 touch each index page once per merge instead of once per id, which is
 what random ids cost when inserted with each write. Each transaction first
 asks SQLite whether another connection has committed since (`PRAGMA
 data_version`). If one has (another process wrote, or merged), or a
-transaction of ours rolled back, memory is brought up from the watermark
-and the log tail, so it can never hold an id that is not durable, nor miss
-one that is.
+write of ours rolled back, memory is brought up from the watermark and the
+log tail, so it can never hold an id that is not durable, nor miss one that
+is.
 
-A file per partition lets shards write and fsync in parallel without sharing
-one write lock, and lets several processes share a data dir: SQLite's locks
-and `BEGIN IMMEDIATE` arbitrate between them. The store directory is made
-under a temporary name and renamed into place, so a crash during creation
-leaves either a whole store or none.
+Several processes share the file: SQLite's lock and `BEGIN IMMEDIATE`
+arbitrate between them. The store directory is made under a temporary
+name and renamed into place, so a crash during creation leaves either a
+whole store or none.
 
 `durability = "fsync"` is `synchronous = FULL`: the WAL is fsynced at every
 commit, so a committed transaction survives power loss. `"os"` is `NORMAL`: it
@@ -51,8 +59,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import heapq
-import itertools
 import logging
 import os
 import secrets
@@ -98,25 +104,24 @@ __all__ = ["SQLiteStore"]
 log = logging.getLogger("ingestor.store")
 
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
-SCHEMA_VERSION = 1
-_WRITER_CACHE_KIB = 8 * 1024  # holds the hot part of the id index and the buckets
-_READER_CACHE_KIB = 2 * 1024
+SCHEMA_VERSION = 2  # 1: a file per partition
+_FILE = "store.sqlite"
+_WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
+_READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 5_000  # recent ids per partition held in memory before a merge (~1 MB)
 _FOLD_AFTER_S = 1.0  # how long logged deltas may wait before the writer folds them
 _FOLD_AT_KEYS = 20_000  # ... or how many buckets they may touch
 _ALL = 1 << 62  # "no limit" for a query
 
-_META_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-"""
-
-_PARTITION_SCHEMA = """
+_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE pulse_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after purge (see _catch_up)
+    part INTEGER NOT NULL,
     received_at INTEGER NOT NULL,
     body BLOB NOT NULL
 ) STRICT;
+CREATE INDEX pulse_log_by_part ON pulse_log (part, seq);
 CREATE TABLE pulse_days (
     tenant_id TEXT NOT NULL,
     day TEXT NOT NULL,
@@ -137,6 +142,7 @@ CREATE TABLE buckets (
     tenant_id TEXT NOT NULL,
     product_sku TEXT NOT NULL,
     use_unit TEXT NOT NULL,
+    part INTEGER NOT NULL,
     used_amount TEXT NOT NULL,
     pulse_count INTEGER NOT NULL,
     committed_amount TEXT NOT NULL,
@@ -144,9 +150,10 @@ CREATE TABLE buckets (
     revision INTEGER NOT NULL,
     PRIMARY KEY (day, tenant_id, product_sku, use_unit)
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX buckets_open ON buckets (day) WHERE pulse_count > committed_count;
+CREATE INDEX buckets_open ON buckets (part, day) WHERE pulse_count > committed_count;
 CREATE TABLE batches (
     batch_id TEXT PRIMARY KEY,
+    part INTEGER NOT NULL,
     day TEXT NOT NULL,
     seq INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -159,16 +166,16 @@ CREATE TABLE batches (
     last_error TEXT,
     next_attempt_at INTEGER,
     delivered_at INTEGER,
-    UNIQUE (day, seq)
+    UNIQUE (part, day, seq)
 ) STRICT;
-CREATE INDEX batches_due ON batches (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX batches_due ON batches (part, next_attempt_at) WHERE status = 'pending';
 """
 
 # Amounts are exact decimal text; dec_add adds them in Python integers.
 _UPSERT_BUCKET = """
-INSERT INTO buckets (day, tenant_id, product_sku, use_unit, used_amount, pulse_count,
+INSERT INTO buckets (day, tenant_id, product_sku, use_unit, part, used_amount, pulse_count,
                      committed_amount, committed_count, revision)
-VALUES (?, ?, ?, ?, ?, ?, '0', 0, 0)
+VALUES (?, ?, ?, ?, ?, ?, ?, '0', 0, 0)
 ON CONFLICT (day, tenant_id, product_sku, use_unit) DO UPDATE SET
     used_amount = dec_add(used_amount, excluded.used_amount),
     pulse_count = pulse_count + excluded.pulse_count
@@ -220,65 +227,113 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
     return StoreError(f"{what}: {exc}")
 
 
-class _Partition:
-    """One partition file: a writer and a reader connection, each behind a lock."""
+class _File:
+    """The store file: a writer and a reader connection, each behind a lock.
 
-    def __init__(self, path: Path, index: int, durability: str, busy_timeout: float) -> None:
-        self.index = index
+    Every write is a `transaction`. Inside `together` (the write lane's
+    round), each is a savepoint of the round's one transaction instead: its
+    failure undoes only itself, and nothing is durable before the round's
+    COMMIT. Memory follows only what has committed (`on_commit`).
+    """
+
+    def __init__(self, path: Path, durability: str, busy_timeout: float) -> None:
         self.path = path
         self.writer = _connect(path, durability, busy_timeout, _WRITER_CACHE_KIB)
         self.reader = _connect(path, durability, busy_timeout, _READER_CACHE_KIB)
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
-        # Under write_lock: client ids of log rows after `merged_seq`, up to
-        # `seen_seq`, keyed "tenant\0id" (tenants hold no control characters),
-        # each its log row's seq (8 bytes) followed by the payload fingerprint.
-        self.recent: dict[str, bytes] = {}
-        self.seen_seq = 0
-        self.merged_seq = -1  # unknown: the first transaction reads it
-        # Under write_lock: the bucket deltas of log rows after `folded_seq`
-        # (the meta key `buckets_seq`), up to `seen_seq`; since when they wait.
-        self.pending: dict[BucketKey, Delta] = {}
-        self.folded_seq = -1
-        self.pending_since: float | None = None
-        # The writer's `PRAGMA data_version` that `recent` is up to date with,
-        # or None. It changes only when another connection (another process)
-        # commits, so while it stands, nothing but this writer has touched
-        # the log and the watermark, and `_catch_up` has nothing to read.
-        self.version: int | None = None
+        # Under write_lock: what the open transaction will do to memory once
+        # it commits, and which partitions' memory it may move.
         self._on_commit: list[Callable[[], None]] = []
+        self._touched: set[_Partition] = set()
+        self._round: int | None = None  # the thread running writes together
 
     def on_commit(self, update: Callable[[], None]) -> None:
         """Run `update` (of memory, never of the file) once this transaction is durable."""
         self._on_commit.append(update)
 
     @contextmanager
-    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT. On any error: ROLLBACK, nothing is kept."""
-        with self.write_lock:
-            conn = self.writer
-            self._on_commit.clear()
+    def together(self, what: str = "write pulses") -> Iterator[None]:
+        """One transaction for every `transaction` in the block, made by this thread."""
+        with self.write_lock, self._transaction(what):
+            self._round = threading.get_ident()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    # The durability point: with synchronous=FULL the WAL is
-                    # fsynced here. A crash before this line loses the whole
-                    # transaction (the client got no answer); after it, all of it.
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # Memory may have moved with what is now undone: re-read it.
-                    self.version = None
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise _translate(exc, what) from exc
-            # Until every update has run, memory is not known to match the file.
-            version, self.version = self.version, None
-            for update in self._on_commit:
-                update()
-            self.version = version
+                yield
+            finally:
+                self._round = None
+
+    @contextmanager
+    def transaction(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT. On any error: ROLLBACK, nothing is kept.
+
+        `part` is the partition whose memory the transaction may move.
+        """
+        if self._round == threading.get_ident():
+            with self._savepoint(what, part) as conn:
+                yield conn
+            return
+        with self.write_lock, self._transaction(what) as conn:
+            self._touched.add(part)
+            yield conn
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        conn = self.writer
+        self._on_commit.clear()
+        self._touched.clear()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                # The durability point: with synchronous=FULL the WAL is
+                # fsynced here. A crash before this line loses the whole
+                # transaction (the client got no answer); after it, all of it.
+                conn.execute("COMMIT")
+            except BaseException:
+                # Memory may have moved with what is now undone: re-read it.
+                for part in self._touched:
+                    part.version = None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, what) from exc
+        # Until every update has run, memory is not known to match the file.
+        versions = [(part, part.version) for part in self._touched]
+        for part, _ in versions:
+            part.version = None
+        for update in self._on_commit:
+            update()
+        for part, version in versions:
+            part.version = version
+
+    @contextmanager
+    def _savepoint(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
+        conn = self.writer
+        if part in self._touched:
+            # Its memory does not yet hold the first write's ids: the second
+            # would not see them. One shard has one write in flight.
+            raise StoreError(f"{what}: partition {part.index} wrote twice in one round")
+        self._touched.add(part)
+        updates = len(self._on_commit)
+        try:
+            if not conn.in_transaction:
+                # SQLite undid the whole round (a full disk, an I/O error):
+                # a savepoint now would begin a transaction of its own.
+                raise StoreError(f"{what}: the round's transaction was rolled back")
+            conn.execute("SAVEPOINT write")
+            try:
+                yield conn
+                conn.execute("RELEASE write")
+            except BaseException:
+                part.version = None
+                del self._on_commit[updates:]
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, what) from exc
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self.read_lock:
@@ -293,6 +348,42 @@ class _Partition:
             self.writer.close()
 
 
+class _Partition:
+    """One partition's memory of the file: its log tail's ids and deltas."""
+
+    def __init__(self, file: _File, index: int) -> None:
+        self.file = file
+        self.index = index
+        self.merged_key = f"ids_merged_seq/{index}"
+        self.folded_key = f"buckets_seq/{index}"
+        # Under the file's write_lock: client ids of this partition's log rows
+        # after `merged_seq`, up to `seen_seq`, keyed "tenant\0id" (tenants
+        # hold no control characters), each its log row's seq (8 bytes)
+        # followed by the payload fingerprint.
+        self.recent: dict[str, bytes] = {}
+        self.seen_seq = 0
+        self.merged_seq = -1  # unknown: the first transaction reads it
+        # Under write_lock: the bucket deltas of log rows after `folded_seq`
+        # (the meta key `buckets_seq/<n>`), up to `seen_seq`; since when they wait.
+        self.pending: dict[BucketKey, Delta] = {}
+        self.folded_seq = -1
+        self.pending_since: float | None = None
+        # The writer's `PRAGMA data_version` that memory is up to date with,
+        # or None. It changes only when another connection (another process)
+        # commits, so while it stands, nothing but this writer has touched
+        # the log and the watermarks, and `_catch_up` has nothing to read.
+        self.version: int | None = None
+
+    def transaction(self, what: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self.file.transaction(what, self)
+
+    def on_commit(self, update: Callable[[], None]) -> None:
+        self.file.on_commit(update)
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.file.read(fn)
+
+
 def _connect(
     path: Path, durability: str, busy_timeout: float, cache_kib: int
 ) -> sqlite3.Connection:
@@ -304,15 +395,15 @@ def _connect(
         timeout=busy_timeout,
     )
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'fsync' else 'NORMAL'}")
-    # KiB of page cache per connection; there are two per partition, so this
-    # is the store's memory: 16 partitions x (8 + 2) MiB at most.
+    # KiB of page cache per connection; there are two, so this is the
+    # store's memory: 64 + 16 MiB at most.
     conn.execute(f"PRAGMA cache_size = -{cache_kib}")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     return conn
 
 
-def _check_file(path: Path, expect: dict[str, str]) -> dict[str, str]:
-    """Refuse a file that is not ours, or not this store's. Never writes to it."""
+def _check_file(path: Path) -> dict[str, str]:
+    """Refuse a file that is not ours. Never writes to it."""
     try:
         # immutable: read without creating -wal/-shm files beside a file we may refuse.
         conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
@@ -332,24 +423,7 @@ def _check_file(path: Path, expect: dict[str, str]) -> dict[str, str]:
         raise StoreMismatch(
             f"{path}: schema version {version}, this version reads {SCHEMA_VERSION}"
         )
-    for key, value in expect.items():
-        if meta.get(key) != value:
-            raise StoreMismatch(
-                f"{path}: belongs to another store ({key}={meta.get(key)!r}, expected {value!r})"
-            )
     return meta
-
-
-def _create_file(path: Path, schema: str, meta: dict[str, str]) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.executescript(schema)
-        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
-    finally:
-        conn.close()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -361,14 +435,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SQLiteStore:
-    """The `Store` on SQLite files under one directory."""
+    """The `Store` on one SQLite file under one directory."""
 
-    def __init__(self, directory: Path, store_id: str, parts: list[_Partition]) -> None:
+    def __init__(self, directory: Path, store_id: str, file: _File, partitions: int) -> None:
         self.directory = directory
         self.store_id = store_id
-        self.partitions = len(parts)
+        self.partitions = partitions
         self.write_lanes = 1
-        self._parts = parts
+        self._file = file
+        self._parts = [_Partition(file, index) for index in range(partitions)]
         self._leader_fd: int | None = None
 
     @classmethod
@@ -376,31 +451,24 @@ class SQLiteStore:
         cls, directory: Path, *, partitions: int, durability: str, busy_timeout: float
     ) -> SQLiteStore:
         """Open the store in `directory`, creating it if it does not exist."""
-        if not (directory / "meta.sqlite").exists():
+        path = directory / _FILE
+        if not path.exists():
+            if (directory / "meta.sqlite").exists():
+                raise StoreMismatch(
+                    f"{path}: missing; {directory} holds a store of schema version 1"
+                    f" (a file per partition), and this version reads {SCHEMA_VERSION}"
+                )
             if directory.exists() and any(directory.iterdir()):
                 raise StoreMismatch(
-                    f"{directory}: exists but holds no meta.sqlite; refusing to use it"
+                    f"{path}: missing, and {directory} holds other files; refusing to use it"
                 )
             cls._create(directory, partitions)
-        meta = _check_file(directory / "meta.sqlite", {})
-        store_id, count = meta["store_id"], int(meta["partitions"])
-        parts = []
+        meta = _check_file(path)
         try:
-            for index in range(count):
-                path = directory / f"p{index:03d}.sqlite"
-                if not path.exists():
-                    raise StoreMismatch(f"{path}: missing from the store")
-                _check_file(path, {"store_id": store_id, "partition": str(index)})
-                parts.append(_Partition(path, index, durability, busy_timeout))
+            file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
-            for part in parts:
-                part.close()
             raise _translate(exc, "open") from exc
-        except BaseException:
-            for part in parts:
-                part.close()
-            raise
-        return cls(directory, store_id, parts)
+        return cls(directory, meta["store_id"], file, int(meta["partitions"]))
 
     @staticmethod
     def _create(directory: Path, partitions: int) -> None:
@@ -409,23 +477,26 @@ class SQLiteStore:
         staging = parent / f".creating-{secrets.token_hex(6)}"
         staging.mkdir()
         try:
-            store_id = secrets.token_hex(6)
-            common = {"store_id": store_id, "schema_version": str(SCHEMA_VERSION)}
-            for index in range(partitions):
-                _create_file(
-                    staging / f"p{index:03d}.sqlite",
-                    _PARTITION_SCHEMA,
-                    {**common, "partition": str(index)},
-                )
-            created = dt.datetime.now(dt.UTC).isoformat()
-            _create_file(
-                staging / "meta.sqlite",
-                _META_SCHEMA,
-                {**common, "partitions": str(partitions), "created_at": created},
-            )
-            for child in staging.iterdir():
-                fd = os.open(child, os.O_RDONLY)
+            path = staging / _FILE
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.executescript(_SCHEMA)
+                meta = {
+                    "store_id": secrets.token_hex(6),
+                    "schema_version": str(SCHEMA_VERSION),
+                    "partitions": str(partitions),
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                }
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+            finally:
+                conn.close()
+            fd = os.open(path, os.O_RDONLY)
+            try:
                 os.fsync(fd)
+            finally:
                 os.close(fd)
             _fsync_dir(staging)
             if directory.exists():
@@ -441,8 +512,10 @@ class SQLiteStore:
         if self._leader_fd is not None:
             os.close(self._leader_fd)  # releases the lock
             self._leader_fd = None
-        for part in self._parts:
-            part.close()
+        self._file.close()
+
+    def writing_together(self) -> contextlib.AbstractContextManager[None]:
+        return self._file.together()
 
     def lead_committer(self) -> bool:
         # An flock on a file beside the store: held by one open file
@@ -478,8 +551,8 @@ class SQLiteStore:
             # The durable record of every accepted pulse and client id, in the
             # same transaction as the bucket totals below.
             seq = conn.execute(
-                "INSERT INTO pulse_log (received_at, body) VALUES (?, ?)",
-                (received_us, _encode(accepted)),
+                "INSERT INTO pulse_log (part, received_at, body) VALUES (?, ?, ?)",
+                (partition, received_us, _encode(accepted)),
             ).lastrowid
             assert seq is not None
             conn.executemany(
@@ -503,14 +576,15 @@ class SQLiteStore:
             _fold(conn, part)  # the day's buckets hold every logged pulse before they are read
             rows = conn.execute(
                 f"SELECT {_BUCKET_COLUMNS} FROM buckets"
-                " WHERE day = ? AND pulse_count > committed_count",
-                (day,),
+                " WHERE part = ? AND day = ? AND pulse_count > committed_count",
+                (partition, day),
             ).fetchall()
             if not rows:
                 return []
             states = [_bucket_state(row) for row in rows]
             (last_seq,) = conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM batches WHERE day = ?", (day,)
+                "SELECT coalesce(max(seq), 0) FROM batches WHERE part = ? AND day = ?",
+                (partition, day),
             ).fetchone()
             created = _moment(now_us)
             assert created is not None
@@ -519,12 +593,12 @@ class SQLiteStore:
                 max_records=max_records, created=created,
             )
             conn.executemany(
-                "INSERT INTO batches (batch_id, day, seq, kind, created_at, record_count,"
+                "INSERT INTO batches (batch_id, part, day, seq, kind, created_at, record_count,"
                 " used_amount, body, status, attempts, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
                 [
-                    (b.batch_id, day, seq, b.kind, now_us, b.record_count, b.used_amount,
-                     _encode(b), now_us)
+                    (b.batch_id, partition, day, seq, b.kind, now_us, b.record_count,
+                     b.used_amount, _encode(b), now_us)
                     for seq, b in made
                 ],
             )
@@ -537,8 +611,8 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE buckets SET committed_amount = used_amount,"
                 " committed_count = pulse_count, revision = revision + 1"
-                " WHERE day = ? AND pulse_count > committed_count",
-                (day,),
+                " WHERE part = ? AND day = ? AND pulse_count > committed_count",
+                (partition, day),
             )
         return summaries
 
@@ -590,8 +664,8 @@ class SQLiteStore:
                     seq
                     for (seq,) in conn.execute(
                         "SELECT seq FROM (SELECT seq, received_at FROM pulse_log"
-                        " ORDER BY seq LIMIT 500) WHERE received_at < ?",
-                        (before_us,),
+                        " WHERE part = ? ORDER BY seq LIMIT 500) WHERE received_at < ?",
+                        (partition, before_us),
                     )
                 ]
                 if not old:
@@ -612,10 +686,11 @@ class SQLiteStore:
         itself (`_unfolded`), slower but as exact.
         """
         try:
-            for part in parts:
-                with part.transaction("fold") as conn:
-                    _catch_up(conn, part)
-                    _fold(conn, part)
+            with self._file.together("fold"):
+                for part in parts:
+                    with part.transaction("fold") as conn:
+                        _catch_up(conn, part)
+                        _fold(conn, part)
         except StoreError as exc:
             log.warning("reading buckets without folding", extra={"fields": {"error": str(exc)}})
             return False
@@ -624,7 +699,7 @@ class SQLiteStore:
     def _unfolded(
         self, parts: Sequence[_Partition], query: AggregateQuery
     ) -> list[tuple[Any, ...]]:
-        rows = [row for part in parts for row in part.read(lambda c: _unfolded_buckets(c, query))]
+        rows = self._file.read(lambda conn: _unfolded_buckets(conn, parts, query))
         rows.sort(key=lambda row: row[:4])
         return rows[: query.limit]
 
@@ -637,8 +712,9 @@ class SQLiteStore:
             lambda conn: [
                 day
                 for (day,) in conn.execute(
-                    "SELECT DISTINCT day FROM buckets WHERE pulse_count > committed_count"
-                    " ORDER BY day"
+                    "SELECT DISTINCT day FROM buckets"
+                    " WHERE part = ? AND pulse_count > committed_count ORDER BY day",
+                    (partition,),
                 )
             ]
         )
@@ -656,7 +732,7 @@ class SQLiteStore:
             else self._parts
         )
         if self._settle(parts):
-            rows = _merged(parts, sql, args, key=lambda row: row[:4], limit=query.limit)
+            rows = self._file.read(lambda conn: conn.execute(sql, args).fetchall())
         else:
             rows = self._unfolded(parts, query)
         return [_aggregate(row) for row in rows]
@@ -700,7 +776,7 @@ class SQLiteStore:
             f"SELECT {_BATCH_COLUMNS} FROM batches {where(clauses)}"
             " ORDER BY day, batch_id LIMIT ?"
         )
-        rows = _merged(self._parts, sql, args, key=lambda row: (row[1], row[0]), limit=query.limit)
+        rows = self._file.read(lambda conn: conn.execute(sql, args).fetchall())
         return [self._batch_view(row, None) for row in rows]
 
     def batch(self, batch_id: str) -> BatchView | None:
@@ -741,73 +817,37 @@ class SQLiteStore:
         return partition_of_batch(batch_id, self.store_id, self.partitions)
 
     def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
-        found: list[DueBatch] = []
-        for part in self._parts:
-            rows = part.read(
-                lambda conn: conn.execute(
+        def read(conn: sqlite3.Connection) -> list[DueBatch]:
+            found: list[DueBatch] = []
+            for partition in range(self.partitions):
+                rows = conn.execute(
                     "SELECT batch_id, day, body, attempts FROM batches"
-                    " WHERE status = 'pending' AND next_attempt_at <= ?"
+                    " WHERE part = ? AND status = 'pending' AND next_attempt_at <= ?"
                     " ORDER BY next_attempt_at LIMIT ?",
-                    (now_us, limit),
-                ).fetchall()
-            )
-            found.extend(DueBatch(part.index, bid, day, body, n) for bid, day, body, n in rows)
-        return found
+                    (partition, now_us, limit),
+                )
+                found.extend(DueBatch(partition, bid, day, body, n) for bid, day, body, n in rows)
+            return found
+
+        return self._file.read(read)
 
     def open_buckets(self) -> int:
         if not self._settle(self._parts):
             return len(self._unfolded(self._parts, AggregateQuery(status="open", limit=_ALL)))
-        return sum(
-            part.read(
-                lambda conn: conn.execute(
-                    "SELECT count(*) FROM buckets WHERE pulse_count > committed_count"
-                ).fetchone()[0]
-            )
-            for part in self._parts
+        count: int = self._file.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM buckets WHERE pulse_count > committed_count"
+            ).fetchone()[0]
         )
+        return count
 
     def outbox_statistics(self) -> tuple[int, int | None]:
-        pending, oldest = 0, None
-        for part in self._parts:
-            count, first = part.read(
-                lambda conn: conn.execute(
-                    "SELECT count(*), min(created_at) FROM batches WHERE status = 'pending'"
-                ).fetchone()
-            )
-            pending += count
-            if first is not None and (oldest is None or first < oldest):
-                oldest = first
+        pending, oldest = self._file.read(
+            lambda conn: conn.execute(
+                "SELECT count(*), min(created_at) FROM batches WHERE status = 'pending'"
+            ).fetchone()
+        )
         return pending, oldest
-
-
-def _merged(
-    parts: Sequence[_Partition],
-    sql: str,
-    args: Sequence[Any],
-    *,
-    key: Callable[[tuple[Any, ...]], Any],
-    limit: int,
-) -> list[tuple[Any, ...]]:
-    """The first `limit` rows of `sql` over all `parts`, in `key` order.
-
-    Each partition's query streams in index order; the k-way merge pulls
-    only as many rows as it returns, plus one per partition.
-    """
-    with contextlib.ExitStack() as held:
-        cursors = []
-        for part in parts:  # always in partition order, so no two readers deadlock
-            held.enter_context(part.read_lock)
-            try:
-                cursors.append(part.reader.execute(sql, args))
-            except sqlite3.Error as exc:
-                raise _translate(exc, "read") from exc
-        try:
-            return list(itertools.islice(heapq.merge(*cursors, key=key), limit))
-        except sqlite3.Error as exc:
-            raise _translate(exc, "read") from exc
-        finally:
-            for cursor in cursors:
-                cursor.close()
 
 
 def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
@@ -818,10 +858,10 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         return  # no other connection has committed since memory was last in step
     marks = dict(
         conn.execute(
-            "SELECT key, value FROM meta WHERE key IN ('ids_merged_seq', 'buckets_seq')"
+            "SELECT key, value FROM meta WHERE key IN (?, ?)", (part.merged_key, part.folded_key)
         ).fetchall()
     )
-    merged, folded = int(marks.get("ids_merged_seq", 0)), int(marks.get("buckets_seq", 0))
+    merged, folded = int(marks.get(part.merged_key, 0)), int(marks.get(part.folded_key, 0))
     ids_after = deltas_after = part.seen_seq
     if merged != part.merged_seq:  # another process merged, or our merge rolled back
         part.recent.clear()
@@ -832,8 +872,8 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         part.folded_seq = deltas_after = folded
     seen = max(part.seen_seq, merged, folded)
     for seq, body in conn.execute(
-        "SELECT seq, body FROM pulse_log WHERE seq > ? ORDER BY seq",
-        (min(ids_after, deltas_after),),
+        "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? ORDER BY seq",
+        (part.index, min(ids_after, deltas_after)),
     ):
         pulses = _decode_pulses(body)
         if seq > ids_after:
@@ -845,23 +885,29 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
     part.version = version
 
 
-def _unfolded_buckets(conn: sqlite3.Connection, query: AggregateQuery) -> list[tuple[Any, ...]]:
-    """The rows of `query` with the log's unfolded deltas added, read without writing.
+def _unfolded_buckets(
+    conn: sqlite3.Connection, parts: Sequence[_Partition], query: AggregateQuery
+) -> list[tuple[Any, ...]]:
+    """The rows of `query` with the unfolded deltas of `parts` added, read without writing.
 
-    One read transaction holds the watermark, the log tail and the table in
-    the same state. Every bucket the filters select is read, so this is the
+    `parts` holds every partition the query's rows may come from. One read
+    transaction holds the watermarks, the log tails and the table in the same
+    state. Every bucket the filters select is read, so this is the
     slow way, for when a fold cannot be written; the answer is the same.
     """
     wide = msgspec.structs.replace(query, status="all", after=None)
     clauses, args = aggregate_filter(wide, "?")
     conn.execute("BEGIN")
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'buckets_seq'").fetchone()
         tail: dict[BucketKey, Delta] = {}
-        for (body,) in conn.execute(
-            "SELECT body FROM pulse_log WHERE seq > ?", (int(row[0]) if row else 0,)
-        ):
-            add_pulses(tail, _decode_pulses(body))
+        for part in parts:
+            mark = (part.folded_key,)
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", mark).fetchone()
+            for (body,) in conn.execute(
+                "SELECT body FROM pulse_log WHERE part = ? AND seq > ?",
+                (part.index, int(row[0]) if row else 0),
+            ):
+                add_pulses(tail, _decode_pulses(body))
         rows = {
             tuple(r[:4]): list(r)
             for r in conn.execute(f"SELECT {_BUCKET_COLUMNS} FROM buckets {where(clauses)}", args)
@@ -925,12 +971,12 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
         return
     conn.executemany(
         _UPSERT_BUCKET,
-        [(*key, format_nanos(d.nanos), d.count) for key, d in part.pending.items()],
+        [(*key, part.index, format_nanos(d.nanos), d.count) for key, d in part.pending.items()],
     )
     conn.execute(
-        "INSERT INTO meta (key, value) VALUES ('buckets_seq', ?)"
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (str(seq),),
+        (part.folded_key, str(seq)),
     )
 
     def folded() -> None:
@@ -957,9 +1003,9 @@ def _merge_ids(conn: sqlite3.Connection, part: _Partition) -> None:
         rows,
     )
     conn.execute(
-        "INSERT INTO meta (key, value) VALUES ('ids_merged_seq', ?)"
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (str(part.seen_seq),),
+        (part.merged_key, str(part.seen_seq)),
     )
     part.recent.clear()
     part.merged_seq = part.seen_seq

@@ -1,15 +1,13 @@
 """Scenario 7, a corrupted or foreign store file: refuse to start, touch nothing.
 
 A real store (two partitions, a few hundred pulses, one committed and
-delivered day) is made once and copied for each case; then one file is
+delivered day) is made once and copied for each case; then its file is
 damaged or swapped:
 
-    garbage      p000.sqlite overwritten with random bytes
-    foreign      p000.sqlite is another application's SQLite database
-    missing      p001.sqlite deleted
-    empty        p001.sqlite truncated to zero bytes
-    other-store  p001.sqlite taken from another store (same name, other id)
-    bad-meta     meta.sqlite overwritten with random bytes
+    garbage         store.sqlite overwritten with random bytes
+    foreign         store.sqlite is another application's SQLite database
+    empty           store.sqlite truncated to zero bytes
+    earlier-layout  store.sqlite replaced by the meta.sqlite of schema version 1
 
 The server must exit non-zero before it is ready, with a message that names
 the file (not a traceback), and every file of the store must be byte for
@@ -49,16 +47,11 @@ async def _make_store(data_dir: Path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two real stores, made once for every case: (the one to damage, another one)."""
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real store, made once for every case."""
     root = tmp_path_factory.mktemp("stores")
-
-    async def make() -> None:
-        await _make_store(root / "ours", 1)
-        await _make_store(root / "theirs", 2)
-
-    trio.run(make)
-    return root / "ours", root / "theirs"
+    trio.run(_make_store, root / "ours", 1)
+    return root / "ours"
 
 
 def _garbage(path: Path) -> None:
@@ -75,17 +68,16 @@ def _foreign(path: Path) -> None:
     conn.close()
 
 
-CASES: dict[str, tuple[str, Callable[[Path, Path], None], str]] = {
-    "garbage": ("p000.sqlite", lambda p, _: _garbage(p), "cannot be read"),
-    "foreign": ("p000.sqlite", lambda p, _: _foreign(p), "not a billing-ingestor store"),
-    "missing": ("p001.sqlite", lambda p, _: p.unlink(), "missing"),
-    "empty": ("p001.sqlite", lambda p, _: p.write_bytes(b""), "not a billing-ingestor store"),
-    "other-store": (
-        "p001.sqlite",
-        lambda p, other: shutil.copyfile(other / p.name, p),
-        "another store",
-    ),
-    "bad-meta": ("meta.sqlite", lambda p, _: _garbage(p), "cannot be read"),
+def _earlier_layout(path: Path) -> None:
+    path.unlink()
+    _garbage(path.parent / "meta.sqlite")  # a store of schema version 1 has this instead
+
+
+CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "garbage": (_garbage, "cannot be read"),
+    "foreign": (_foreign, "not a billing-ingestor store"),
+    "empty": (lambda p: p.write_bytes(b""), "not a billing-ingestor store"),
+    "earlier-layout": (_earlier_layout, "schema version 1"),
 }
 
 
@@ -99,14 +91,13 @@ def _snapshot(directory: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 async def test_a_damaged_or_foreign_store_file_stops_the_start_and_is_left_alone(
-    case: str, stores: tuple[Path, Path], tmp_path: Path, report: Report
+    case: str, store: Path, tmp_path: Path, report: Report
 ) -> None:
-    ours, theirs = stores
     data_dir = tmp_path / "data"
-    shutil.copytree(ours, data_dir)
-    name, damage, reason = CASES[case]
-    damaged = data_dir / "store" / name
-    damage(damaged, theirs / "store")
+    shutil.copytree(store, data_dir)
+    damage, reason = CASES[case]
+    damaged = data_dir / "store" / "store.sqlite"
+    damage(damaged)
     before = _snapshot(data_dir / "store")
 
     server = ServerProcess(data_dir, ready_timeout=20)

@@ -131,13 +131,10 @@ async def test_ten_kills_under_mixed_load_lose_nothing_and_count_once(
 
 
 def merged_watermarks(store: Path) -> list[int]:
-    """Each partition's `ids_merged_seq` (0: its in-memory ids were never merged)."""
-    found = []
-    for path in sorted(store.glob("p*.sqlite")):
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'ids_merged_seq'").fetchone()
-        finally:
-            conn.close()
-        found.append(int(row[0]) if row else 0)
-    return found
+    """Each partition's `ids_merged_seq/<n>` (0: its in-memory ids were never merged)."""
+    conn = sqlite3.connect(f"file:{store / 'store.sqlite'}?mode=ro", uri=True)
+    try:
+        marks = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        conn.close()
+    return [int(marks.get(f"ids_merged_seq/{n}", 0)) for n in range(int(marks["partitions"]))]

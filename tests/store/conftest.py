@@ -135,7 +135,7 @@ def _sqlite_backend(directory: Path) -> Backend:
     def bump() -> None:
         import sqlite3
 
-        conn = sqlite3.connect(directory / "meta.sqlite")
+        conn = sqlite3.connect(directory / "store.sqlite")
         try:
             conn.execute("PRAGMA user_version = 99")
         finally:

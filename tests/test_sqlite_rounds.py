@@ -1,0 +1,152 @@
+"""SQLite writes run together: one transaction per write-lane round, each write its own.
+
+The write lane runs the writes of several partitions inside
+`writing_together()`. Each must keep its own result (a failed one leaves
+nothing behind, in the file or in memory), none may be visible or durable
+before the round commits, and if the round fails, none of them lasts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ingestor.store.sqlite as sqlite_store
+from ingestor.errors import StoreError
+from ingestor.model import Pulse
+from ingestor.partition import partition_of
+from ingestor.store.sqlite import SQLiteStore
+
+DAY = "2026-11-28"
+PARTITIONS = 4
+
+
+def tenant_of(partition: int) -> str:
+    """A tenant that falls in `partition`."""
+    return next(
+        name
+        for name in (f"tenant-{n}" for n in range(1000))
+        if partition_of(name, PARTITIONS) == partition
+    )
+
+
+def pulses(partition: int, *ids: str) -> list[Pulse]:
+    tenant = tenant_of(partition)
+    return [Pulse(tenant, "sku", "unit", 1, i, True, 0, DAY, b"fp") for i in ids]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore.open(
+        tmp_path / "s", partitions=PARTITIONS, durability="os", busy_timeout=5
+    )
+    yield opened
+    opened.close()
+
+
+def logged(store: SQLiteStore) -> dict[int, int]:
+    """Committed log rows per partition, as another connection sees them."""
+    conn = sqlite3.connect(store.directory / "store.sqlite")
+    try:
+        return dict(conn.execute("SELECT part, count(*) FROM pulse_log GROUP BY part"))
+    finally:
+        conn.close()
+
+
+def counted(store: SQLiteStore) -> dict[str, int]:
+    """Pulses counted per tenant."""
+    found: dict[str, int] = {}
+    for bucket in store.aggregates(sqlite_store.AggregateQuery()):
+        found[bucket.tenant_id] = found.get(bucket.tenant_id, 0) + bucket.pulse_count
+    return found
+
+
+def test_writes_of_a_round_commit_together_each_with_its_result(store: SQLiteStore) -> None:
+    with store.writing_together():
+        assert store.write_pulses(0, pulses(0, "a", "b"), 0) == ["accepted", "accepted"]
+        assert logged(store) == {}  # not visible, so not durable, before the round ends
+        assert store.write_pulses(1, pulses(1, "a"), 0) == ["accepted"]
+        assert store.write_pulses(2, pulses(2, "c", "c"), 0) == ["accepted", "duplicate"]
+    assert logged(store) == {0: 1, 1: 1, 2: 1}
+    assert counted(store) == {tenant_of(0): 2, tenant_of(1): 1, tenant_of(2): 1}
+    # Each partition's memory holds its own ids once the round has committed.
+    assert store.write_pulses(0, pulses(0, "a", "z"), 0) == ["duplicate", "accepted"]
+    assert store.write_pulses(1, pulses(1, "a"), 0) == ["duplicate"]
+
+
+def test_a_write_that_fails_in_a_round_leaves_nothing_and_spares_the_others(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fold = sqlite_store._fold
+
+    def fold_failing_in_1(conn: sqlite3.Connection, part: sqlite_store._Partition) -> None:
+        fold(conn, part)
+        if part.index == 1:  # after its log row and its fold are written
+            raise sqlite3.OperationalError("injected")
+
+    monkeypatch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)
+    monkeypatch.setattr(sqlite_store, "_fold", fold_failing_in_1)
+    with store.writing_together():
+        store.write_pulses(0, pulses(0, "old"), 0)
+    with store.writing_together():
+        assert store.write_pulses(0, pulses(0, "x"), 0) == ["accepted"]
+        with pytest.raises(StoreError, match="injected"):
+            store.write_pulses(1, pulses(1, "lost"), 0)
+        assert store.write_pulses(2, pulses(2, "y"), 0) == ["accepted"]
+    assert logged(store) == {0: 2, 2: 1}
+    monkeypatch.setattr(sqlite_store, "_fold", fold)
+    assert counted(store) == {tenant_of(0): 2, tenant_of(2): 1}
+    # Partition 1 remembers nothing of the write that failed; the others all of theirs.
+    assert store.write_pulses(1, pulses(1, "lost"), 0) == ["accepted"]
+    assert store.write_pulses(0, pulses(0, "x", "old"), 0) == ["duplicate", "duplicate"]
+    assert store.write_pulses(2, pulses(2, "y"), 0) == ["duplicate"]
+    assert counted(store) == {tenant_of(0): 2, tenant_of(1): 1, tenant_of(2): 1}
+
+
+def test_when_a_round_fails_none_of_its_writes_lasts(store: SQLiteStore) -> None:
+    store.write_pulses(0, pulses(0, "before"), 0)
+
+    def round_that_ends_badly() -> None:
+        with store.writing_together():
+            assert store.write_pulses(0, pulses(0, "a"), 0) == ["accepted"]
+            assert store.write_pulses(3, pulses(3, "b"), 0) == ["accepted"]
+            raise RuntimeError("the round ends badly")
+
+    with pytest.raises(RuntimeError):
+        round_that_ends_badly()
+    assert logged(store) == {0: 1}
+    # The replies said "accepted", but the round did not commit: memory
+    # forgets those ids, so a retry counts them once, not never.
+    assert store.write_pulses(0, pulses(0, "a", "before"), 0) == ["accepted", "duplicate"]
+    assert store.write_pulses(3, pulses(3, "b"), 0) == ["accepted"]
+    assert counted(store) == {tenant_of(0): 2, tenant_of(3): 1}
+
+
+def test_a_partition_writes_once_per_round(store: SQLiteStore) -> None:
+    """A second write would not see the first one's ids, which join memory at COMMIT."""
+    with store.writing_together():
+        assert store.write_pulses(0, pulses(0, "a"), 0) == ["accepted"]
+        with pytest.raises(StoreError, match="twice in one round"):
+            store.write_pulses(0, pulses(0, "a"), 0)
+    assert counted(store) == {tenant_of(0): 1}
+    assert store.write_pulses(0, pulses(0, "a"), 0) == ["duplicate"]
+
+
+def test_other_transactions_wait_for_the_round_and_stay_their_own(
+    store: SQLiteStore,
+) -> None:
+    """Outside a round (commits, folds, deliveries) a transaction is its own,
+    even from a thread other than the round's."""
+    done: list[object] = []
+    with store.writing_together():
+        store.write_pulses(0, pulses(0, "a"), 0)
+        thread = threading.Thread(target=lambda: done.append(store.open_days(0)))
+        thread.start()
+        thread.join(0.2)
+        assert done == []  # it waits for the round's lock; it is not inside the round
+    thread.join()
+    assert done == [[DAY]]
