@@ -25,7 +25,11 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h
 
-SCENARIOS = [("array1000-ids", "array", 1000, 4), ("single-ids", "single", 1, 32)]
+SCENARIOS = [
+    ("array1000-ids", "array", 1000, True, 4),
+    ("array1000-noids", "array", 1000, False, 4),
+    ("single-ids", "single", 1, True, 32),
+]
 CONFIGS = [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
 
 
@@ -51,9 +55,9 @@ def store_env(store: str, admin_url: str) -> Iterator[dict[str, str]]:
 
 
 def one_run(
-    store: str, workers: int, scenario: tuple[str, str, int, int], options: argparse.Namespace
+    store: str, workers: int, scenario: tuple[str, str, int, bool, int], options: argparse.Namespace
 ) -> float:
-    name, kind, count, connections = scenario
+    name, kind, count, ids, connections = scenario
     logs = Path(options.logs)
     logs.mkdir(parents=True, exist_ok=True)
     with h.scratch_dir(None, name) as scratch, store_env(store, options.postgres) as env:
@@ -67,7 +71,7 @@ def one_run(
         with h.running(server):
             h.warm_up(server.port, True)
             result = h.measure(
-                server, options.wrk, h.Load.pulses(kind, count, True, connections), options.duration
+                server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.duration
             )
     if result["non_2xx"] or result["socket_errors"]:
         print(f"  {store}/{workers} {name}: {result['statuses']} {result['first_error']}")
