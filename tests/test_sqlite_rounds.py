@@ -150,3 +150,62 @@ def test_other_transactions_wait_for_the_round_and_stay_their_own(
         assert done == []  # it waits for the round's lock; it is not inside the round
     thread.join()
     assert done == [[DAY]]
+
+
+# -- merging the recent ids of every partition at once ---------------------------------
+
+
+def merged_marks(store: SQLiteStore) -> list[int]:
+    conn = sqlite3.connect(store.directory / "store.sqlite")
+    try:
+        marks = dict(conn.execute("SELECT key, value FROM meta"))
+    finally:
+        conn.close()
+    return [int(marks.get(f"ids_merged_seq/{n}", 0)) for n in range(PARTITIONS)]
+
+
+def test_a_merge_moves_every_partitions_ids_into_the_index(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 6)
+    with store.writing_together():
+        for partition in range(PARTITIONS):
+            store.write_pulses(partition, pulses(partition, "a", "b"), 0)
+    assert merged_marks(store) == [0] * PARTITIONS
+    store.write_pulses(3, pulses(3, "c"), 0)  # 8 ids wait: this write merges them all
+    assert all(merged_marks(store))
+    # Memory keeps only the merging write's own id, which joined it after COMMIT.
+    assert [len(part.recent) for part in store._parts] == [0, 0, 0, 1]
+    for partition in range(PARTITIONS):  # now known from the index
+        assert store.write_pulses(partition, pulses(partition, "a", "b"), 0) == ["duplicate"] * 2
+
+
+def test_a_write_that_fails_after_merging_leaves_every_partition_knowing_its_ids(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge empties other partitions' memory inside the failing write's
+    savepoint: once that is rolled back, their memory must be read back."""
+    fold = sqlite_store._fold
+
+    def fold_failing_in_0(conn: sqlite3.Connection, part: sqlite_store._Partition) -> None:
+        fold(conn, part)
+        if part.index == 0:
+            raise sqlite3.OperationalError("injected")
+
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 4)
+    store.write_pulses(1, pulses(1, "a", "b"), 0)
+    store.write_pulses(2, pulses(2, "a", "b"), 0)
+    monkeypatch.setattr(sqlite_store, "_FOLD_AT_KEYS", 0)
+    monkeypatch.setattr(sqlite_store, "_fold", fold_failing_in_0)
+    with store.writing_together():
+        with pytest.raises(StoreError, match="injected"):
+            store.write_pulses(0, pulses(0, "x"), 0)  # merges, then fails
+        assert store.write_pulses(3, pulses(3, "y"), 0) == ["accepted"]
+    assert merged_marks(store) == [0] * PARTITIONS
+    monkeypatch.setattr(sqlite_store, "_fold", fold)
+    assert store.write_pulses(1, pulses(1, "a", "b"), 0) == ["duplicate"] * 2
+    assert store.write_pulses(2, pulses(2, "b", "new"), 0) == ["duplicate", "accepted"]
+    assert store.write_pulses(0, pulses(0, "x"), 0) == ["accepted"]
+    assert counted(store) == {
+        tenant_of(0): 1, tenant_of(1): 2, tenant_of(2): 3, tenant_of(3): 1,
+    }
