@@ -8,6 +8,8 @@ before the round commits, and if the round fails, none of them lasts.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import ingestor.store.sqlite as sqlite_store
-from ingestor.errors import StoreError
+from ingestor.errors import StoreBusy, StoreError
 from ingestor.model import Pulse
 from ingestor.partition import partition_of
 from ingestor.store.sqlite import SQLiteStore
@@ -209,3 +211,22 @@ def test_a_write_that_fails_after_merging_leaves_every_partition_knowing_its_ids
     assert counted(store) == {
         tenant_of(0): 1, tenant_of(1): 2, tenant_of(2): 3, tenant_of(3): 1,
     }
+
+
+# -- processes take turns to write -------------------------------------------------------
+
+
+def test_a_writer_waits_for_another_process_then_gives_up_as_busy(tmp_path: Path) -> None:
+    """Processes queue on writer.lock (an flock, held per open file, so two
+    stores opened here stand for two processes)."""
+    ours = SQLiteStore.open(tmp_path / "s", partitions=2, durability="os", busy_timeout=0.3)
+    other = os.open(tmp_path / "s" / "writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process is writing, and goes on
+        with pytest.raises(StoreBusy, match="locked by another process"):
+            ours.write_pulses(0, pulses(0, "a"), 0)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert ours.write_pulses(0, pulses(0, "a"), 0) == ["accepted"]  # nothing was kept
+    finally:
+        os.close(other)
+        ours.close()

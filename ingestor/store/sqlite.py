@@ -5,6 +5,7 @@ Layout under the store directory:
     store.sqlite       store id, partition count, schema version, and all
                        partitions' pulses, ids, buckets and outbox
     committer.lock     held by the one process that runs the committer
+    writer.lock        held by the process whose transaction is writing
 
 Partitions are logical here: rows carry theirs (`part`), and each has its own
 memory below. One file makes the writes a process has waiting one
@@ -48,7 +49,10 @@ log tail, so it can never hold an id that is not durable, nor miss one that
 is.
 
 Several processes share the file: SQLite's lock and `BEGIN IMMEDIATE`
-arbitrate between them. The store directory is made under a temporary
+arbitrate between them. Before that, they queue on an flock of
+`writer.lock`, tried every 0.2 ms up to the busy timeout: SQLite's own
+wait sleeps 1, 2, 5, ... up to 100 ms between tries, time in which two
+workers sat idle. The store directory is made under a temporary
 name and renamed into place, so a crash during creation leaves either a
 whole store or none.
 
@@ -246,6 +250,8 @@ class _File:
         self.reader = _connect(path, durability, busy_timeout, _READER_CACHE_KIB)
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
+        self._busy_timeout = busy_timeout
+        self._writers_fd = os.open(path.with_name("writer.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         # Under write_lock: what the open transaction will do to memory once
         # it commits, which partitions' memory it may move (all of them, and
         # those of the open savepoint), and which partitions wrote in the round.
@@ -295,6 +301,7 @@ class _File:
         self._on_commit.clear()
         self._touched.clear()
         self._written.clear()
+        self._lock_writers(what)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -312,6 +319,8 @@ class _File:
                 raise
         except sqlite3.Error as exc:
             raise _translate(exc, what) from exc
+        finally:
+            fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
         # Until every update has run, memory is not known to match the file.
         versions = [(part, part.version) for part in self._touched]
         for part, _ in versions:
@@ -320,6 +329,23 @@ class _File:
             update()
         for part, version in versions:
             part.version = version
+
+    def _lock_writers(self, what: str) -> None:
+        """Wait for this process's turn to write (see the module docstring)."""
+        try:
+            fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            time.sleep(0.0002)
+            try:
+                fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(f"{what}: the store stayed locked by another process") from None
 
     @contextmanager
     def _savepoint(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
@@ -365,6 +391,9 @@ class _File:
         with self.write_lock, self.read_lock:
             self.reader.close()
             self.writer.close()
+            if self._writers_fd >= 0:
+                os.close(self._writers_fd)
+                self._writers_fd = -1
 
 
 class _Partition:
