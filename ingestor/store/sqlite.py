@@ -138,11 +138,9 @@ CREATE TABLE pulse_days (
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX pulse_days_by_seq ON pulse_days (seq);
 CREATE TABLE pulse_ids (
-    tenant_id TEXT NOT NULL,
-    pulse_id TEXT NOT NULL,
+    id_key TEXT PRIMARY KEY,  -- see _id_key
     fingerprint BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, pulse_id)
+    seq INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq);
 CREATE TABLE buckets (
@@ -189,11 +187,10 @@ ON CONFLICT (day, tenant_id, product_sku, use_unit) DO UPDATE SET
     pulse_count = pulse_count + excluded.pulse_count
 """
 
+# A join on one text key, fed a JSON array of keys, costs ~0.5 µs an id;
+# on (tenant_id, pulse_id) fed pairs, json_extract made it ~3 µs.
 _LOOKUP_IDS = """
-SELECT i.tenant_id, i.pulse_id, i.fingerprint
-FROM json_each(?) AS j
-JOIN pulse_ids AS i
-  ON i.tenant_id = json_extract(j.value, '$[0]') AND i.pulse_id = json_extract(j.value, '$[1]')
+SELECT i.id_key, i.fingerprint FROM json_each(?) AS j JOIN pulse_ids AS i ON i.id_key = j.value
 """
 
 _BUCKET_COLUMNS = (
@@ -204,6 +201,15 @@ _BATCH_COLUMNS = (
     "batch_id, day, kind, created_at, record_count, used_amount, status, attempts,"
     " last_error, next_attempt_at, delivered_at"
 )
+
+_SEP = "\x1f"  # tenants hold no control characters; SQLite's JSON cuts a string at NUL
+
+
+def _id_key(tenant_id: str, pulse_id: str) -> str:
+    """One text key for a client id: it sorts as (tenant_id, pulse_id), and looks up
+    in one probe (see `_LOOKUP_IDS`)."""
+    return f"{tenant_id}{_SEP}{pulse_id}"
+
 
 _encode = msgspec.json.Encoder().encode
 _decode_batch = msgspec.json.Decoder(Batch).decode
@@ -405,8 +411,7 @@ class _Partition:
         self.merged_key = f"ids_merged_seq/{index}"
         self.folded_key = f"buckets_seq/{index}"
         # Under the file's write_lock: client ids of this partition's log rows
-        # after `merged_seq`, up to `seen_seq`, keyed "tenant\0id" (tenants
-        # hold no control characters), each its log row's seq (8 bytes)
+        # after `merged_seq`, up to `seen_seq`, keyed by `_id_key`, each its log row's seq (8 bytes)
         # followed by the payload fingerprint.
         self.recent: dict[str, bytes] = {}
         self.seen_seq = 0
@@ -1007,7 +1012,7 @@ def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> Non
     row = seq.to_bytes(8, "big")
     for p in pulses:
         if p.client_id:
-            recent[f"{p.tenant_id}\0{p.pulse_id}"] = row + p.fingerprint
+            recent[_id_key(p.tenant_id, p.pulse_id)] = row + p.fingerprint
 
 
 def _add_pulses(part: _Partition, pulses: Sequence[Pulse]) -> None:
@@ -1047,15 +1052,12 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     If that transaction rolls back, the watermarks stay behind the memory's,
     and the next `_catch_up` rebuilds memory from the log.
     """
-    rows = []
-    # "tenant\0id" sorts as (tenant_id, pulse_id): tenants hold no NUL.
-    for key, value in sorted(itertools.chain.from_iterable(p.recent.items() for p in parts)):
-        tenant, _, pulse_id = key.partition("\0")
-        rows.append((tenant, pulse_id, value[8:], int.from_bytes(value[:8], "big")))
+    rows = [
+        (key, value[8:], int.from_bytes(value[:8], "big"))
+        for key, value in sorted(itertools.chain.from_iterable(p.recent.items() for p in parts))
+    ]
     conn.executemany(
-        "INSERT OR IGNORE INTO pulse_ids (tenant_id, pulse_id, fingerprint, seq)"
-        " VALUES (?, ?, ?, ?)",
-        rows,
+        "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)", rows
     )
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -1072,18 +1074,20 @@ def _known_ids(
 ) -> dict[tuple[str, str], bytes]:
     """The stored fingerprints of the client ids among `pulses`: memory, then the index."""
     known: dict[tuple[str, str], bytes] = {}
-    missing: list[tuple[str, str]] = []
+    missing: list[str] = []
     for p in pulses:
         if p.client_id:
-            value = recent.get(f"{p.tenant_id}\0{p.pulse_id}")
+            key = _id_key(p.tenant_id, p.pulse_id)
+            value = recent.get(key)
             if value is None:
-                missing.append((p.tenant_id, p.pulse_id))
+                missing.append(key)
             else:
                 known[(p.tenant_id, p.pulse_id)] = value[8:]
     if missing:
-        # One statement, whatever the count: the ids go in as one JSON
+        # One statement, whatever the count: the keys go in as one JSON
         # array, and each is looked up through the primary key.
-        for tenant, pulse_id, fingerprint in conn.execute(_LOOKUP_IDS, (_encode(missing),)):
+        for key, fingerprint in conn.execute(_LOOKUP_IDS, (_encode(missing),)):
+            tenant, _, pulse_id = key.partition(_SEP)
             known[(tenant, pulse_id)] = fingerprint
     return known
 
