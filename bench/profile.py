@@ -165,6 +165,8 @@ def main() -> int:
             durability=durability,
             workers=opts.workers,
             extra_env=extra,
+            # Several workers share both cores with the load, as in bench/stores.py.
+            cpus=h.SERVER_CPU if opts.workers == 1 else "0,1",
         )
         with h.running(server):
             if aggregates:
@@ -196,6 +198,7 @@ def main() -> int:
                     "--function",
                     "--threads",
                     *(["--idle"] if opts.idle else []),
+                    *(["--subprocesses"] if opts.workers > 1 else []),
                     *(["--gil"] if opts.gil else []),
                 ],
             )
@@ -211,7 +214,7 @@ def main() -> int:
         problems = server.log_problems()
     print(
         f"profile of {opts.scenario} ({durability}, {opts.duration} s, "
-        f"server pinned to core {h.SERVER_CPU})"
+        f"server on {f'core {h.SERVER_CPU}' if opts.workers == 1 else 'cores 0,1'})"
     )
     print(
         f"load: {measured.get('pulses_per_s')} pulses/s, {measured.get('requests_per_s')} "
