@@ -310,3 +310,28 @@ def test_reads_that_cannot_fold_add_the_log_tail_themselves(
     assert folded_watermark(a) > before
     assert unfolded == folded
     assert sum(len(rows) for rows in folded[:3]) > 10  # the queries select something
+
+
+def test_a_catch_up_that_fails_midway_counts_nothing_twice(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = stores
+    b.write_pulses(0, [pulse("first", 1)], 0)
+    a.write_pulses(0, [pulse("x", 5)], 0)
+    a.write_pulses(0, [pulse("y", 7)], 0)
+    decode = sqlite_store._decode_pulses
+    calls: list[int] = []
+
+    def failing_second(body: bytes) -> list[Pulse]:
+        calls.append(1)
+        if len(calls) == 2:  # b has added the first of a's rows, not the second
+            raise sqlite3.OperationalError("injected")
+        return decode(body)
+
+    monkeypatch.setattr(sqlite_store, "_decode_pulses", failing_second)
+    with pytest.raises(StoreError, match="injected"):
+        b.write_pulses(0, [pulse("z", 11)], 0)
+    monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+    assert b.write_pulses(0, [pulse("x", 5), pulse("z", 11)], 0) == ["duplicate", "accepted"]
+    assert totals(b) == (1 + 5 + 7 + 11, 4)
+    assert totals(a) == (1 + 5 + 7 + 11, 4)

@@ -929,18 +929,34 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         part.pending_since = None
         part.folded_seq = deltas_after = folded
     seen = max(part.seen_seq, merged, folded)
-    for seq, body in conn.execute(
-        "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? ORDER BY seq",
-        (part.index, min(ids_after, deltas_after)),
-    ):
-        pulses = _decode_pulses(body)
-        if seq > ids_after:
-            _add_ids(part.recent, seq, pulses)
-        if seq > deltas_after:
-            _add_pulses(part, pulses)
-        seen = max(seen, seq)
+    try:
+        for seq, body in conn.execute(
+            "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? ORDER BY seq",
+            (part.index, min(ids_after, deltas_after)),
+        ):
+            pulses = _decode_pulses(body)
+            if seq > ids_after:
+                _add_ids(part.recent, seq, pulses)
+            if seq > deltas_after:
+                _add_pulses(part, pulses)
+            seen = max(seen, seq)
+    except BaseException:
+        # Some rows' deltas are in memory and `seen_seq` does not say so:
+        # read again they would count twice. Rebuild from the watermarks.
+        _forget(part)
+        raise
     part.seen_seq = seen
     part.version = version
+
+
+def _forget(part: _Partition) -> None:
+    """Drop a partition's memory: the next `_catch_up` rebuilds it from the file."""
+    part.recent.clear()
+    part.pending.clear()
+    part.pending_since = None
+    part.seen_seq = 0
+    part.merged_seq = part.folded_seq = -1
+    part.version = None
 
 
 def _unfolded_buckets(
