@@ -12,11 +12,10 @@ every shard's waiting write to one thread in one hop, and one transaction.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Generic, TypeVar
 
 import msgspec
@@ -101,7 +100,7 @@ class WriteLane:
     """
 
     def __init__(
-        self, together: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+        self, together: Callable[[], AbstractContextManager[None]] = nullcontext
     ) -> None:
         self._together = together
         self._waiting: list[_Job] = []
