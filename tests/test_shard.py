@@ -218,20 +218,26 @@ async def test_lane_takes_the_writes_that_wait_meanwhile_in_one_hop(
     assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}
 
 
-async def test_lane_failure_is_only_its_own_writes(hops: list[list[str]]) -> None:
-    lane, writes = WriteLane(), LaneWrites()
-    writes.gate.set()
+async def outcomes_of(lane: WriteLane, writes: LaneWrites, *names: str) -> dict[str, object]:
+    """Each named write's result or error, the writes started together."""
     outcomes: dict[str, object] = {}
 
     async def call(name: str) -> None:
         try:
             outcomes[name] = await lane.run(writes, name)
-        except StoreFull as exc:
+        except StoreError as exc:
             outcomes[name] = exc
 
     async with trio.open_nursery() as nursery:
-        for name in ("x", "bad", "y"):
+        for name in names:
             nursery.start_soon(call, name)
+    return outcomes
+
+
+async def test_lane_failure_is_only_its_own_writes(hops: list[list[str]]) -> None:
+    lane, writes = WriteLane(), LaneWrites()
+    writes.gate.set()
+    outcomes = await outcomes_of(lane, writes, "x", "bad", "y")
     assert len(hops) == 1
     assert sorted(hops[0]) == ["bad", "x", "y"]
     assert outcomes["x"] == "X"
@@ -254,17 +260,7 @@ async def test_lane_writes_fail_together_when_what_holds_them_fails() -> None:
 
     lane, writes = WriteLane(together), LaneWrites()
     writes.gate.set()
-    outcomes: dict[str, object] = {}
-
-    async def call(name: str) -> None:
-        try:
-            outcomes[name] = await lane.run(writes, name)
-        except StoreError as exc:
-            outcomes[name] = exc
-
-    async with trio.open_nursery() as nursery:
-        for name in ("x", "bad", "y"):
-            nursery.start_soon(call, name)
+    outcomes = await outcomes_of(lane, writes, "x", "bad", "y")
     assert ended == ["commit"]  # one hop, one round
     assert sorted(writes.ran) == ["bad", "x", "y"]
     assert isinstance(outcomes["bad"], StoreFull)
