@@ -598,7 +598,7 @@ class SQLiteStore:
             _catch_up(conn, part)
             if sum(len(p.recent) for p in self._parts) >= _MERGE_AT:
                 # All partitions at once: their ids share one index, and a
-                # merge costs about one index page per page it touches.
+                # merge costs about one page write per index page it touches.
                 for other in self._parts:
                     self._file.touch(other)
                     _catch_up(conn, other)
