@@ -339,20 +339,15 @@ class _File:
 
     def _lock_writers(self, what: str) -> None:
         """Wait for this process's turn to write (see the module docstring)."""
-        try:
-            fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
         deadline = time.monotonic() + self._busy_timeout
         while True:
-            time.sleep(0.0002)
             try:
                 fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise StoreBusy(f"{what}: the store stayed locked by another process") from None
+            time.sleep(0.0002)
 
     @contextmanager
     def _savepoint(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
@@ -480,7 +475,8 @@ def _check_file(path: Path) -> dict[str, str]:
     return meta
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -547,17 +543,13 @@ class SQLiteStore:
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
             finally:
                 conn.close()
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(staging)
+            _fsync(path)
+            _fsync(staging)
             if directory.exists():
                 directory.rmdir()  # empty, checked by the caller
             # The creation point: before this rename there is no store, after it a whole one.
             staging.rename(directory)
-            _fsync_dir(parent)
+            _fsync(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
