@@ -1,0 +1,156 @@
+"""CPU cost per pulse of the two halves of POST /pulses, in process, without HTTP.
+
+    .venv/bin/python bench/stages.py                     # this checkout
+    .venv/bin/python bench/stages.py --src . --src ../wt # two checkouts, alternated
+    .venv/bin/python bench/stages.py --ids --durability os
+
+wrk's figures can move by half from one minute to the next on a shared VM
+(CPU steal, fsyncs taking 1.5 to 16 ms): too much to see a 20% change. The
+CPU time of one process doing one thing in a loop is steadier, and its
+minimum over repeats steadier still. Two stages, on bodies like the bench's
+1,000-pulse arrays (bench/lua/pulses.lua: 100 tenants, 10 SKUs, 2 units):
+
+    decode   decode_pulses: bytes to validated pulses (the event loop's part)
+    write    SQLiteStore.write_pulses for each partition a request touches,
+             in one writing_together round and its COMMIT (the store thread's)
+
+Each checkout given with --src runs in its own process, in turn, --repeats
+times; printed are the minimum and median CPU µs per pulse of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SKUS = [
+    f"sku-{n}"
+    for n in ("compute", "storage", "egress", "api", "search", "ml", "db", "cdn", "mail", "queue")
+]
+AMOUNTS = ["1", "2.5", "0.000000001", "100", "17.25", "3"]
+BODIES = 100
+
+
+def bodies(ids: bool, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    made = []
+    for b in range(BODIES):
+        pulses = []
+        for n in range(1000):
+            pulse = {
+                "tenant_id": f"t{rng.randint(1, 100)}",
+                "product_sku": rng.choice(SKUS),
+                "use_unit": rng.choice(["api_call", "gb_hour"]),
+                "used_amount": rng.choice(AMOUNTS),
+            }
+            if ids:
+                pulse["id"] = f"stage-{seed}-{b}-{n}"
+            pulses.append(pulse)
+        made.append(json.dumps(pulses).encode())
+    return made
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement of both stages, in this process; prints JSON."""
+    import gc
+
+    import ingestor
+    from ingestor.clock import wall_clock_us
+    from ingestor.intake import Rules, decode_pulses
+    from ingestor.partition import partition_of
+    from ingestor.store.sqlite import SQLiteStore
+
+    gc.set_threshold(50_000, 10, 10)  # as the service runs (service.py)
+    rules = Rules(late_window_s=35 * 86_400, future_skew_s=300, max_batch=10_000)
+    now = wall_clock_us()
+    raw = bodies(args.ids, args.seed)
+    started = time.process_time()
+    intakes = [decode_pulses(body, "application/json", rules, now) for body in raw]
+    decode = time.process_time() - started
+    requests = []
+    for intake in intakes:
+        by_partition = defaultdict(list)
+        for _, pulse in intake.pulses:
+            by_partition[partition_of(pulse.tenant_id, 16)].append(pulse)
+        requests.append(by_partition)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore.open(
+            Path(tmp) / "store", partitions=16, durability=args.durability, busy_timeout=5
+        )
+        started = time.process_time()
+        for by_partition in requests:
+            with store.writing_together():
+                for partition, pulses in by_partition.items():
+                    store.write_pulses(partition, pulses, now)
+        write = time.process_time() - started
+        store.close()
+    pulses = BODIES * 1000
+    print(
+        json.dumps(
+            {
+                "source": str(Path(ingestor.__file__).parent.parent),
+                "decode": decode / pulses * 1e6,
+                "write": write / pulses * 1e6,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src", action="append", help="a checkout (default: this one)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ids", action="store_true", help="every pulse has a new id")
+    parser.add_argument("--durability", choices=["fsync", "os"], default="fsync")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    sources = [str(Path(s).resolve()) for s in (args.src or [str(ROOT)])]
+    found: dict[str, dict[str, list[float]]] = {s: defaultdict(list) for s in sources}
+    for repeat in range(args.repeats):
+        for source in sources:
+            argv = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--durability",
+                args.durability,
+                "--seed",
+                str(args.seed + repeat),
+                *(["--ids"] if args.ids else []),
+            ]
+            env = {**os.environ, "PYTHONPATH": source}  # its `ingestor` before any installed
+            out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
+            costs = json.loads(out)
+            if costs.pop("source") != source:
+                raise SystemExit(f"stages: {source} did not run its own ingestor")
+            for stage, cost in costs.items():
+                found[source][stage].append(cost)
+    ids = "new ids" if args.ids else "no ids"
+    print(
+        f"CPU µs per pulse, 1,000-pulse arrays, {ids}, {args.durability},"
+        f" {args.repeats} repeats: min / median"
+    )
+    for source, stages in found.items():
+        cells = "  ".join(
+            f"{stage} {min(costs):.2f} / {statistics.median(costs):.2f}"
+            for stage, costs in stages.items()
+        )
+        print(f"  {source}: {cells}")
+
+
+if __name__ == "__main__":
+    main()
