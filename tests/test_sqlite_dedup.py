@@ -390,6 +390,13 @@ def test_pulses_are_listed_from_the_index_and_the_unfolded_log(
         for tenant in ("t1", "t2"):
             for limit in (1, 3, 1000):
                 assert listed(store, tenant, limit) == written[tenant]
+    restarted = open_store(a.directory)  # memory rebuilt from the log, then folded
+    try:
+        totals(restarted)
+        assert index_rows(restarted) == 6
+        assert listed(restarted, "t2", 2) == written["t2"]
+    finally:
+        restarted.close()
 
 
 def test_a_fold_during_a_listing_neither_repeats_nor_skips_a_pulse(
