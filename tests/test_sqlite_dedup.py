@@ -423,3 +423,82 @@ def test_a_fold_during_a_listing_neither_repeats_nor_skips_a_pulse(
     before = folded_watermark(b)
     assert listed(a, "t", 1000) == ["folded", "unfolded-1", "unfolded-2"]
     assert folded_watermark(b) > before  # the fold did happen during the listing
+
+
+# -- a merge runs in slices, one per transaction -----------------------------------
+
+
+def indexed(store: SQLiteStore) -> int:
+    count: int = store._file.read(
+        lambda c: c.execute("SELECT count(*) FROM pulse_ids").fetchone()[0]
+    )
+    return count
+
+
+@pytest.fixture
+def slices_of_3(small_merges: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 3)
+
+
+FIRST = [pulse(f"m{i}") for i in range(8)]  # enough to plan a merge
+
+
+@pytest.mark.usefixtures("slices_of_3")
+def test_a_merge_inserts_a_slice_per_transaction_and_forgets_no_id(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    a, b = stores
+    assert a.write_pulses(0, FIRST, 0) == ["accepted"] * 8
+    counts, marks = [], []
+    for step in range(4):
+        # Each write runs one slice; ids of the plan are known all along.
+        outcomes = a.write_pulses(0, [pulse(f"m{7 - step}"), pulse(f"n{step}")], 0)
+        assert outcomes == ["duplicate", "accepted"], step
+        counts.append(indexed(a))
+        marks.append(merged_watermark(a))
+    assert counts == [3, 6, 8, 8]  # slices of 3, 3 and 2; then nothing waits
+    assert marks[:2] == [0, 0]
+    assert marks[2] == marks[3] > 0  # moved with the last slice
+    assert sorted(a._parts[0].recent) == [f"t\x1fn{i}" for i in range(4)]
+    again = [*FIRST, *(pulse(f"n{i}") for i in range(4))]
+    assert b.write_pulses(0, again, 0) == ["duplicate"] * 12
+
+
+@pytest.mark.usefixtures("slices_of_3")
+def test_a_last_slice_that_rolls_back_is_run_again(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = stores
+    a.write_pulses(0, FIRST, 0)
+    a.write_pulses(0, [pulse("x0")], 0)
+    a.write_pulses(0, [pulse("x1")], 0)
+    assert indexed(a) == 6
+    with failing_before_commit(monkeypatch), pytest.raises(StoreError):
+        a.write_pulses(0, [pulse("lost")], 0)  # runs the last slice, then fails
+    assert (indexed(a), merged_watermark(a)) == (6, 0)
+    outcomes = a.write_pulses(0, [*FIRST, pulse("lost")], 0)  # runs it again
+    assert outcomes == ["duplicate"] * 8 + ["accepted"]
+    assert indexed(a) == 8
+    assert merged_watermark(a) > 0
+
+
+@pytest.mark.usefixtures("slices_of_3")
+def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    a, b = stores
+    a.write_pulses(0, FIRST, 0)
+    a.write_pulses(0, [pulse("x0")], 0)  # a plans the merge of FIRST, runs a slice
+    b.write_pulses(0, [pulse("y0")], 0)
+    b.purge(0, 0)  # removes nothing, but merges every id first, x0 and y0 too
+    theirs = merged_watermark(b)
+    assert indexed(b) == 10
+    for step in range(3):  # a's remaining slices, and more
+        assert a.write_pulses(0, [pulse("x0"), pulse(f"z{step}")], 0) == [
+            "duplicate", "accepted",
+        ]
+    assert merged_watermark(a) == theirs  # a's plan ended below b's mark
+    assert a._merging is None
+    everything = [*FIRST, pulse("x0"), pulse("y0"), *(pulse(f"z{i}") for i in range(3))]
+    for store in stores:
+        assert store.write_pulses(0, everything, 0) == ["duplicate"] * 13

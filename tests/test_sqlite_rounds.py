@@ -230,3 +230,30 @@ def test_a_writer_waits_for_another_process_then_gives_up_as_busy(tmp_path: Path
     finally:
         os.close(other)
         ours.close()
+
+
+def test_a_round_runs_one_slice_of_a_merge(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many writes a round holds, it inserts one slice: the pause a
+    merge puts on writes stays that of one slice."""
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 6)
+    monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 2)
+    for partition in range(PARTITIONS):
+        # The last of these plans a merge of the 6 ids before it, and runs a slice.
+        store.write_pulses(partition, pulses(partition, "a", "b"), 0)
+    executed: list[str] = []
+    store._file.writer.set_trace_callback(executed.append)
+    counts, inserted = [], []
+    for step in range(3):
+        with store.writing_together():
+            for partition in range(PARTITIONS):
+                store.write_pulses(partition, pulses(partition, f"r{step}"), 0)
+        counts.append(
+            store._file.read(lambda c: c.execute("SELECT count(*) FROM pulse_ids").fetchone()[0])
+        )
+        inserted.append(sum("INTO pulse_ids" in sql for sql in executed))  # one per row
+        executed.clear()
+    # The plan's last two slices, then the first slice of the next plan.
+    assert counts == [4, 6, 8]
+    assert inserted == [2, 2, 2]

@@ -40,15 +40,21 @@ once a second, each page is written once per fold.
 
 Dedup reads two tiers. The log row is the durable record of an id: it
 commits with the amounts. Ids of the log's tail live in memory (`recent`),
-added only once their log row has committed; every `_MERGE_AT` ids (all
-partitions together: they share one index) they are merged, sorted, into
-the indexed `pulse_ids` table, and the meta keys `ids_merged_seq/<n>`
-record up to which log row that is done. Sorted merges touch each index
-page once per merge instead of once per id, which is what random ids cost
-when inserted with each write: into an index of 1,000,000 ids, merges of
-5,000 cost 21 µs an id here, of 20,000 about 12, of 80,000 6.5, each merge
-holding up every write for that long. 5,000 keeps that pause near 100 ms
-(at 20,000 the soak's p99 was 155 ms instead of 72, for 5% more new ids/s). Each transaction first
+added only once their log row has committed. Once there are `_MERGE_AT`
+of them (all partitions together: they share one index), they are merged,
+sorted, into the indexed `pulse_ids` table, and the meta keys
+`ids_merged_seq/<n>` record up to which log row that is done. A sorted
+merge writes each index page it touches once, but once the index has more
+pages than the merge has ids, that is still about a page per id: into an
+index of 1,000,000 ids, merges of 5,000 cost ~23 µs an id here, of 80,000
+~6.5, and a merge holds up every write while it runs (at 20,000 the soak's
+p99 was 155 ms instead of 72). So a merge is planned big and run in
+slices: `_MergePlan` takes a sorted snapshot of 80,000 ids and inserts
+`_MERGE_CHUNK` of them per transaction, in key order. Each slice lands on
+its own stretch of the index, as densely as the whole merge would: ~9-12
+µs an id, each transaction paying for 5,000 ids as before
+(`bench/id_index.py`). Until the last slice commits, with the
+watermarks, the snapshot's ids stay in memory too. Each transaction first
 asks SQLite whether another connection has committed since (`PRAGMA
 data_version`). If one has (another process wrote, or merged), or a
 write of ours rolled back, memory is brought up from the watermark and the
@@ -123,7 +129,8 @@ SCHEMA_VERSION = 2  # 1: a file per partition
 _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
-_MERGE_AT = 5_000  # recent ids, all partitions together, held before a merge (~1 MB)
+_MERGE_AT = 80_000  # recent ids, all partitions together, that start a merge (~16 MB)
+_MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction
 _FOLD_AFTER_S = 1.0  # how long logged deltas may wait before the writer folds them
 _FOLD_AT_KEYS = 20_000  # ... or how many buckets they may touch
 _ALL = 1 << 62  # "no limit" for a query
@@ -273,6 +280,7 @@ class _File:
         self._point: list[_Partition] | None = None
         self._written: set[_Partition] = set()
         self._round: int | None = None  # the thread running writes together
+        self.serial = 0  # counts transactions: what ran in the open one
 
     def on_commit(self, update: Callable[[], None]) -> None:
         """Run `update` (of memory, never of the file) once this transaction is durable."""
@@ -311,6 +319,7 @@ class _File:
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         conn = self.writer
+        self.serial += 1
         self._on_commit.clear()
         self._touched.clear()
         self._written.clear()
@@ -502,6 +511,7 @@ class SQLiteStore:
         self.write_lanes = 1
         self._file = file
         self._parts = [_Partition(file, index) for index in range(partitions)]
+        self._merging: _MergePlan | None = None
         self._leader_fd: int | None = None
 
     @classmethod
@@ -596,13 +606,7 @@ class SQLiteStore:
         part = self._part(partition)
         with part.transaction("write pulses") as conn:
             _catch_up(conn, part)
-            if sum(len(p.recent) for p in self._parts) >= _MERGE_AT:
-                # All partitions at once: their ids share one index, and a
-                # merge costs about one page write per index page it touches.
-                for other in self._parts:
-                    self._file.touch(other)
-                    _catch_up(conn, other)
-                _merge_ids(conn, self._parts)
+            self._merge_slice(conn)
             outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
             accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
             if not accepted:
@@ -621,6 +625,49 @@ class SQLiteStore:
                 _fold(conn, part)
             part.on_commit(lambda: _remember(part, seq, accepted))
         return outcomes
+
+    def _merge_slice(self, conn: sqlite3.Connection) -> None:
+        """One slice of the ids merge, at most one per transaction (see the module
+        docstring); the first plans it, once enough ids wait."""
+        plan = self._merging
+        if plan is None:
+            if sum(len(p.recent) for p in self._parts) < _MERGE_AT:
+                return
+            # All partitions at once: their ids share one index.
+            for other in self._parts:
+                self._file.touch(other)
+                _catch_up(conn, other)
+            plan = self._merging = _MergePlan(self._parts)
+        if plan.serial == self._file.serial:
+            return
+        plan.serial = self._file.serial
+        end = min(plan.done + _MERGE_CHUNK, len(plan.rows))
+        conn.executemany(
+            "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)",
+            [row[:3] for row in plan.rows[plan.done : end]],
+        )
+        if end < len(plan.rows):
+            self._file.on_commit(lambda: setattr(plan, "done", end))
+            return
+        # The last slice: every id up to the marks is in the index. Another
+        # process may have merged further meanwhile; a mark never goes back.
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+            " SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))"
+            " AS TEXT)",
+            [(part.merged_key, str(mark)) for part, mark in plan.marks.items()],
+        )
+        for part in self._parts:
+            self._file.touch(part)
+
+        def merged() -> None:
+            for key, _, _, index in plan.rows:
+                self._parts[index].recent.pop(key, None)
+            for part, mark in plan.marks.items():
+                part.merged_seq = max(part.merged_seq, mark)
+            self._merging = None
+
+        self._file.on_commit(merged)
 
     def commit_day(
         self, partition: int, day: str, now_us: int, max_records: int
@@ -1083,6 +1130,26 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
         part.folded_seq = seq
 
     part.on_commit(folded)
+
+
+class _MergePlan:
+    """A merge of recent ids into `pulse_ids`, run a slice per transaction.
+
+    `rows` is every partition's recent ids when it was planned, sorted by
+    key: (id_key, fingerprint, seq, partition index); `marks`, how far each
+    partition's log they cover. The ids stay in memory until the last slice
+    has committed, so a lookup finds each of them somewhere all along.
+    """
+
+    def __init__(self, parts: Sequence[_Partition]) -> None:
+        self.rows = sorted(
+            (key, value[8:], int.from_bytes(value[:8], "big"), part.index)
+            for part in parts
+            for key, value in part.recent.items()
+        )
+        self.marks = {part: part.seen_seq for part in parts}
+        self.done = 0  # rows inserted by committed transactions
+        self.serial = -1  # the transaction that ran the last slice
 
 
 def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
