@@ -13,6 +13,10 @@ join 1,000 random keys at a time (none present, as for new ids) through
 json_each, as the store does, against the older form keyed by
 (tenant_id, pulse_id) and fed pairs through json_extract.
 
+Then the store's way: plans of --slices sorted ids (80,000), each
+inserted 5,000 at a time, a transaction per slice: each slice lands on its
+own stretch of the index, as densely as the whole plan.
+
 Prints µs per id, wall and CPU, per merge size, and per lookup form.
 """
 
@@ -66,20 +70,27 @@ def _single_key_table(path: Path, ids: int) -> sqlite3.Connection:
     return conn
 
 
-def merges(path: Path, ids: int, sizes: list[int]) -> None:
+def merges(path: Path, ids: int, sizes: list[int], slice_of: int | None = None) -> None:
+    """Merges of each size; with `slice_of`, each merge is a sorted plan of that
+    many ids, inserted `size` at a time, one transaction a slice, as the store does."""
     for size in sizes:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         conn = _single_key_table(path, ids)
-        batches = [sorted(_keys(size)) for _ in range(max(1, 400_000 // size))]
+        if slice_of is None:
+            batches = [sorted(_keys(size)) for _ in range(max(1, 400_000 // size))]
+        else:
+            plans = [sorted(_keys(slice_of)) for _ in range(max(1, 400_000 // slice_of))]
+            batches = [plan[i : i + size] for plan in plans for i in range(0, slice_of, size)]
         wall, cpu = time.perf_counter(), time.process_time()
         for seq, batch in enumerate(batches, start=1_000_000):
             _merge(conn, batch, seq)
         count = sum(len(b) for b in batches)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         conn.close()
+        how = f" (slices of plans of {slice_of:,})" if slice_of else ""
         print(
-            f"merge   {size:>7,} ids at a time into {ids:,}: "
+            f"merge   {size:>7,} ids at a time into {ids:,}{how}: "
             f"{wall / count * 1e6:5.1f} µs/id wall, {cpu / count * 1e6:5.1f} µs/id CPU"
         )
 
@@ -130,12 +141,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--merges", default="5000,20000,80000")
+    parser.add_argument(
+        "--slices", type=int, default=80_000, help="the store's planned merge, run in slices"
+    )
     parser.add_argument("--dir", help="where the scratch files go (default: a temp dir)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=options.dir) as scratch:
         directory = Path(scratch)
         sizes = [int(size) for size in options.merges.split(",")]
         merges(directory / "merges.sqlite", options.ids, sizes)
+        merges(directory / "merges.sqlite", options.ids, [5_000], options.slices)
         lookups(directory, options.ids)
     return 0
 
