@@ -45,7 +45,8 @@ SETUPS = {
     "durability os": ({"INGESTOR_DURABILITY": "os"}, 40, 300),
     # Two worker processes on a two-partition store, every process killed at
     # once: the ids' in-memory tier of each process (merged into the index
-    # every 5,000 ids) is crashed and rebuilt again and again,
+    # every 20,000 ids, 5,000 per transaction) is crashed and rebuilt again
+    # and again,
     # and a resend may reach the other process than the first attempt.
     "two workers": (
         {"INGESTOR_DURABILITY": "fsync", "INGESTOR_WORKERS": "2", "INGESTOR_PARTITIONS": "2"},
