@@ -13,7 +13,7 @@ join 1,000 random keys at a time (none present, as for new ids) through
 json_each, as the store does, against the older form keyed by
 (tenant_id, pulse_id) and fed pairs through json_extract.
 
-Then the store's way: plans of --slices sorted ids (80,000), each
+Then the store's way: plans of --slices sorted ids (20,000), each
 inserted 5,000 at a time, a transaction per slice: each slice lands on its
 own stretch of the index, as densely as the whole plan.
 
@@ -142,7 +142,7 @@ def main() -> int:
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--merges", default="5000,20000,80000")
     parser.add_argument(
-        "--slices", type=int, default=80_000, help="the store's planned merge, run in slices"
+        "--slices", type=int, default=20_000, help="the store's planned merge, run in slices"
     )
     parser.add_argument("--dir", help="where the scratch files go (default: a temp dir)")
     options = parser.parse_args()
