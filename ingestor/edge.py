@@ -108,8 +108,17 @@ class Edge:
                     **message,
                     "headers": [*message.get("headers", ()), (b"connection", b"close")],
                 }
-            await send(message)
             last = message["type"] == "http.response.body" and not message.get("more_body")
+            try:
+                await send(message)
+            except trio.BusyResourceError:
+                # hypercorn ends a response with a write of its own (empty,
+                # for a Content-Length body). A client that has the whole
+                # answer may close first, and hypercorn's reading task then
+                # shuts the socket without the lock its writes take, so that
+                # last write finds the socket busy. The answer was delivered.
+                if not last:
+                    raise
             if last and not finished:
                 finished = True
                 self._finished()
