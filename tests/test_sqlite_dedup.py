@@ -354,11 +354,15 @@ def listed(store: SQLiteStore, tenant: str, limit: int) -> list[str]:
         after = page[-1][0]
 
 
-def index_rows(store: SQLiteStore) -> int:
+def rows(store: SQLiteStore, table: str) -> int:
     count: int = store._file.read(
-        lambda c: c.execute("SELECT count(*) FROM pulse_days").fetchone()[0]
+        lambda c: c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     )
     return count
+
+
+def index_rows(store: SQLiteStore) -> int:
+    return rows(store, "pulse_days")
 
 
 def test_pulses_are_listed_from_the_index_and_the_unfolded_log(
@@ -429,10 +433,7 @@ def test_a_fold_during_a_listing_neither_repeats_nor_skips_a_pulse(
 
 
 def indexed(store: SQLiteStore) -> int:
-    count: int = store._file.read(
-        lambda c: c.execute("SELECT count(*) FROM pulse_ids").fetchone()[0]
-    )
-    return count
+    return rows(store, "pulse_ids")
 
 
 @pytest.fixture

@@ -857,10 +857,7 @@ class SQLiteStore:
 
         def scan(conn: sqlite3.Connection) -> list[tuple[int, StoredPulse]]:
             found: list[tuple[int, StoredPulse]] = []
-            mark = conn.execute(
-                "SELECT value FROM meta WHERE key = ?", (part.folded_key,)
-            ).fetchone()
-            folded = int(mark[0]) if mark else 0
+            folded = _watermark(conn, part.folded_key)
             indexed = conn.execute(
                 "SELECT l.seq, l.received_at, l.body FROM pulse_days d"
                 " JOIN pulse_log l ON l.seq = d.seq"
@@ -1014,6 +1011,12 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
     part.version = version
 
 
+def _watermark(conn: sqlite3.Connection, key: str) -> int:
+    """The log row a meta watermark (`buckets_seq/<n>`, ...) stands at; 0 if never set."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _forget(part: _Partition) -> None:
     """Drop a partition's memory: the next `_catch_up` rebuilds it from the file."""
     part.recent.clear()
@@ -1041,11 +1044,9 @@ def _unfolded_buckets(
     try:
         tail: dict[BucketKey, Delta] = {}
         for part in parts:
-            mark = (part.folded_key,)
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", mark).fetchone()
             for (body,) in conn.execute(
                 "SELECT body FROM pulse_log WHERE part = ? AND seq > ?",
-                (part.index, int(row[0]) if row else 0),
+                (part.index, _watermark(conn, part.folded_key)),
             ):
                 add_pulses(tail, _decode_pulses(body))
         rows = {
