@@ -503,3 +503,37 @@ def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
     everything = [*FIRST, pulse("x0"), pulse("y0"), *(pulse(f"z{i}") for i in range(3))]
     for store in stores:
         assert store.write_pulses(0, everything, 0) == ["duplicate"] * 13
+
+
+# -- a restart after a checkpoint that died midway ---------------------------------
+
+
+def test_a_store_whose_checkpoint_died_midway_opens_with_its_wal(tmp_path: Path) -> None:
+    """A kill during a checkpoint leaves the file with some pages of the WAL and
+    not others: only file and WAL together are the store. Opening it must read
+    both, never the file alone, which SQLite then finds malformed."""
+    store = open_store(tmp_path / "s")
+    store._file.writer.execute("PRAGMA wal_autocheckpoint = 0")  # all stays in the WAL
+    for n in range(60):
+        store.write_pulses(0, [pulse(f"w{n}-{i}", tenant=f"t{i}") for i in range(40)], 0)
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    for name in ("store.sqlite", "store.sqlite-wal"):  # as a kill leaves them
+        (dead / name).write_bytes((tmp_path / "s" / name).read_bytes())
+    store.close()
+    wal = (dead / "store.sqlite-wal").read_bytes()
+    page_size = int.from_bytes(wal[8:12], "big")
+    latest: dict[int, bytes] = {}
+    for at in range(32, len(wal), 24 + page_size):
+        latest[int.from_bytes(wal[at : at + 4], "big")] = wal[at + 24 : at + 24 + page_size]
+    assert len(latest) > 10
+    with (dead / "store.sqlite").open("r+b") as db:  # the checkpoint copied half
+        for page in sorted(latest)[: len(latest) // 2]:
+            db.seek((page - 1) * page_size)
+            db.write(latest[page])
+    reopened = open_store(dead)
+    try:
+        assert totals(reopened) == (60 * 40, 60 * 40)
+        assert reopened.write_pulses(0, [pulse("w0-0", tenant="t0")], 0) == ["duplicate"]
+    finally:
+        reopened.close()

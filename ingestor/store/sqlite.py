@@ -473,8 +473,13 @@ def _connect(
 def _check_file(path: Path) -> dict[str, str]:
     """Refuse a file that is not ours. Never writes to it."""
     try:
-        # immutable: read without creating -wal/-shm files beside a file we may refuse.
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        # immutable: read without creating -wal/-shm files beside a file we may
+        # refuse. Not when a WAL is there: a process killed while writing leaves
+        # committed transactions in it, and one killed during a checkpoint a file
+        # that is whole only with it (read alone, SQLite finds it malformed).
+        wal = path.with_name(f"{path.name}-wal").exists()
+        mode = "ro" if wal else "ro&immutable=1"
+        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
