@@ -2,11 +2,24 @@
 
 The supervisor binds the listening sockets and opens (creating if needed)
 the store once, then starts N worker processes that each run the whole
-service on those sockets. The kernel spreads connections across them; the
-store's transactions and locks keep them correct together, exactly as with
-several machines on one PostgreSQL. SIGTERM or SIGINT is passed on to every
-worker, which drains as a single process would; a worker that dies on its
-own is restarted, with a pause if it keeps dying.
+service. The store's transactions and locks keep them correct together,
+exactly as with several machines on one PostgreSQL.
+
+Each worker listens on a socket of its own, all bound to the same TCP
+address with SO_REUSEPORT, and the kernel spreads new connections across
+them by a hash of each connection's addresses. On one shared socket,
+whichever worker woke first accepted the whole backlog: a client opening
+its keep-alive connections at once had every one of them served by one
+worker while the other idled. The supervisor keeps each worker's socket, so
+connections the kernel gives a worker that is restarting wait in its
+backlog; none is refused. As with any SO_REUSEPORT server, a second
+`--workers` instance started by the same user on the same address joins
+the group instead of failing with "address in use"; a single-worker
+instance still fails.
+
+SIGTERM or SIGINT is passed on to every worker, which drains as a single
+process would; a worker that dies on its own is restarted, with a pause if
+it keeps dying.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -50,29 +64,47 @@ def _die_with_parent() -> None:
 
 
 def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
-    from .service import hypercorn_config, serve
+    from .service import serve
 
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
-    backlog = hypercorn_config(settings).backlog
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        sock.listen(backlog)
     log.info("worker start", extra={"fields": {"worker": index}})
     trio.run(lambda: serve(settings, sockets=sockets))
 
 
-def run_workers(settings: Settings) -> int:
-    """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
+def _worker_sockets(settings: Settings) -> list[Sockets]:
+    """The listening sockets of each worker (see the module docstring)."""
     from .service import hypercorn_config
 
+    config = hypercorn_config(settings)  # plain HTTP: the service does not terminate TLS
+    config.workers = settings.workers  # hypercorn sets SO_REUSEPORT before binding
+    first = config.create_sockets()
+    # The others on the address the first got: for port 0, the kernel's choice.
+    config.bind = [_address(sock) for sock in first.insecure_sockets]
+    every = [first, *(config.create_sockets() for _ in range(settings.workers - 1))]
+    # Listening before any worker runs: a connection made while a worker starts
+    # waits for it, instead of going to one that started sooner and staying there.
+    for sockets in every:
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+    return every
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def run_workers(settings: Settings) -> int:
+    """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
     open_store(settings).close()  # create it here, never in racing workers
-    sockets = hypercorn_config(settings).create_sockets()
+    every = _worker_sockets(settings)
     context = multiprocessing.get_context("spawn")
     stopping = False
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker, args=(settings, sockets, index), name=f"ingestor-worker-{index}"
+            target=_worker, args=(settings, every[index], index), name=f"ingestor-worker-{index}"
         )
         process.start()
         return process
@@ -105,8 +137,8 @@ def run_workers(settings: Settings) -> int:
             )
             time.sleep(_RESTART_PAUSE)
             processes[index] = start(index)
-    for group in (sockets.secure_sockets, sockets.insecure_sockets):
-        for sock in group:
+    for sockets in every:
+        for sock in sockets.insecure_sockets:
             sock.close()
     exit_codes = sorted(codes.values())
     log.info("stop", extra={"fields": {"bind": settings.bind, "exit_codes": exit_codes}})

@@ -959,3 +959,42 @@ async def test_two_workers_on_sqlite_survive_a_killed_worker(
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_two_workers_share_a_burst_of_keep_alive_connections(tmp_path: Path) -> None:
+    """Connections opened at once, as a client's pool opens them, are served by both
+    workers: each worker has its own SO_REUSEPORT socket, listening from the start.
+    On one shared socket the first worker to wake accepted the whole burst, and
+    kept every connection for as long as it stayed open."""
+    async with ServerProcess(tmp_path / "data", env={"INGESTOR_WORKERS": "2", **QUIET}) as server:
+        assert server.pid is not None
+        supervisor = server.pid
+
+        async def two_workers() -> list[int]:
+            found = child_pids(supervisor, marker=WORKER_MARK)
+            return found if len(found) == 2 else []
+
+        workers = await wait_until(two_workers, within=10, what="two workers")
+        streams: list[trio.SocketStream] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):  # all on one worker: 2 in 65,536 by the kernel's hash
+
+                    async def connect() -> None:
+                        streams.append(await trio.open_tcp_stream(server.host, server.port))
+
+                    nursery.start_soon(connect)
+            for stream in streams:
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            for stream in streams:
+                with trio.fail_after(15):
+                    head = await stream.receive_some(4096)
+                assert head.startswith(b"HTTP/1.1 200"), head
+            owners = Counter(
+                connection_owner(workers, server.port, stream.socket.getsockname()[1])
+                for stream in streams
+            )
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        assert set(owners) == set(workers), owners
