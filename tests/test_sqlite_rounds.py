@@ -209,7 +209,10 @@ def test_a_write_that_fails_after_merging_leaves_every_partition_knowing_its_ids
     assert store.write_pulses(2, pulses(2, "b", "new"), 0) == ["duplicate", "accepted"]
     assert store.write_pulses(0, pulses(0, "x"), 0) == ["accepted"]
     assert counted(store) == {
-        tenant_of(0): 1, tenant_of(1): 2, tenant_of(2): 3, tenant_of(3): 1,
+        tenant_of(0): 1,
+        tenant_of(1): 2,
+        tenant_of(2): 3,
+        tenant_of(3): 1,
     }
 
 
@@ -257,3 +260,39 @@ def test_a_round_runs_one_slice_of_a_merge(
     # The plan's last two slices, then the first slice of the next plan.
     assert counts == [4, 6, 8]
     assert inserted == [2, 2, 2]
+
+
+def test_a_round_reads_other_processes_rows_before_it_waits_to_write(
+    store: SQLiteStore,
+) -> None:
+    """What another process logged is read before the round takes the writers' lock,
+    which every process waits on; the round itself finds nothing more to read."""
+    other = SQLiteStore.open(
+        store.directory, partitions=PARTITIONS, durability="os", busy_timeout=5
+    )
+    try:
+        for partition in range(PARTITIONS):
+            other.write_pulses(partition, pulses(partition, "theirs"), 0)
+        executed: list[str] = []
+        store._file.writer.set_trace_callback(executed.append)
+        with store.writing_together():
+            assert store.write_pulses(0, pulses(0, "theirs", "ours"), 0) == [
+                "duplicate",
+                "accepted",
+            ]
+        begin = executed.index("BEGIN IMMEDIATE")
+        reads = [n for n, sql in enumerate(executed) if sql.startswith("SELECT seq, body FROM")]
+        assert len(reads) == PARTITIONS  # every partition's tail, the other's rows in it
+        assert max(reads) < begin
+        # Memory is up to date for every partition, not only those the round wrote.
+        executed.clear()
+        with store.writing_together():
+            for partition in range(1, PARTITIONS):
+                assert store.write_pulses(partition, pulses(partition, "theirs"), 0) == [
+                    "duplicate"
+                ]
+        # Nothing committed by another since: one question, and no read transaction.
+        assert executed[:2] == ["PRAGMA data_version", "BEGIN IMMEDIATE"]
+        assert not any(sql.startswith("SELECT seq, body FROM") for sql in executed)
+    finally:
+        other.close()

@@ -67,7 +67,10 @@ Several processes share the file: SQLite's lock and `BEGIN IMMEDIATE`
 arbitrate between them. Before that, they queue on an flock of
 `writer.lock`, tried every 0.2 ms up to the busy timeout: SQLite's own
 wait sleeps 1, 2, 5, ... up to 100 ms between tries, time in which two
-workers sat idle. The store directory is made under a temporary
+workers sat idle. Each round first reads, in a read transaction, what the
+others have logged since its memory was last in step (`_read_ahead`), so
+its own transaction, during which every process waits, reads only what
+they commit in between. The store directory is made under a temporary
 name and renamed into place, so a crash during creation leaves either a
 whole store or none.
 
@@ -295,14 +298,22 @@ class _File:
             self._point.append(part)
 
     @contextmanager
-    def together(self, what: str = "write pulses") -> Iterator[None]:
-        """One transaction for every `transaction` in the block, made by this thread."""
-        with self.write_lock, self._transaction(what):
-            self._round = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._round = None
+    def together(
+        self, what: str = "write pulses", before: Callable[[], None] | None = None
+    ) -> Iterator[None]:
+        """One transaction for every `transaction` in the block, made by this thread.
+
+        `before` runs first, under `write_lock` but outside the transaction.
+        """
+        with self.write_lock:
+            if before is not None:
+                before()
+            with self._transaction(what):
+                self._round = threading.get_ident()
+                try:
+                    yield
+                finally:
+                    self._round = None
 
     @contextmanager
     def transaction(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
@@ -586,7 +597,30 @@ class SQLiteStore:
         self._file.close()
 
     def writing_together(self) -> contextlib.AbstractContextManager[None]:
-        return self._file.together()
+        return self._file.together(before=self._read_ahead)
+
+    def _read_ahead(self) -> None:
+        """Bring every partition's memory up to what other processes have logged, in a
+        read transaction, before the round waits for its turn to write.
+
+        The round's own `_catch_up` then reads only what they commit meanwhile.
+        Without this it read all of it while holding the writers' lock, which
+        every process waits on: with two workers taking 1,000-pulse arrays,
+        about a fifth of the lock's time (see the module docstring).
+        """
+        conn = self._file.writer
+        try:
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
+            if all(part.version == version for part in self._parts):
+                return  # no other connection has committed: nothing to read
+            conn.execute("BEGIN")
+            try:
+                for part in self._parts:
+                    _catch_up(conn, part)
+            finally:
+                conn.execute("COMMIT")  # it wrote nothing
+        except sqlite3.Error as exc:
+            raise _translate(exc, "write pulses") from exc
 
     def lead_committer(self) -> bool:
         # An flock on a file beside the store: held by one open file
