@@ -264,6 +264,80 @@ def test_totals_and_commits_add_up_whoever_writes_reads_and_folds(
     assert totals(stores[1]) == (sum(accepted.values()), len(accepted))
 
 
+def plain(pulse_id: str, amount: int = 1) -> Pulse:
+    """A pulse without a client id (the server named it)."""
+    return Pulse("t", "sku", "unit", amount, pulse_id, False, 0, DAY, b"")
+
+
+@pytest.mark.usefixtures("small_merges")
+@pytest.mark.parametrize("fold_after", [0.0, 0.01, 1000.0])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_writes_without_ids_that_skip_reading_the_log_count_once(
+    stores: tuple[SQLiteStore, SQLiteStore],
+    monkeypatch: pytest.MonkeyPatch,
+    fold_after: float,
+    seed: int,
+) -> None:
+    """A write without ids does not read what other processes logged before it
+    (its row is held `ahead`); whatever order writes, rounds, folds, merges, reads,
+    commits and purges come in, from either process, each pulse counts once."""
+    monkeypatch.setattr(sqlite_store, "_FOLD_AFTER_S", fold_after)
+    rng = random.Random(seed)
+    accepted: dict[str, int] = {}
+    committed = 0
+    names = iter(range(10**9))
+    for step in range(200):
+        store = rng.choice(stores)
+        action = rng.random()
+        if action < 0.6:
+            batch = [
+                pulse(f"id{rng.randrange(150)}", amount=7)
+                if rng.random() < 0.3
+                else plain(f"srv-{next(names)}", amount=rng.randrange(1, 9))
+                for _ in range(rng.randrange(1, 5))
+            ]
+            if rng.random() < 0.5:
+                with store.writing_together():
+                    outcomes = store.write_pulses(0, batch, 0)
+            else:
+                outcomes = store.write_pulses(0, batch, 0)
+            for p, outcome in zip(batch, outcomes, strict=True):
+                if outcome == "accepted":
+                    assert p.pulse_id not in accepted, step
+                    accepted[p.pulse_id] = p.nanos
+        elif action < 0.8:
+            assert totals(store) == (sum(accepted.values()), len(accepted)), step
+        elif action < 0.9:
+            committed += sum(parse_nanos(b.used_amount) for b in store.commit_day(0, DAY, 0, 10))
+        else:
+            store.purge(0, 0)  # nothing is that old: folds and merges everything
+    committed += sum(parse_nanos(b.used_amount) for b in stores[0].commit_day(0, DAY, 0, 10))
+    assert committed == sum(accepted.values())
+    for store in stores:
+        assert totals(store) == (sum(accepted.values()), len(accepted))
+    # Memory agrees with the file: a replay of every id is a duplicate everywhere.
+    replay = [pulse(i, amount=7) for i in accepted if i.startswith("id")]
+    for store in stores:
+        assert set(store.write_pulses(0, replay, 0)) <= {"duplicate"}
+
+
+def test_a_write_without_ids_reads_no_log_while_other_writers_wait(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    a, b = stores
+    b.write_pulses(0, [pulse("theirs"), plain("b1")], 0)
+    executed: list[str] = []
+    a._file.writer.set_trace_callback(executed.append)
+    assert a.write_pulses(0, [plain("a1")], 0) == ["accepted"]
+    inside = executed[executed.index("BEGIN IMMEDIATE") : executed.index("COMMIT")]
+    assert not any("FROM pulse_log" in sql for sql in inside), inside
+    assert a._parts[0].ahead  # its row waits for b's rows to be read
+    # A write with an id must know b's ids first: it reads b's row, and skips its own.
+    assert a.write_pulses(0, [pulse("theirs")], 0) == ["duplicate"]
+    assert not a._parts[0].ahead
+    assert totals(a) == (3, 3)
+
+
 def test_reads_that_cannot_fold_add_the_log_tail_themselves(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,9 +70,12 @@ wait sleeps 1, 2, 5, ... up to 100 ms between tries, time in which two
 workers sat idle. Each round first reads, in a read transaction, what the
 others have logged since its memory was last in step (`_read_ahead`), so
 its own transaction, during which every process waits, reads only what
-they commit in between. The store directory is made under a temporary
-name and renamed into place, so a crash during creation leaves either a
-whole store or none.
+they commit in between; a write without client ids and without a fold to
+make does not even read that: it needs neither, and its row is held
+`ahead` in memory until the rows before it have been read.
+
+The store directory is made under a temporary name and renamed into place,
+so a crash during creation leaves either a whole store or none.
 
 `durability = "fsync"`: the WAL is fsynced after every commit, before
 anything the transaction decided is told to anyone, so what was acknowledged
@@ -480,6 +483,10 @@ class _Partition:
         # its log row's seq (8 bytes) followed by the payload fingerprint.
         self.recent: dict[str, bytes] = {}
         self.seen_seq = 0
+        # Our log rows after `seen_seq` whose ids and deltas are in memory
+        # already: written while rows of other processes before them were not
+        # yet read (`write_pulses`). `_catch_up` skips them, and empties this.
+        self.ahead: set[int] = set()
         self.merged_seq = -1  # unknown: the first transaction reads it
         # Under write_lock: the bucket deltas of log rows after `folded_seq`
         # (the meta key `buckets_seq/<n>`), up to `seen_seq`, and their
@@ -651,7 +658,7 @@ class SQLiteStore:
         conn = self._file.writer
         try:
             (version,) = conn.execute("PRAGMA data_version").fetchone()
-            if all(part.version == version for part in self._parts):
+            if all(part.version == version and not part.ahead for part in self._parts):
                 return  # no other connection has committed: nothing to read
             conn.execute("BEGIN")
             try:
@@ -686,7 +693,19 @@ class SQLiteStore:
     ) -> list[Outcome]:
         part = self._part(partition)
         with part.transaction("write pulses") as conn:
-            _catch_up(conn, part)
+            since = part.pending_since
+            fold = len(part.pending) >= _FOLD_AT_KEYS or (
+                since is not None and time.monotonic() - since >= _FOLD_AFTER_S
+            )
+            behind = False
+            if fold or any(p.client_id for p in pulses):
+                _catch_up(conn, part)
+            else:
+                # No id to look up and nothing to fold: what other processes
+                # logged meanwhile is read after the round, out of the lock that
+                # every writer waits on (`_read_ahead`).
+                (version,) = conn.execute("PRAGMA data_version").fetchone()
+                behind = version != part.version or bool(part.ahead)
             self._merge_slice(conn)
             outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
             accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
@@ -699,12 +718,9 @@ class SQLiteStore:
                 (partition, received_us, _encode(accepted)),
             ).lastrowid
             assert seq is not None
-            since = part.pending_since
-            if len(part.pending) >= _FOLD_AT_KEYS or (
-                since is not None and time.monotonic() - since >= _FOLD_AFTER_S
-            ):
+            if fold:
                 _fold(conn, part)
-            part.on_commit(lambda: _remember(part, seq, accepted))
+            part.on_commit(lambda: _remember(part, seq, accepted, behind))
         return outcomes
 
     def _merge_slice(self, conn: sqlite3.Connection) -> None:
@@ -1052,7 +1068,7 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
     """Bring `part.recent` and `part.pending` up to the committed log (see the module
     docstring)."""
     (version,) = conn.execute("PRAGMA data_version").fetchone()
-    if version == part.version:
+    if version == part.version and not part.ahead:
         return  # no other connection has committed since memory was last in step
     marks = dict(
         conn.execute(
@@ -1061,32 +1077,41 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
     )
     merged, folded = int(marks.get(part.merged_key, 0)), int(marks.get(part.folded_key, 0))
     ids_after = deltas_after = part.seen_seq
+    # Rows of ours already in memory (see `_Partition.ahead`), unless it was cleared.
+    ids_ahead = deltas_ahead = part.ahead
     if merged != part.merged_seq:  # another process merged, or our merge rolled back
         part.recent.clear()
         part.merged_seq = ids_after = merged
+        ids_ahead = set()
     if folded != part.folded_seq:  # another process folded
         part.pending.clear()
         part.days.clear()
         part.pending_since = None
         part.folded_seq = deltas_after = folded
-    seen = max(part.seen_seq, merged, folded)
+        deltas_ahead = set()
+    seen = max(part.seen_seq, merged, folded, *part.ahead)
     try:
         for seq, body in conn.execute(
             "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? ORDER BY seq",
             (part.index, min(ids_after, deltas_after)),
         ):
-            pulses = _decode_pulses(body)
-            if seq > ids_after:
-                _add_ids(part.recent, seq, pulses)
-            if seq > deltas_after:
-                _add_pulses(part, seq, pulses)
             seen = max(seen, seq)
+            ids = seq > ids_after and seq not in ids_ahead
+            deltas = seq > deltas_after and seq not in deltas_ahead
+            if not (ids or deltas):
+                continue
+            pulses = _decode_pulses(body)
+            if ids:
+                _add_ids(part.recent, seq, pulses)
+            if deltas:
+                _add_pulses(part, seq, pulses)
     except BaseException:
         # Some rows' deltas are in memory and `seen_seq` does not say so:
         # read again they would count twice. Rebuild from the watermarks.
         _forget(part)
         raise
     part.seen_seq = seen
+    part.ahead = set()
     part.version = version
 
 
@@ -1098,6 +1123,7 @@ def _watermark(conn: sqlite3.Connection, key: str) -> int:
 
 def _forget(part: _Partition) -> None:
     """Drop a partition's memory: the next `_catch_up` rebuilds it from the file."""
+    part.ahead = set()
     part.recent.clear()
     part.pending.clear()
     part.days.clear()
@@ -1159,14 +1185,19 @@ def _unfolded_buckets(
     return selected
 
 
-def _remember(part: _Partition, seq: int, accepted: Sequence[Pulse]) -> None:
+def _remember(part: _Partition, seq: int, accepted: Sequence[Pulse], behind: bool) -> None:
     """After log row `seq` is durable: its client ids and bucket deltas join memory.
 
-    What `_catch_up` would read back from that row, without reading it.
+    What `_catch_up` would read back from that row, without reading it. If
+    memory was `behind` the log when it was written, rows before it are not
+    in memory yet: it is held `ahead` until they are.
     """
     _add_ids(part.recent, seq, accepted)
     _add_pulses(part, seq, accepted)
-    part.seen_seq = seq
+    if behind:
+        part.ahead.add(seq)
+    else:
+        part.seen_seq = seq
 
 
 def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> None:
