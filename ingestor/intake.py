@@ -4,6 +4,10 @@ Pure functions: bytes in, validated `Pulse` values and per-pulse reports out.
 The fast path decodes the whole body in one typed msgspec call; only when that
 fails validation is each pulse decoded alone, so every bad pulse gets its own
 reason and the good ones are still stored.
+
+Where a body cannot hide a control character, the types without patterns
+decode it: `PulseInText` first, then, for whatever that does not take,
+`PulseInPlain`, which decides as `PulseIn`, the documented schema, does.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ import itertools
 import re
 import secrets
 import zoneinfo
-from collections.abc import Iterable
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, TypeVar
 
 import msgspec
 
 from .clock import epoch_us, moment
 from .errors import RequestError
-from .model import IngestItem, Pulse, PulseIn, PulseInPlain
+from .model import IngestItem, Pulse, PulseIn, PulseInPlain, PulseInText
 from .money import to_nanos
 
 __all__ = ["Intake", "Rules", "decode_pulses"]
@@ -31,10 +35,17 @@ NDJSON = "application/x-ndjson"
 _NDJSON_ALIASES = frozenset({NDJSON, "application/jsonl", "application/x-jsonlines"})
 _SLOT_US: Final = 15 * 60 * 1_000_000  # every modern UTC offset is a multiple of 15 min
 
-_one = msgspec.json.Decoder(PulseIn)
-_many = msgspec.json.Decoder(list[PulseIn])
-_one_plain = msgspec.json.Decoder(PulseInPlain)
-_many_plain = msgspec.json.Decoder(list[PulseInPlain])
+T = TypeVar("T")
+U = TypeVar("U")
+Decode = Callable[[bytes], T]
+
+_one = msgspec.json.Decoder(PulseIn).decode
+_many = msgspec.json.Decoder(list[PulseIn]).decode
+_one_plain = msgspec.json.Decoder(PulseInPlain).decode
+_many_plain = msgspec.json.Decoder(list[PulseInPlain]).decode
+_one_text = msgspec.json.Decoder(PulseInText).decode
+_many_text = msgspec.json.Decoder(list[PulseInText]).decode
+Decoded = PulseIn | PulseInPlain | PulseInText
 # The UTF-8 encodings of the C1 controls (U+0080..U+009F).
 _C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
@@ -117,7 +128,7 @@ class Intake(msgspec.Struct):
     single: bool
 
 
-def _fingerprint(p: PulseIn | PulseInPlain, nanos: int, given_ts: int | None) -> bytes:
+def _fingerprint(p: Decoded, nanos: int, given_ts: int | None) -> bytes:
     text = f"{p.product_sku}\x00{p.use_unit}\x00{nanos}\x00{given_ts}"
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
@@ -140,7 +151,7 @@ def _item_id(raw: bytes) -> str | None:
 
 
 def _build(
-    decoded: Iterable[PulseIn | PulseInPlain | tuple[bytes, str]],
+    decoded: Iterable[Decoded | tuple[bytes, str]],
     rules: Rules,
     now_us: int,
     single: bool,
@@ -203,15 +214,31 @@ def _may_hide_controls(body: bytes) -> bool:
     return b"\xc2" in body and _C1_CONTROL.search(body) is not None
 
 
+def _text_first(text: Decode[T], plain: Decode[U]) -> Decode[T | U]:
+    """`text`, or where it raises, `plain`, whose answer or error stands."""
+
+    def decode(raw: bytes) -> T | U:
+        try:
+            return text(raw)
+        except (msgspec.MsgspecError, UnicodeDecodeError):
+            return plain(raw)
+
+    return decode
+
+
+_one_fast = _text_first(_one_text, _one_plain)
+_many_fast = _text_first(_many_text, _many_plain)
+
+
 def _one_by_one(
-    raws: Iterable[bytes], decoder: msgspec.json.Decoder[Any], max_line: int | None = None
-) -> Iterable[PulseIn | PulseInPlain | tuple[bytes, str]]:
+    raws: Iterable[bytes], decode: Decode[Decoded], max_line: int | None = None
+) -> Iterable[Decoded | tuple[bytes, str]]:
     for raw in raws:
         if max_line is not None and len(raw) > max_line:
             yield b"", f"line longer than {max_line} bytes (max_line_bytes)"
             continue
         try:
-            yield decoder.decode(raw)
+            yield decode(raw)
         except msgspec.ValidationError as exc:
             yield raw, _validation_message(exc)
         except (msgspec.DecodeError, UnicodeDecodeError):
@@ -245,11 +272,11 @@ def decode_pulses(
             f"Content-Type must be {JSON} or {NDJSON}, got {kind or 'none'}",
         )
     strict = _may_hide_controls(body)
-    one = _one if strict else _one_plain
+    one: Decode[Decoded] = _one if strict else _one_fast
     start = body.lstrip()[:1]
     if start == b"{":
         try:
-            return _build([one.decode(body)], rules, now_us, single=True)
+            return _build([one(body)], rules, now_us, single=True)
         except msgspec.ValidationError as exc:
             # Typed decoding stops at the first bad field; the body may also
             # be broken JSON further on, which is a 400, not a bad pulse.
@@ -261,8 +288,9 @@ def decode_pulses(
         raise RequestError(
             400, "invalid_json", "body must be a JSON object, a JSON array, or NDJSON"
         )
+    many: Sequence[Decoded]
     try:
-        many = (_many if strict else _many_plain).decode(body)
+        many = (_many if strict else _many_fast)(body)
     except (msgspec.MsgspecError, UnicodeDecodeError):
         # Each element is decoded alone below, to say which one is bad. A
         # DecodeError may be one element's (invalid UTF-8 in a string is one
@@ -287,7 +315,7 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None)
     # line holding two values make up for two broken half-lines.
     lines = [line for line in body.splitlines() if line.strip()]
     _limit(len(lines), rules)
-    one = _one if _may_hide_controls(body) else _one_plain
+    one = _one if _may_hide_controls(body) else _one_fast
     return _build(_one_by_one(lines, one, max_line), rules, now_us, single=False)
 
 

@@ -15,29 +15,53 @@ __all__ = ["MAX_AMOUNT", "SCALE", "format_nanos", "parse_nanos", "to_nanos"]
 
 SCALE = 10**9
 MAX_AMOUNT = Decimal(10**18)  # exclusive: at most 18 integer digits
+_MAX_WHOLE = 10**18
 _DIGITS = 9
 _EXACT = decimal.Context(prec=40, traps=[decimal.Inexact, decimal.InvalidOperation])
 
 
-# Amounts already converted, by their text: pulses repeat a few. Not by the
-# Decimal itself: hashing one costs ~330 ns (a modular power when it has
-# fractional digits), a third of a pulse's decode; its text costs ~30.
-# Each text names one value, and equal values ("1", "1.0") convert alike.
-_KNOWN: dict[str, int] = {}
+# Amounts already converted, by what the wire gave: the text of a Decimal, a
+# string's text, an int. Pulses repeat a few. Not by the Decimal itself:
+# hashing one costs ~330 ns (a modular power when it has fractional digits),
+# a third of a pulse's decode; its text costs ~30. Each key names one value
+# (a string's is that of `Decimal(text)`, as the wire's Decimal is built),
+# and equal values ("1", "1.0", 1) convert alike.
+_KNOWN: dict[str | int, int] = {}
 _KNOWN_MAX = 4096
+_INVALID = "used_amount: Invalid decimal string"  # msgspec's words, for the same string
 
 
-def to_nanos(amount: Decimal) -> int:
-    """Convert a wire amount to nano-units, or raise ValueError saying why not."""
-    text = str(amount)
+def to_nanos(amount: Decimal | int | str) -> int:
+    """Convert a wire amount to nano-units, or raise ValueError saying why not.
+
+    A str is the text of a JSON string, read as msgspec reads a Decimal field
+    (`Decimal(text)`); an int, a JSON integer.
+    """
+    key = str(amount) if isinstance(amount, Decimal) else amount
     try:
-        return _KNOWN[text]
+        return _KNOWN[key]
     except KeyError:
         pass
-    nanos = _convert(amount)
+    if isinstance(amount, int):
+        nanos = _whole(amount)
+    else:
+        if isinstance(amount, str):
+            try:
+                amount = Decimal(amount)
+            except decimal.InvalidOperation:
+                raise ValueError(_INVALID) from None
+        nanos = _convert(amount)
     if len(_KNOWN) < _KNOWN_MAX:
-        _KNOWN[text] = nanos
+        _KNOWN[key] = nanos
     return nanos
+
+
+def _whole(amount: int) -> int:
+    if amount < 0:
+        raise ValueError("used_amount must be >= 0")
+    if amount >= _MAX_WHOLE:
+        raise ValueError("used_amount must have at most 18 integer digits")
+    return amount * SCALE
 
 
 def _convert(amount: Decimal) -> int:
