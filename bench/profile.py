@@ -86,7 +86,7 @@ def summarize(raw: Path, top: int) -> str:
         return "no samples (did py-spy attach? is the server busy?)"
 
     def table(title: str, counts: Counter[str], n: int) -> list[str]:
-        rows = [title, f"{'%':>6} {'samples':>8}  function (file:first line)"]
+        rows = [title, f"{'%':>6} {'samples':>8}  function (file:line)"]
         for frame, count in counts.most_common(n):
             rows.append(f"{100 * count / samples:6.1f} {count:8d}  {frame[:110]}")
         return rows
@@ -128,6 +128,11 @@ def main() -> int:
         "--gil",
         action="store_true",
         help="only samples holding the GIL: Python work, without waits and GIL-free C code",
+    )
+    parser.add_argument(
+        "--lines",
+        action="store_true",
+        help="attribute samples to the line running, not to the function's first line",
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
@@ -195,7 +200,7 @@ def main() -> int:
                     "--duration",
                     str(opts.duration),
                     "--nonblocking",
-                    "--function",
+                    *([] if opts.lines else ["--function"]),
                     "--threads",
                     *(["--idle"] if opts.idle else []),
                     *(["--subprocesses"] if opts.workers > 1 else []),

@@ -8,6 +8,7 @@ nano-units inside (see `money`).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -34,6 +35,8 @@ __all__ = [
     "PulseInText",
     "PulsePage",
     "StoredPulse",
+    "encode_pulses",
+    "join_encoded",
 ]
 
 # No control characters (C0, DEL, C1). \A and \Z, because `$` would let a
@@ -123,6 +126,21 @@ class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
     ts: int
     day: str
     fingerprint: bytes
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_pulses(pulses: Sequence[Pulse]) -> bytes:
+    """`pulses` as a JSON array of `Pulse` arrays: how the SQLite log keeps them."""
+    return _encoder.encode(pulses)
+
+
+def join_encoded(parts: Sequence[bytes]) -> bytes:
+    """`encode_pulses` of lists laid end to end, from their encodings."""
+    if len(parts) == 1:
+        return parts[0]
+    return b"[" + b",".join(part[1:-1] for part in parts if len(part) > 2) + b"]"
 
 
 class IngestItem(msgspec.Struct, omit_defaults=True):

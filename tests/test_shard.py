@@ -41,14 +41,18 @@ class HeldStore:
         self.token = trio.lowlevel.current_trio_token()
 
     def write_pulses(
-        self, partition: int, pulses: Sequence[Pulse], received_us: int
+        self,
+        partition: int,
+        pulses: Sequence[Pulse],
+        received_us: int,
+        encoded: bytes | None = None,
     ) -> list[Outcome]:
         trio.from_thread.run(self.gate.wait, trio_token=self.token)
         self.calls.append(len(pulses))
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             raise error
-        return self.inner.write_pulses(partition, pulses, received_us)
+        return self.inner.write_pulses(partition, pulses, received_us, encoded)
 
     def writing_together(self) -> AbstractContextManager[None]:
         return self.inner.writing_together()

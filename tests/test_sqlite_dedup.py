@@ -15,7 +15,7 @@ import pytest
 
 import ingestor.store.sqlite as sqlite_store
 from ingestor.errors import StoreError
-from ingestor.model import Pulse
+from ingestor.model import Pulse, encode_pulses
 from ingestor.money import parse_nanos
 from ingestor.store.sqlite import SQLiteStore
 
@@ -78,6 +78,27 @@ def test_two_writers_count_each_id_once_across_merges(
     [bucket] = stores[1].aggregates(sqlite_store.AggregateQuery())
     assert bucket.pulse_count == len(accepted)
     assert parse_nanos(bucket.used_amount) == sum(accepted.values())
+
+
+def test_the_log_keeps_only_accepted_pulses_whatever_encoding_comes_with_them(
+    tmp_path: Path,
+) -> None:
+    """A write's `encoded` covers all its pulses: with a duplicate among them it is
+    not the log row, or a reopened store would count the duplicate again."""
+    store = open_store(tmp_path / "s")
+    first = [pulse("a", amount=5)]
+    assert store.write_pulses(0, first, 0, encode_pulses(first)) == ["accepted"]
+    again = [pulse("a", amount=5), pulse("b", amount=7)]
+    assert store.write_pulses(0, again, 0, encode_pulses(again)) == ["duplicate", "accepted"]
+    store.close()
+    reopened = open_store(tmp_path / "s")  # memory rebuilt from the log alone
+    try:
+        [bucket] = reopened.aggregates(sqlite_store.AggregateQuery())
+        assert (bucket.pulse_count, parse_nanos(bucket.used_amount)) == (2, 12)
+        listed = reopened.pulses(sqlite_store.PulseQuery(tenant_id="t", day=DAY))
+        assert sorted(p.id for _, p in listed) == ["a", "b"]
+    finally:
+        reopened.close()
 
 
 @pytest.mark.usefixtures("small_merges")

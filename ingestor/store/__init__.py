@@ -76,9 +76,18 @@ class Store(Protocol):
     write_lanes: int
 
     def write_pulses(
-        self, partition: int, pulses: Sequence[Pulse], received_us: int
+        self,
+        partition: int,
+        pulses: Sequence[Pulse],
+        received_us: int,
+        encoded: bytes | None = None,
     ) -> list[Outcome]:
-        """Dedup, store and add up `pulses` in one durable transaction."""
+        """Dedup, store and add up `pulses` in one durable transaction.
+
+        `encoded`, if given, is `encode_pulses(pulses)`, made by the caller
+        while the pulses were fresh in its CPU's cache; a store that keeps
+        that JSON may use it rather than encode them again.
+        """
         ...
 
     def writing_together(self) -> AbstractContextManager[None]:

@@ -465,7 +465,11 @@ class PostgresStore:
     # -- writes ---------------------------------------------------------
 
     def write_pulses(
-        self, partition: int, pulses: Sequence[Pulse], received_us: int
+        self,
+        partition: int,
+        pulses: Sequence[Pulse],
+        received_us: int,
+        encoded: bytes | None = None,  # rows are copied one by one: no use for it
     ) -> list[Outcome]:
         with self._writing(partition, "write pulses") as conn:
             # Under the partition lock no other instance can store these ids

@@ -131,6 +131,7 @@ from ..model import (
     Outcome,
     Pulse,
     StoredPulse,
+    encode_pulses,
 )
 from ..money import format_nanos, parse_nanos
 from ..partition import partition_of
@@ -689,7 +690,11 @@ class SQLiteStore:
     # -- writes ---------------------------------------------------------
 
     def write_pulses(
-        self, partition: int, pulses: Sequence[Pulse], received_us: int
+        self,
+        partition: int,
+        pulses: Sequence[Pulse],
+        received_us: int,
+        encoded: bytes | None = None,
     ) -> list[Outcome]:
         part = self._part(partition)
         with part.transaction("write pulses") as conn:
@@ -713,9 +718,11 @@ class SQLiteStore:
                 return outcomes
             # The durable record of every accepted pulse and client id, in the
             # same transaction as the bucket totals below.
+            if encoded is None or len(accepted) < len(pulses):
+                encoded = encode_pulses(accepted)
             seq = conn.execute(
                 "INSERT INTO pulse_log (part, received_at, body) VALUES (?, ?, ?)",
-                (partition, received_us, _encode(accepted)),
+                (partition, received_us, encoded),
             ).lastrowid
             assert seq is not None
             if fold:
