@@ -59,7 +59,8 @@ def store_env(store: str, admin_url: str) -> Iterator[dict[str, str]]:
 
 def one_run(
     store: str, workers: int, scenario: tuple[str, str, int, bool, int], options: argparse.Namespace
-) -> float:
+) -> tuple[float, float]:
+    """Pulses/s, and the server's CPU µs per pulse (every worker's)."""
     name, kind, count, ids, connections = scenario
     logs = Path(options.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,8 @@ def one_run(
             )
     if result["non_2xx"] or result["socket_errors"]:
         print(f"  {store}/{workers} {name}: {result['statuses']} {result['first_error']}")
-    return float(result["pulses_per_s"])
+    rate = float(result["pulses_per_s"])
+    return rate, float(result["server_cpu"]) / rate * 1e6 if rate else float("nan")
 
 
 def main() -> int:
@@ -100,17 +102,27 @@ def main() -> int:
             if store not in stores:
                 continue
             scenario = next(s for s in SCENARIOS if s[0] == name)
-            rates = [one_run(store, workers, scenario, options) for _ in range(options.runs)]
-            rows.append((name, store, workers, statistics.median(rates), min(rates), max(rates)))
+            runs = [one_run(store, workers, scenario, options) for _ in range(options.runs)]
+            rates = [rate for rate, _ in runs]
+            cpu = statistics.median(cost for _, cost in runs)
             median = statistics.median(rates)
-            print(f"{name} {store} x{workers}: {median:,.0f} pulses/s", flush=True)
-    print("\n| scenario | store | workers | pulses/s (median) | min-max | vs 1 worker |")
-    print("|---|---|---:|---:|---:|---:|")
-    single = {(n, s): m for n, s, w, m, _, _ in rows if w == 1}
-    for name, store, workers, med, low, high in rows:
+            rows.append((name, store, workers, median, min(rates), max(rates), cpu))
+            print(
+                f"{name} {store} x{workers}: {median:,.0f} pulses/s, {cpu:.2f} CPU us a pulse",
+                flush=True,
+            )
+    print(
+        "\n| scenario | store | workers | pulses/s (median) | min-max | vs 1 worker"
+        " | server CPU µs a pulse (median) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    single = {(n, s): m for n, s, w, m, _, _, _ in rows if w == 1}
+    for name, store, workers, med, low, high, cpu in rows:
         ratio = med / single[(name, store)]
         spread = f"{low:,.0f}-{high:,.0f}"
-        print(f"| {name} | {store} | {workers} | {med:,.0f} | {spread} | {ratio:.2f}x |")
+        print(
+            f"| {name} | {store} | {workers} | {med:,.0f} | {spread} | {ratio:.2f}x | {cpu:.2f} |"
+        )
     return 0
 
 

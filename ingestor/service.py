@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -128,12 +129,14 @@ async def serve(
     settings: Settings,
     *,
     sockets: Sockets | None = None,
+    worker: tuple[int, int] = (0, 1),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and return.
 
     `sockets` are listening sockets made by a supervisor (see `workers`);
-    without them the service binds `settings.bind` itself.
+    without them the service binds `settings.bind` itself. `worker` is this
+    process's (index, count) among the supervisor's workers.
 
     The store is opened and the port bound before any nursery: a failure
     there (a store file that is not ours, a port in use) leaves as the plain
@@ -143,7 +146,7 @@ async def serve(
     from .api import create_app
 
     config = hypercorn_config(settings)
-    store = await trio.to_thread.run_sync(open_store, settings)
+    store = await trio.to_thread.run_sync(partial(open_store, settings, worker=worker))
     if sockets is None:
         try:
             sockets = _listen(config)

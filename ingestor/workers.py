@@ -69,7 +69,7 @@ def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     log.info("worker start", extra={"fields": {"worker": index}})
-    trio.run(lambda: serve(settings, sockets=sockets))
+    trio.run(lambda: serve(settings, sockets=sockets, worker=(index, settings.workers)))
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:

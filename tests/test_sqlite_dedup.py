@@ -1,6 +1,8 @@
 """SQLite's two-tier dedup: memory from the durable log, merged into the index.
 
-Two store objects on one directory stand in for two processes.
+Two store objects on one directory stand in for two processes. They run
+as two workers would share the partition's deltas (see `SQLiteStore.open`):
+both keep them (two single-worker processes), one does, or neither does.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ def pulse(pulse_id: str, amount: int = 1, tenant: str = "t") -> Pulse:
     return Pulse(tenant, "sku", "unit", amount, pulse_id, True, 0, DAY, b"fp%d" % amount)
 
 
-def open_store(directory: Path) -> SQLiteStore:
+def open_store(directory: Path, worker: tuple[int, int] = (0, 1)) -> SQLiteStore:
     """A one-partition store in `directory`, as every test here opens it."""
-    return SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5)
+    return SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5, worker=worker)
+
+
+# Partition 0 is kept by worker index 0 of any count.
+SHARES = {
+    "both keep": ((0, 1), (0, 1)),
+    "one keeps": ((0, 2), (1, 2)),
+    "neither keeps": ((1, 2), (1, 2)),
+}
 
 
 @pytest.fixture
@@ -36,10 +46,13 @@ def small_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
 
 
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore]]:
-    a = open_store(tmp_path / "s")
-    b = open_store(tmp_path / "s")
+@pytest.fixture(params=list(SHARES))
+def stores(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[SQLiteStore, SQLiteStore]]:
+    first, second = SHARES[request.param]
+    a = open_store(tmp_path / "s", first)
+    b = open_store(tmp_path / "s", second)
     yield a, b
     a.close()
     b.close()
@@ -240,9 +253,11 @@ def test_a_fold_that_rolls_back_keeps_its_deltas_pending(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = stores
-    monkeypatch.setattr(sqlite_store, "_FOLD_AFTER_S", 0.0)  # every write folds
+    monkeypatch.setattr(sqlite_store, "_FOLD_AFTER_S", 0.0)  # every write folds what it keeps
     a.write_pulses(0, [pulse("one", 1)], 0)
-    a.write_pulses(0, [pulse("two", 2)], 0)  # folds "one"
+    a.write_pulses(0, [pulse("two", 2)], 0)  # folds "one" if it keeps the deltas
+    b.purge(0, 0)  # folds: from the log, if it does not keep them
+    a.write_pulses(0, [pulse("four", 4)], 0)
     fold = sqlite_store._fold
 
     def fold_then_fail(conn: sqlite3.Connection, part: object) -> None:
@@ -251,10 +266,14 @@ def test_a_fold_that_rolls_back_keeps_its_deltas_pending(
 
     with monkeypatch.context() as patch:
         patch.setattr(sqlite_store, "_fold", fold_then_fail)
-        with pytest.raises(StoreError):
-            a.write_pulses(0, [pulse("lost", 100)], 0)
-    a.write_pulses(0, [pulse("three", 4)], 0)
-    assert totals(a) == totals(b) == (7, 3)
+        for store in stores:
+            with pytest.raises(StoreError):
+                store.purge(0, 0)
+        if a._parts[0].keeps:  # a write folds, and goes with its fold
+            with pytest.raises(StoreError):
+                a.write_pulses(0, [pulse("lost", 100)], 0)
+    a.write_pulses(0, [pulse("three", 3)], 0)
+    assert totals(a) == totals(b) == (10, 4)
 
 
 @pytest.mark.parametrize("fold_after", [0.0, 1000.0])
@@ -340,6 +359,41 @@ def test_writes_without_ids_that_skip_reading_the_log_count_once(
     replay = [pulse(i, amount=7) for i in accepted if i.startswith("id")]
     for store in stores:
         assert set(store.write_pulses(0, replay, 0)) <= {"duplicate"}
+
+
+def log_rows(store: SQLiteStore, part: int) -> set[int]:
+    query = "SELECT seq FROM pulse_log WHERE part = ?"
+    return store._file.read(lambda c: {seq for (seq,) in c.execute(query, (part,))})
+
+
+def test_each_worker_keeps_the_deltas_of_its_share_of_partitions(tmp_path: Path) -> None:
+    """Two workers: each adds up in memory the deltas of its partitions, its own
+    pulses and the other's, and of the other partitions none, not even its own."""
+    workers = [
+        SQLiteStore.open(
+            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
+        )
+        for i in (0, 1)
+    ]
+    try:
+        for n, store in enumerate(workers):
+            for part in (0, 1):
+                store.write_pulses(part, [plain(f"{n}-{part}-{k}", k + 1) for k in range(3)], 0)
+        for n, store in enumerate(workers):
+            for part in (0, 1):  # a write with an id reads what the other logged
+                assert store.write_pulses(part, [pulse(f"id-{n}-{part}", 10)], 0) == ["accepted"]
+        for n, store in enumerate(workers):
+            with store.writing_together():
+                pass  # reads all the other has logged
+            kept, other = store._parts[n], store._parts[1 - n]
+            assert sum(d.count for d in kept.pending.values()) == 8  # 2 x 3 plain, 2 ids
+            assert sum(d.nanos for d in kept.pending.values()) == 2 * 6 + 20
+            assert {seq for _, _, seq in kept.days} == log_rows(store, kept.index)
+            assert not other.pending and not other.days
+        assert totals(workers[0]) == totals(workers[1]) == (2 * 2 * 6 + 4 * 10, 16)
+    finally:
+        for store in workers:
+            store.close()
 
 
 def test_a_write_without_ids_reads_no_log_while_other_writers_wait(

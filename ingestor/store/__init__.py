@@ -162,8 +162,12 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(settings: Settings) -> Store:
-    """Open (or create) the store the settings name. Blocks: call in a thread."""
+def open_store(settings: Settings, worker: tuple[int, int] = (0, 1)) -> Store:
+    """Open (or create) the store the settings name. Blocks: call in a thread.
+
+    `worker`: this process's (index, count) among the workers sharing it,
+    which SQLite uses to share out work (see `SQLiteStore.open`).
+    """
     if settings.store.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
@@ -180,4 +184,5 @@ def open_store(settings: Settings) -> Store:
         partitions=settings.partitions,
         durability=settings.durability,
         busy_timeout=settings.store_busy_timeout,
+        worker=worker,
     )

@@ -72,7 +72,9 @@ others have logged since its memory was last in step (`_read_ahead`), so
 its own transaction, during which every process waits, reads only what
 they commit in between; a write without client ids and without a fold to
 make does not even read that: it needs neither, and its row is held
-`ahead` in memory until the rows before it have been read.
+`ahead` in memory until the rows before it have been read. Each worker
+keeps the deltas of its share of the partitions only, and folds the others'
+from the log when it must (`SQLiteStore.open`).
 
 The store directory is made under a temporary name and renamed into place,
 so a crash during creation leaves either a whole store or none.
@@ -472,11 +474,17 @@ class _File:
 
 
 class _Partition:
-    """One partition's memory of the file: its log tail's ids and deltas."""
+    """One partition's memory of the file: its log tail's ids and deltas.
 
-    def __init__(self, file: _File, index: int) -> None:
+    `keeps`: whether this process keeps the tail's deltas in memory and folds
+    them as it writes. If not, `pending` and `days` stay empty, and `_fold`
+    reads the deltas from the log when it must fold (see `SQLiteStore.open`).
+    """
+
+    def __init__(self, file: _File, index: int, keeps: bool = True) -> None:
         self.file = file
         self.index = index
+        self.keeps = keeps
         self.merged_key = f"ids_merged_seq/{index}"
         self.folded_key = f"buckets_seq/{index}"
         # Under the file's write_lock: client ids of this partition's log
@@ -489,9 +497,9 @@ class _Partition:
         # yet read (`write_pulses`). `_catch_up` skips them, and empties this.
         self.ahead: set[int] = set()
         self.merged_seq = -1  # unknown: the first transaction reads it
-        # Under write_lock: the bucket deltas of log rows after `folded_seq`
-        # (the meta key `buckets_seq/<n>`), up to `seen_seq`, and their
-        # `pulse_days` rows; since when they wait.
+        # Under write_lock, if it `keeps` them: the bucket deltas of log rows
+        # after `folded_seq` (the meta key `buckets_seq/<n>`), up to
+        # `seen_seq`, and their `pulse_days` rows; since when they wait.
         self.pending: dict[BucketKey, Delta] = {}
         self.days: set[tuple[str, str, int]] = set()
         self.folded_seq = -1
@@ -570,21 +578,49 @@ def _fsync(path: Path) -> None:
 class SQLiteStore:
     """The `Store` on one SQLite file under one directory."""
 
-    def __init__(self, directory: Path, store_id: str, file: _File, partitions: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        store_id: str,
+        file: _File,
+        partitions: int,
+        worker: tuple[int, int] = (0, 1),
+    ) -> None:
         self.directory = directory
         self.store_id = store_id
         self.partitions = partitions
         self.write_lanes = 1
         self._file = file
-        self._parts = [_Partition(file, index) for index in range(partitions)]
+        index, workers = worker
+        self._parts = [
+            _Partition(file, part, keeps=part % workers == index) for part in range(partitions)
+        ]
         self._merging: _MergePlan | None = None
         self._leader_fd: int | None = None
 
     @classmethod
     def open(
-        cls, directory: Path, *, partitions: int, durability: str, busy_timeout: float
+        cls,
+        directory: Path,
+        *,
+        partitions: int,
+        durability: str,
+        busy_timeout: float,
+        worker: tuple[int, int] = (0, 1),
     ) -> SQLiteStore:
-        """Open the store in `directory`, creating it if it does not exist."""
+        """Open the store in `directory`, creating it if it does not exist.
+
+        `worker` is (index, count) of this process among the workers that
+        share the store. Each keeps in memory, and folds as it writes, the
+        bucket deltas of the partitions whose number is its index modulo the
+        count; it adds up another partition's deltas, read from the log, only
+        when it must fold them itself (before a read of buckets, a commit, a
+        purge). Every process keeping every partition's deltas had each read
+        and add up the others' pulses as well as its own: with two workers
+        taking 1,000-pulse arrays, a fifth of their CPU went to the other's
+        deltas. Which process keeps what changes nothing in what is counted:
+        the log and the watermark decide that.
+        """
         path = directory / _FILE
         if not path.exists():
             if (directory / "meta.sqlite").exists():
@@ -602,7 +638,7 @@ class SQLiteStore:
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, "open") from exc
-        return cls(directory, meta["store_id"], file, int(meta["partitions"]))
+        return cls(directory, meta["store_id"], file, int(meta["partitions"]), worker)
 
     @staticmethod
     def _create(directory: Path, partitions: int) -> None:
@@ -1083,7 +1119,8 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         ).fetchall()
     )
     merged, folded = int(marks.get(part.merged_key, 0)), int(marks.get(part.folded_key, 0))
-    ids_after = deltas_after = part.seen_seq
+    ids_after = part.seen_seq
+    deltas_after = part.seen_seq if part.keeps else _ALL  # see `_Partition.keeps`
     # Rows of ours already in memory (see `_Partition.ahead`), unless it was cleared.
     ids_ahead = deltas_ahead = part.ahead
     if merged != part.merged_seq:  # another process merged, or our merge rolled back
@@ -1094,7 +1131,8 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
         part.pending.clear()
         part.days.clear()
         part.pending_since = None
-        part.folded_seq = deltas_after = folded
+        part.folded_seq = folded
+        deltas_after = folded if part.keeps else _ALL
         deltas_ahead = set()
     seen = max(part.seen_seq, merged, folded, *part.ahead)
     try:
@@ -1200,7 +1238,8 @@ def _remember(part: _Partition, seq: int, accepted: Sequence[Pulse], behind: boo
     in memory yet: it is held `ahead` until they are.
     """
     _add_ids(part.recent, seq, accepted)
-    _add_pulses(part, seq, accepted)
+    if part.keeps:
+        _add_pulses(part, seq, accepted)
     if behind:
         part.ahead.add(seq)
     else:
@@ -1226,16 +1265,31 @@ def _add_pulses(part: _Partition, seq: int, pulses: Sequence[Pulse]) -> None:
 def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
     """Add the pending deltas to `buckets`, the pending `pulse_days` rows to their
     index, and move `buckets_seq`, in the caller's transaction; memory follows
-    once it commits."""
+    once it commits.
+
+    Memory holds every log row up to `seen_seq` (the caller has caught up). A
+    partition this process does not keep the deltas of has them read from
+    those rows now.
+    """
     seq = part.seen_seq
     if seq == part.folded_seq:
         return
+    pending, days = part.pending, part.days
+    if not part.keeps:
+        pending, days = {}, set()
+        for row, body in conn.execute(
+            "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? AND seq <= ?",
+            (part.index, part.folded_seq, seq),
+        ):
+            pulses = _decode_pulses(body)
+            add_pulses(pending, pulses)
+            days.update({(p.tenant_id, p.day, row) for p in pulses})
     conn.executemany(
         _UPSERT_BUCKET,
-        [(*key, part.index, format_nanos(d.nanos), d.count) for key, d in part.pending.items()],
+        [(*key, part.index, format_nanos(d.nanos), d.count) for key, d in pending.items()],
     )
     conn.executemany(
-        "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)", sorted(part.days)
+        "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)", sorted(days)
     )
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
