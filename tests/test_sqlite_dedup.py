@@ -654,6 +654,36 @@ def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
         assert store.write_pulses(0, everything, 0) == ["duplicate"] * 13
 
 
+@pytest.mark.usefixtures("small_merges")
+def test_one_process_merges_at_a_time_unless_it_falls_far_behind(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 2)  # a plan spans transactions
+    monkeypatch.setattr(sqlite_store, "_MERGE_ALONE_AT", 14)
+    a, b = stores
+    a.write_pulses(0, [pulse(f"a{i}") for i in range(8)], 0)
+    a.write_pulses(0, [pulse("a8")], 0)  # plans the merge of 8 ids, inserts 2 of them
+    assert a._merging is not None
+    for n in range(3):
+        b.write_pulses(0, [pulse(f"b{n}{i}") for i in range(2)], 0)
+        assert b._merging is None, n  # 9 of a's ids and its own: a merges them
+    b.write_pulses(0, [pulse("b30")], 0)  # holds 15: a is too slow, it merges too
+    assert b._merging is not None
+    written = [pulse(f"a{i}") for i in range(9)]
+    written += [pulse(f"b{n}{i}") for n in range(3) for i in range(2)] + [pulse("b30")]
+    while a._merging is not None or b._merging is not None:
+        for store in stores:
+            assert store.write_pulses(0, written[:1], 0) == ["duplicate"]
+    other = open_store(a.directory)
+    try:
+        assert other._lock_merges()  # nobody merges: the lock is free
+    finally:
+        other.close()
+    for store in stores:
+        assert store.write_pulses(0, written, 0) == ["duplicate"] * len(written)
+    assert indexed(a) == len(written)
+
+
 # -- a restart after a checkpoint that died midway ---------------------------------
 
 

@@ -5,6 +5,7 @@ Layout under the store directory:
     store.sqlite       store id, partition count, schema version, and all
                        partitions' pulses, ids, buckets and outbox
     committer.lock     held by the one process that runs the committer
+    merge.lock         held by the process merging recent ids into the index
     writer.lock        held by the process whose transaction is writing
 
 Partitions are logical here: rows carry theirs (`part`), and each has its own
@@ -56,7 +57,13 @@ transaction paying for 5,000 ids as before. Into 1,000,000 ids
 (`bench/id_index.py`): 12.6 µs an id CPU in plans of 20,000, 11.0 in
 plans of 80,000, against 22.6 for merges of 5,000. 20,000 keeps the
 memory and the sort that plans a merge small. Until the last slice commits, with the
-watermarks, the snapshot's ids stay in memory too. Each transaction first
+watermarks, the snapshot's ids stay in memory too. One process merges at
+a time, the one holding an flock of `merge.lock`: every process holds the
+others' recent ids too, and with two workers both merged the same ids,
+the second finding each one already there. The others wait for the marks
+to move, unless their memory reaches `_MERGE_ALONE_AT` ids (the merging
+process is stuck): they merge then anyway, which INSERT OR IGNORE makes
+harmless. Each transaction first
 asks SQLite whether another connection has committed since (`PRAGMA
 data_version`). If one has (another process wrote, or merged), or a
 write of ours rolled back, memory is brought up from the watermark and the
@@ -151,6 +158,7 @@ _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buck
 _READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~4 MB)
 _MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction
+_MERGE_ALONE_AT = 4 * _MERGE_AT  # ... that start a merge even while another process merges
 _FOLD_AFTER_S = 1.0  # how long logged deltas may wait before the writer folds them
 _FOLD_AT_KEYS = 20_000  # ... or how many buckets they may touch
 _ALL = 1 << 62  # "no limit" for a query
@@ -596,6 +604,7 @@ class SQLiteStore:
             _Partition(file, part, keeps=part % workers == index) for part in range(partitions)
         ]
         self._merging: _MergePlan | None = None
+        self._merge_fd = os.open(directory / "merge.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._leader_fd: int | None = None
 
     @classmethod
@@ -678,6 +687,9 @@ class SQLiteStore:
         if self._leader_fd is not None:
             os.close(self._leader_fd)  # releases the lock
             self._leader_fd = None
+        if self._merge_fd >= 0:
+            os.close(self._merge_fd)
+            self._merge_fd = -1
         self._file.close()
 
     def writing_together(self) -> contextlib.AbstractContextManager[None]:
@@ -766,12 +778,22 @@ class SQLiteStore:
             part.on_commit(lambda: _remember(part, seq, accepted, behind))
         return outcomes
 
+    def _lock_merges(self) -> bool:
+        """Whether this process may plan a merge: one at a time merges (see the
+        module docstring). Held until the plan's last slice commits."""
+        try:
+            fcntl.flock(self._merge_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def _merge_slice(self, conn: sqlite3.Connection) -> None:
         """One slice of the ids merge, at most one per transaction (see the module
         docstring); the first plans it, once enough ids wait."""
         plan = self._merging
         if plan is None:
-            if sum(len(p.recent) for p in self._parts) < _MERGE_AT:
+            waiting = sum(len(p.recent) for p in self._parts)
+            if waiting < _MERGE_AT or (waiting < _MERGE_ALONE_AT and not self._lock_merges()):
                 return
             # All partitions at once: their ids share one index.
             for other in self._parts:
@@ -806,6 +828,7 @@ class SQLiteStore:
             for part, mark in plan.marks.items():
                 part.merged_seq = max(part.merged_seq, mark)
             self._merging = None
+            fcntl.flock(self._merge_fd, fcntl.LOCK_UN)
 
         self._file.on_commit(merged)
 
