@@ -31,7 +31,7 @@ import harness as h
 import report
 
 SHAPES = {  # shape: (body kind, pulses per request, connections)
-    "single": ("single", 1, 32),
+    "single": ("single", 1, 64),
     "array100": ("array", 100, 8),
     "array1000": ("array", 1000, 4),
     "ndjson1000": ("ndjson", 1000, 4),

@@ -31,7 +31,7 @@ import harness as h
 SCENARIOS = [
     ("array1000-ids", "array", 1000, True, 16),
     ("array1000-noids", "array", 1000, False, 16),
-    ("single-ids", "single", 1, True, 32),
+    ("single-ids", "single", 1, True, 64),
 ]
 CONFIGS = [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
 
