@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import time
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +297,37 @@ def test_a_round_reads_other_processes_rows_before_it_waits_to_write(
         assert not any(sql.startswith("SELECT seq, body FROM") for sql in executed)
     finally:
         other.close()
+
+
+def test_a_round_folds_one_partition_for_being_due_and_any_that_waited_twice_as_long(
+    store: SQLiteStore,
+) -> None:
+    """Partitions fall due together; folding them all in one round held up each
+    request in it. The one that has waited twice as long folds regardless."""
+    with store.writing_together():
+        for partition in range(PARTITIONS):
+            store.write_pulses(partition, pulses(partition, f"first-{partition}"), 0)
+    now = time.monotonic()
+    waited = [1.5, 1.2, 2.5, 1.1]  # in units of _FOLD_AFTER_S
+    for part, factor in zip(store._parts, waited, strict=True):
+        part.pending_since = now - factor * sqlite_store._FOLD_AFTER_S
+
+    def folded() -> list[int]:
+        return [part.folded_seq for part in store._parts]
+
+    before = folded()
+
+    def round_of(*partitions: int) -> list[bool]:
+        marks = folded()
+        with store.writing_together():
+            for partition in partitions:
+                store.write_pulses(partition, pulses(partition, f"n{partition}-{marks}"), 0)
+        return [after != mark for after, mark in zip(folded(), marks, strict=True)]
+
+    # 1 is due and first: it folds; 0 and 3 are due and wait; 2 has waited too long.
+    assert round_of(1, 0, 2, 3) == [False, True, True, False]
+    assert round_of(3, 0) == [False, False, False, True]  # then the next one
+    assert round_of(1, 0) == [True, False, False, False]  # 1 is not due again yet
+    assert all(after > first for after, first in zip(folded(), before, strict=True))
+    written = [4, 3, 2, 3]  # the first round's pulse, and one a round written in
+    assert counted(store) == {tenant_of(n): written[n] for n in range(PARTITIONS)}

@@ -159,7 +159,11 @@ _READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~4 MB)
 _MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction
 _MERGE_ALONE_AT = 4 * _MERGE_AT  # ... that start a merge even while another process merges
-_FOLD_AFTER_S = 1.0  # how long logged deltas may wait before the writer folds them
+# How long logged deltas may wait before the writer folds them. Partitions
+# start waiting together, and one round folding all of them held up every
+# request in it: a round folds one partition for being due, the next round
+# the next one; only one that has waited twice as long folds regardless.
+_FOLD_AFTER_S = 1.0
 _FOLD_AT_KEYS = 20_000  # ... or how many buckets they may touch
 _ALL = 1 << 62  # "no limit" for a query
 
@@ -604,6 +608,7 @@ class SQLiteStore:
             _Partition(file, part, keeps=part % workers == index) for part in range(partitions)
         ]
         self._merging: _MergePlan | None = None
+        self._folded_in = -1  # the last transaction (`_File.serial`) that folded
         self._merge_fd = os.open(directory / "merge.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._leader_fd: int | None = None
 
@@ -746,10 +751,15 @@ class SQLiteStore:
     ) -> list[Outcome]:
         part = self._part(partition)
         with part.transaction("write pulses") as conn:
-            since = part.pending_since
-            fold = len(part.pending) >= _FOLD_AT_KEYS or (
-                since is not None and time.monotonic() - since >= _FOLD_AFTER_S
+            waited = 0.0 if part.pending_since is None else time.monotonic() - part.pending_since
+            # One partition a transaction folds for being due (see `_FOLD_AFTER_S`).
+            fold = (
+                len(part.pending) >= _FOLD_AT_KEYS
+                or waited >= 2 * _FOLD_AFTER_S
+                or (waited >= _FOLD_AFTER_S and self._folded_in != self._file.serial)
             )
+            if fold:
+                self._folded_in = self._file.serial
             behind = False
             if fold or any(p.client_id for p in pulses):
                 _catch_up(conn, part)
