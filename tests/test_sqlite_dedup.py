@@ -389,7 +389,8 @@ def test_each_worker_keeps_the_deltas_of_its_share_of_partitions(tmp_path: Path)
             assert sum(d.count for d in kept.pending.values()) == 8  # 2 x 3 plain, 2 ids
             assert sum(d.nanos for d in kept.pending.values()) == 2 * 6 + 20
             assert {seq for _, _, seq in kept.days} == log_rows(store, kept.index)
-            assert not other.pending and not other.days
+            assert not other.pending
+            assert not other.days
         assert totals(workers[0]) == totals(workers[1]) == (2 * 2 * 6 + 4 * 10, 16)
     finally:
         for store in workers:

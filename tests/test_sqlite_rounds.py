@@ -11,8 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-import time
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
