@@ -139,10 +139,10 @@ class Ingest(msgspec.Struct):
     """Pulses for the shard to write, and where their outcomes go.
 
     `encoded` (`encode_pulses`) is made with the message, by the request
-    that has just decoded the pulses, while they are in this CPU's cache: in
-    the store's thread, later, it cost over twice as much (~310 against ~140
-    ns a pulse), and inside the writers' lock when several processes share
-    a store.
+    that has just decoded the pulses. In the store's round it cost as much
+    CPU (there the pulses had left the CPU's cache: ~310 ns a pulse against
+    ~140 for a hot group), but inside the writers' lock, which every process
+    sharing the store waits on: 1.8 µs a pulse of lock, 1.2 without it.
     """
 
     pulses: list[Pulse]
