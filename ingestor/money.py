@@ -15,7 +15,7 @@ __all__ = ["MAX_AMOUNT", "SCALE", "format_nanos", "parse_nanos", "to_nanos"]
 
 SCALE = 10**9
 MAX_AMOUNT = Decimal(10**18)  # exclusive: at most 18 integer digits
-_MAX_WHOLE = 10**18
+_MAX_WHOLE = int(MAX_AMOUNT)
 _DIGITS = 9
 _EXACT = decimal.Context(prec=40, traps=[decimal.Inexact, decimal.InvalidOperation])
 
@@ -29,6 +29,8 @@ _EXACT = decimal.Context(prec=40, traps=[decimal.Inexact, decimal.InvalidOperati
 _KNOWN: dict[str | int, int] = {}
 _KNOWN_MAX = 4096
 _INVALID = "used_amount: Invalid decimal string"  # msgspec's words, for the same string
+_NEGATIVE = "used_amount must be >= 0"
+_TOO_BIG = "used_amount must have at most 18 integer digits"
 
 
 def to_nanos(amount: Decimal | int | str) -> int:
@@ -58,9 +60,9 @@ def to_nanos(amount: Decimal | int | str) -> int:
 
 def _whole(amount: int) -> int:
     if amount < 0:
-        raise ValueError("used_amount must be >= 0")
+        raise ValueError(_NEGATIVE)
     if amount >= _MAX_WHOLE:
-        raise ValueError("used_amount must have at most 18 integer digits")
+        raise ValueError(_TOO_BIG)
     return amount * SCALE
 
 
@@ -68,9 +70,9 @@ def _convert(amount: Decimal) -> int:
     if not amount.is_finite():
         raise ValueError("used_amount must be a finite number")
     if amount < 0:
-        raise ValueError("used_amount must be >= 0")
+        raise ValueError(_NEGATIVE)
     if amount >= MAX_AMOUNT:
-        raise ValueError("used_amount must have at most 18 integer digits")
+        raise ValueError(_TOO_BIG)
     try:
         # Exact or it raises: a valid amount has at most 27 significant digits,
         # and the bounded precision keeps a 10,000-digit amount cheap to refuse.
