@@ -1290,10 +1290,20 @@ def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> Non
 
 def _add_pulses(part: _Partition, seq: int, pulses: Sequence[Pulse]) -> None:
     """The bucket deltas and `pulse_days` rows of log row `seq` into memory."""
-    add_pulses(part.pending, pulses)
-    part.days.update({(p.tenant_id, p.day, seq) for p in pulses})
+    _add_deltas(part.pending, part.days, seq, pulses)
     if part.pending_since is None:
         part.pending_since = time.monotonic()
+
+
+def _add_deltas(
+    pending: dict[BucketKey, Delta],
+    days: set[tuple[str, str, int]],
+    seq: int,
+    pulses: Sequence[Pulse],
+) -> None:
+    """The bucket deltas and `pulse_days` rows of log row `seq` into `pending`, `days`."""
+    add_pulses(pending, pulses)
+    days.update({(p.tenant_id, p.day, seq) for p in pulses})
 
 
 def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
@@ -1315,9 +1325,7 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
             "SELECT seq, body FROM pulse_log WHERE part = ? AND seq > ? AND seq <= ?",
             (part.index, part.folded_seq, seq),
         ):
-            pulses = _decode_pulses(body)
-            add_pulses(pending, pulses)
-            days.update({(p.tenant_id, p.day, row) for p in pulses})
+            _add_deltas(pending, days, row, _decode_pulses(body))
     conn.executemany(
         _UPSERT_BUCKET,
         [(*key, part.index, format_nanos(d.nanos), d.count) for key, d in pending.items()],
