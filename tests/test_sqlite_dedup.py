@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ingestor.store.sqlite as sqlite_store
 from ingestor.errors import StoreError
@@ -392,6 +395,69 @@ def test_each_worker_keeps_the_deltas_of_its_share_of_partitions(tmp_path: Path)
             assert not other.pending
             assert not other.days
         assert totals(workers[0]) == totals(workers[1]) == (2 * 2 * 6 + 4 * 10, 16)
+    finally:
+        for store in workers:
+            store.close()
+
+
+NAMES = st.text(alphabet=st.sampled_from('t,"\\rue[]x'), max_size=8)
+
+
+@given(
+    st.lists(
+        st.builds(
+            Pulse,
+            tenant_id=NAMES,
+            product_sku=NAMES,
+            use_unit=NAMES,
+            nanos=st.integers(min_value=0, max_value=10**27),
+            pulse_id=NAMES,
+            client_id=st.booleans(),
+            ts=st.integers(min_value=0, max_value=2**62),
+            day=st.just(DAY),
+            fingerprint=st.binary(max_size=16),
+        ),
+        max_size=4,
+    )
+)
+def test_a_log_row_with_a_client_id_is_never_taken_for_one_without(
+    pulses: list[Pulse],
+) -> None:
+    """Names made of the characters of `,true,`, quotes and backslashes included."""
+    if any(p.client_id for p in pulses):
+        assert sqlite_store._may_hold_ids(encode_pulses(pulses))
+
+
+def test_another_process_decodes_a_row_for_its_ids_only_if_it_may_hold_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 0 does not keep partition 1's deltas: of worker 1's rows there, it
+    decodes only those that may hold an id, and still knows every id."""
+    workers = [
+        SQLiteStore.open(
+            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
+        )
+        for i in (0, 1)
+    ]
+    try:
+        other = workers[1]
+        other.write_pulses(1, [plain("p1"), plain("p2")], 0)
+        other.write_pulses(1, [Pulse("a,true,b", "sku", "unit", 1, "p3", False, 0, DAY, b"")], 0)
+        other.write_pulses(1, [plain("p4"), pulse("theirs")], 0)
+        other.write_pulses(0, [plain("p5")], 0)  # partition 0 is kept: its deltas are read
+        decoded: list[list[str]] = []
+
+        def decode(body: bytes) -> list[Pulse]:
+            found = msgspec.json.decode(body, type=list[Pulse])
+            decoded.append([p.pulse_id for p in found])
+            return found
+
+        monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        with workers[0].writing_together():
+            pass  # reads all the other has logged
+        assert sorted(decoded) == [["p3"], ["p4", "theirs"], ["p5"]]
+        assert workers[0].write_pulses(1, [pulse("theirs")], 0) == ["duplicate"]
+        assert totals(workers[0]) == totals(other) == (6, 6)
     finally:
         for store in workers:
             store.close()

@@ -1175,7 +1175,7 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
             (part.index, min(ids_after, deltas_after)),
         ):
             seen = max(seen, seq)
-            ids = seq > ids_after and seq not in ids_ahead
+            ids = seq > ids_after and seq not in ids_ahead and _may_hold_ids(body)
             deltas = seq > deltas_after and seq not in deltas_ahead
             if not (ids or deltas):
                 continue
@@ -1192,6 +1192,20 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
     part.seen_seq = seen
     part.ahead = set()
     part.version = version
+
+
+def _may_hold_ids(body: bytes) -> bool:
+    """Whether log row `body` (`encode_pulses`) may hold a client id.
+
+    A pulse with one is encoded `[..., "<id>",true,<ts>, ...]`; a body
+    without `,true,` has none, and one with it only inside a string is
+    decoded for nothing. Each worker decoded every log row of the others to
+    find their ids, also where it does not keep the partition's deltas
+    (`_Partition.keeps`) and the row holds no id: with two workers taking
+    arrays without ids, a substring search instead cut their CPU a pulse
+    from 3.22 / 3.22 to 3.12 / 3.18 µs.
+    """
+    return b",true," in body
 
 
 def _watermark(conn: sqlite3.Connection, key: str) -> int:
