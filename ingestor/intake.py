@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import re
-import secrets
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, TypeVar
@@ -54,10 +52,6 @@ _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 # UTF-8 inside a string raises UnicodeDecodeError before msgspec 0.23, and
 # a DecodeError since.
 _TOO_DEEP = "nested too deeply (arrays or objects inside each other)"
-
-
-_RUN = secrets.token_hex(6)
-_REQUESTS = itertools.count()
 
 
 class _IdOnly(msgspec.Struct):
@@ -161,8 +155,6 @@ def _build(
     One loop, with nothing per pulse that a request can do once: this is
     the request path's one Python loop over every pulse.
     """
-    # Unique per request: random per process, then counted.
-    prefix = f"srv-{_RUN}{next(_REQUESTS):x}-"
     pulses: list[tuple[int, Pulse]] = []
     items: list[IngestItem] = []
     oldest = now_us - rules.late_window_us
@@ -193,10 +185,8 @@ def _build(
         except ValueError as exc:
             items.append(IngestItem(index, "rejected", p.id, str(exc)))
             continue
-        if p.id is None:
-            pulse = Pulse(
-                tenant, p.product_sku, p.use_unit, nanos, f"{prefix}{index}", False, ts, day, b""
-            )
+        if p.id is None:  # its store names it (`assigned_id`)
+            pulse = Pulse(tenant, p.product_sku, p.use_unit, nanos, "", False, ts, day, b"")
         else:
             pulse = Pulse(
                 tenant, p.product_sku, p.use_unit, nanos, p.id, True, ts, day,

@@ -35,6 +35,7 @@ __all__ = [
     "PulseInText",
     "PulsePage",
     "StoredPulse",
+    "assigned_id",
     "encode_pulses",
     "join_encoded",
 ]
@@ -113,8 +114,10 @@ class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     `ts` is microseconds since the epoch (UTC); `day` is the billing day in the
     tenant's zone; `fingerprint` identifies the payload of a client id, so a
-    replay can be told from a conflicting reuse of the id. Encoded as an array,
-    it is also the store's compact record of the pulse.
+    replay can be told from a conflicting reuse of the id. `pulse_id` is the
+    client's id, or "" for a pulse sent without one: its store names it by
+    where it keeps it (`assigned_id`). Encoded as an array, it is also the
+    store's compact record of the pulse.
     """
 
     tenant_id: str
@@ -126,6 +129,20 @@ class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
     ts: int
     day: str
     fingerprint: bytes
+
+
+def assigned_id(store_id: str, *place: int) -> str:
+    """The id of a pulse sent without one: `srv-<store id>-<place>`, where `place`
+    is where its store keeps it (log row and position, or row).
+
+    Named when read, it costs the write nothing. A name made per pulse by
+    the request, and kept in the log, was a fifth of a log row's bytes; in
+    1,000-pulse arrays, decoding took 0.98 µs a pulse with it, 0.83 without,
+    and the store's write 1.27 and 1.21 (`bench/stages.py`). It is the same
+    at every read, and unique among every store's pulses. Pulses stored
+    before keep the names they were given then.
+    """
+    return "-".join(["srv", store_id, *map(str, place)])
 
 
 _encoder = msgspec.json.Encoder()

@@ -49,6 +49,7 @@ from ..model import (
     Outcome,
     Pulse,
     StoredPulse,
+    assigned_id,
 )
 from ..money import format_nanos
 from ..partition import partition_of
@@ -650,7 +651,7 @@ class PostgresStore:
             (
                 seq,
                 StoredPulse(
-                    id=pulse_id,
+                    id=pulse_id or assigned_id(self.store_id, seq),
                     tenant_id=tenant,
                     product_sku=sku,
                     use_unit=unit,

@@ -140,6 +140,7 @@ from ..model import (
     Outcome,
     Pulse,
     StoredPulse,
+    assigned_id,
     encode_pulses,
 )
 from ..money import format_nanos, parse_nanos
@@ -1053,12 +1054,28 @@ class SQLiteStore:
                         or (query.use_unit is not None and p.use_unit != query.use_unit)
                     ):
                         continue
-                    found.append((seq * _POSITIONS + position, _stored(p, received)))
+                    place = (seq, position)
+                    found.append((seq * _POSITIONS + position, self._stored(p, received, place)))
                     if len(found) == query.limit:
                         return found
             return found
 
         return part.read(read)
+
+    def _stored(
+        self, p: Pulse, received: dt.datetime | None, place: tuple[int, int]
+    ) -> StoredPulse:
+        return StoredPulse(
+            id=p.pulse_id or assigned_id(self.store_id, *place),
+            tenant_id=p.tenant_id,
+            product_sku=p.product_sku,
+            use_unit=p.use_unit,
+            used_amount=format_nanos(p.nanos),
+            timestamp=_moment(p.ts),  # type: ignore[arg-type]
+            date=p.day,
+            received_at=received,  # type: ignore[arg-type]
+            id_assigned=not p.client_id,
+        )
 
     def batches(self, query: BatchQuery) -> list[BatchView]:
         clauses, args = batch_filter(query, "?")
@@ -1427,20 +1444,6 @@ def _known_ids(
             tenant, _, pulse_id = key.partition(_SEP)
             known[(tenant, pulse_id)] = fingerprint
     return known
-
-
-def _stored(p: Pulse, received: dt.datetime | None) -> StoredPulse:
-    return StoredPulse(
-        id=p.pulse_id,
-        tenant_id=p.tenant_id,
-        product_sku=p.product_sku,
-        use_unit=p.use_unit,
-        used_amount=format_nanos(p.nanos),
-        timestamp=_moment(p.ts),  # type: ignore[arg-type]
-        date=p.day,
-        received_at=received,  # type: ignore[arg-type]
-        id_assigned=not p.client_id,
-    )
 
 
 def _bucket_state(row: tuple[Any, ...]) -> BucketState:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import secrets
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -59,7 +58,7 @@ def pulse(
 ) -> Pulse:
     nanos = to_nanos(Decimal(amount))
     if id is None:
-        return Pulse(tenant, sku, unit, nanos, f"srv-{secrets.token_hex(6)}", False, ts, day, b"")
+        return Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")  # as intake makes it
     fingerprint = hashlib.blake2b(f"{sku}\0{unit}\0{nanos}".encode(), digest_size=16).digest()
     return Pulse(tenant, sku, unit, nanos, id, True, ts, day, fingerprint)
 
@@ -166,17 +165,30 @@ def test_dedup_and_conflict_across_calls(store: Store) -> None:
     assert [(p.id, p.used_amount) for _, p in stored] == [("x", "1"), ("y", "3"), ("z", "0.5")]
 
 
-def test_id_less_pulses_are_each_counted_and_get_an_id(store: Store) -> None:
+def test_id_less_pulses_are_each_counted_and_named_by_their_store(store: Store) -> None:
     same = pulse("a", "2")
-    again = pulse("a", "2")
-    assert write(store, [same, again]) == ["accepted", "accepted"]
-    assert write(store, [pulse("a", "2")]) == ["accepted"]
+    assert write(store, [same, same]) == ["accepted", "accepted"]
+    assert write(store, [pulse("e", "1"), pulse("a", "2")]) == ["accepted", "accepted"]
+    # Stored before stores named such pulses: it keeps the name it was given.
+    named = msgspec.structs.replace(pulse("a", "1"), pulse_id="srv-0a1b2c3d4e5f07-3")
+    assert write(store, [named]) == ["accepted"]
+    query = PulseQuery(tenant_id="a", day=D1)
+    stored = [p for _, p in store.pulses(query)]
+    assert [p.id_assigned for p in stored] == [True, True, True, True]
+    ids = [p.id for p in stored]
+    assert ids[3] == "srv-0a1b2c3d4e5f07-3"
+    assert all(i.startswith(f"srv-{store.store_id}-") for i in ids[:3])
+    [other] = [p.id for _, p in store.pulses(PulseQuery(tenant_id="e", day=D1))]
+    assert len({*ids, other}) == 5
+    # The same at every read: page by page, and once the totals are folded.
     got = aggregate(store, "a")
-    assert (got.used_amount, got.pulse_count) == ("6", 3)
-    stored = [p for _, p in store.pulses(PulseQuery(tenant_id="a", day=D1))]
-    assert [p.id_assigned for p in stored] == [True, True, True]
-    assert [p.id for p in stored[:2]] == [same.pulse_id, again.pulse_id]
-    assert len({p.id for p in stored}) == 3
+    assert (got.used_amount, got.pulse_count) == ("7", 4)
+    paged: list[str] = []
+    after = None
+    while page := store.pulses(msgspec.structs.replace(query, after=after, limit=1)):
+        after = page[-1][0]
+        paged += [p.id for _, p in page]
+    assert paged == ids
 
 
 def test_replayed_request_is_reported_duplicate(store: Store) -> None:
