@@ -65,7 +65,7 @@ from .openapi import document
 from .reads import list_aggregates, list_batches, list_pulses, read_batch
 from .routes import NEEDS, OPERATIONS, CommitParams, Health, Readiness
 from .runtime import Runtime
-from .shard import Ingest, Reply
+from .shard import Ingest, Replies, Reply
 
 __all__ = ["create_app", "ingest"]
 
@@ -167,17 +167,19 @@ async def ingest(
     if not all(shards[p].has_room() for p in by_partition):
         raise Overloaded("ingest queues are full; retry later")
     # No await between the check above and these sends: all or none is queued.
+    replies: Replies[list[Outcome]] = Replies()
     waiting: list[tuple[list[tuple[int, Pulse]], Reply[list[Outcome]]]] = []
     for partition, part in by_partition.items():
-        reply: Reply[list[Outcome]] = Reply()
+        reply = replies.reply()
         shards[partition].submit_nowait(Ingest([p for _, p in part], reply))
         waiting.append((part, reply))
+    await replies.wait()
 
     accepted = duplicates = conflicts = 0
     failure: StoreError | None = None
     for part, reply in waiting:
         try:
-            outcomes = await reply.receive()
+            outcomes = reply.result()
         except StoreError as exc:
             failure = exc
             items.extend(

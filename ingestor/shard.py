@@ -26,35 +26,78 @@ from .errors import Draining, Overloaded, StoreError
 from .model import BatchSummary, Outcome, Pulse, encode_pulses, join_encoded
 from .store import Store
 
-__all__ = ["Commit", "Ingest", "Reply", "Shard", "ShardStatistics", "WriteLane"]
+__all__ = ["Commit", "Ingest", "Replies", "Reply", "Shard", "ShardStatistics", "WriteLane"]
 
 log = logging.getLogger("ingestor.shard")
 T = TypeVar("T")
 
 
 class Reply(Generic[T]):
-    """A one-shot answer from an actor to the task waiting for it."""
+    """A one-shot answer from an actor to the task waiting for it.
 
-    __slots__ = ("_error", "_event", "_value")
+    Made by `Replies`, it is one of several that task waits for together.
+    """
 
-    def __init__(self) -> None:
-        self._event = trio.Event()
+    __slots__ = ("_error", "_event", "_group", "_value")
+
+    def __init__(self, group: Replies[T] | None = None) -> None:
+        self._group = group
+        self._event = trio.Event() if group is None else None
         self._value: T | None = None
         self._error: BaseException | None = None
 
     def send(self, value: T) -> None:
         self._value = value
-        self._event.set()
+        self._answered()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._event.set()
+        self._answered()
+
+    def _answered(self) -> None:
+        if self._group is not None:
+            self._group.answered()
+        else:
+            assert self._event is not None
+            self._event.set()
 
     async def receive(self) -> T:
+        assert self._event is not None, "wait for its Replies"
         await self._event.wait()
+        return self.result()
+
+    def result(self) -> T:
+        """The answer that has come (see `Replies.wait`)."""
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+class Replies(Generic[T]):
+    """Replies to one task from several actors; the task wakes once, when all have come.
+
+    A 1,000-pulse request sends a message to each of the sixteen shards:
+    waiting for their replies one by one woke its task sixteen times.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._waiting = 0
+
+    def reply(self) -> Reply[T]:
+        self._waiting += 1
+        return Reply(self)
+
+    def answered(self) -> None:
+        self._waiting -= 1
+        if not self._waiting:
+            self._event.set()
+
+    async def wait(self) -> None:
+        """Until every reply made so far has come."""
+        if not self._waiting:
+            self._event.set()
+        await self._event.wait()
 
 
 class _Job:

@@ -16,7 +16,7 @@ import trio.testing
 from ingestor import shard as shard_module
 from ingestor.errors import Draining, StoreError, StoreFull
 from ingestor.model import Outcome, Pulse
-from ingestor.shard import Ingest, Reply, Shard, WriteLane
+from ingestor.shard import Ingest, Replies, Reply, Shard, WriteLane
 from ingestor.store.sqlite import SQLiteStore
 
 NOW = 1_795_000_000_000_000
@@ -298,3 +298,30 @@ async def test_lane_finishes_a_write_whose_caller_is_cancelled() -> None:
     assert before == {}  # still running, or waiting to run: not abandoned
     assert results == {"a": "A", "b": "B"}
     assert writes.ran == ["a", "b"]
+
+
+async def test_replies_wake_their_task_once_all_have_come() -> None:
+    replies: Replies[str] = Replies()
+    first, second, third = replies.reply(), replies.reply(), replies.reply()
+    woke: list[int] = []
+
+    async def wait() -> None:
+        await replies.wait()
+        woke.append(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        first.send("a")
+        third.fail(StoreFull("full"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []  # one reply is still missing
+        second.send("b")
+    assert woke == [1]
+    assert (first.result(), second.result()) == ("a", "b")
+    with pytest.raises(StoreFull):
+        third.result()
+
+
+async def test_replies_with_none_to_wait_for_return_at_once() -> None:
+    with trio.fail_after(1):
+        await Replies[str]().wait()
