@@ -762,8 +762,9 @@ class SQLiteStore:
             )
             if fold:
                 self._folded_in = self._file.serial
+            ids = any(p.client_id for p in pulses)
             behind = False
-            if fold or any(p.client_id for p in pulses):
+            if fold or ids:
                 _catch_up(conn, part)
             else:
                 # No id to look up and nothing to fold: what other processes
@@ -772,8 +773,13 @@ class SQLiteStore:
                 (version,) = conn.execute("PRAGMA data_version").fetchone()
                 behind = version != part.version or bool(part.ahead)
             self._merge_slice(conn)
-            outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
-            accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+            outcomes: list[Outcome]
+            accepted: Sequence[Pulse]
+            if ids:
+                outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
+                accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+            else:  # no id to look up: each pulse is new
+                outcomes, accepted = ["accepted"] * len(pulses), pulses
             if not accepted:
                 return outcomes
             # The durable record of every accepted pulse and client id, in the
@@ -787,7 +793,7 @@ class SQLiteStore:
             assert seq is not None
             if fold:
                 _fold(conn, part)
-            part.on_commit(lambda: _remember(part, seq, accepted, behind))
+            part.on_commit(lambda: _remember(part, seq, accepted, behind, ids))
         return outcomes
 
     def _lock_merges(self) -> bool:
@@ -1295,14 +1301,18 @@ def _unfolded_buckets(
     return selected
 
 
-def _remember(part: _Partition, seq: int, accepted: Sequence[Pulse], behind: bool) -> None:
-    """After log row `seq` is durable: its client ids and bucket deltas join memory.
+def _remember(
+    part: _Partition, seq: int, accepted: Sequence[Pulse], behind: bool, ids: bool
+) -> None:
+    """After log row `seq` is durable: its client ids (if it has `ids`) and bucket
+    deltas join memory.
 
     What `_catch_up` would read back from that row, without reading it. If
     memory was `behind` the log when it was written, rows before it are not
     in memory yet: it is held `ahead` until they are.
     """
-    _add_ids(part.recent, seq, accepted)
+    if ids:
+        _add_ids(part.recent, seq, accepted)
     if part.keeps:
         _add_pulses(part, seq, accepted)
     if behind:
