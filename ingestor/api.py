@@ -57,7 +57,6 @@ from .model import (
     ErrorDetail,
     IngestItem,
     IngestReport,
-    Outcome,
     Pulse,
     PulsePage,
 )
@@ -65,7 +64,7 @@ from .openapi import document
 from .reads import list_aggregates, list_batches, list_pulses, read_batch
 from .routes import NEEDS, OPERATIONS, CommitParams, Health, Readiness
 from .runtime import Runtime
-from .shard import Ingest, Replies, Reply
+from .shard import Ingest, Replies, Reply, Shard, Written
 
 __all__ = ["create_app", "ingest"]
 
@@ -163,28 +162,35 @@ async def ingest(
             items.append(IngestItem(index, "rejected", own_id, reason))
             continue
         by_partition[partition_of(pulse.tenant_id)].append((index, pulse))
-    shards = runtime.shards
-    if not all(shards[p].has_room() for p in by_partition):
+    by_shard: dict[Shard, dict[int, list[Pulse]]] = {}
+    for partition, part in by_partition.items():
+        shard = runtime.shard_of[partition]
+        by_shard.setdefault(shard, {})[partition] = [p for _, p in part]
+    if not all(shard.has_room(len(writes)) for shard, writes in by_shard.items()):
         raise Overloaded("ingest queues are full; retry later")
     # No await between the check above and these sends: all or none is queued.
-    replies: Replies[list[Outcome]] = Replies()
-    waiting: list[tuple[list[tuple[int, Pulse]], Reply[list[Outcome]]]] = []
-    for partition, part in by_partition.items():
+    replies: Replies[Written] = Replies()
+    waiting: list[Reply[Written]] = []
+    for shard, writes in by_shard.items():
         reply = replies.reply()
-        shards[partition].submit_nowait(Ingest([p for _, p in part], reply))
-        waiting.append((part, reply))
+        shard.submit_nowait(Ingest(writes, reply))
+        waiting.append(reply)
     await replies.wait()
+    written = {
+        partition: outcomes
+        for reply in waiting
+        for partition, outcomes in reply.result().items()
+    }
 
     accepted = duplicates = conflicts = 0
     failure: StoreError | None = None
-    for part, reply in waiting:
-        try:
-            outcomes = reply.result()
-        except StoreError as exc:
-            failure = exc
+    for partition, part in by_partition.items():
+        outcomes = written[partition]
+        if isinstance(outcomes, StoreError):
+            failure = outcomes
             items.extend(
                 IngestItem(i, "rejected", p.pulse_id if p.client_id else None,
-                           f"not stored, retry: {exc}")
+                           f"not stored, retry: {outcomes}")
                 for i, p in part
             )
             continue

@@ -1,7 +1,7 @@
 """The committer: turns finished billing days into outbox batches.
 
-Every `commit_interval` it asks each shard for the days that still have
-uncommitted usage and commits those whose end, plus `commit_grace`, has
+Every `commit_interval` it asks the store, partition by partition, for the
+days that still have uncommitted usage and commits those whose end, plus `commit_grace`, has
 passed in every billing time zone in use. POST /aggregates/commit calls
 `commit_day` directly. Commits run in the shards' loops, so a commit and the
 pulses it covers are never interleaved within a transaction. The timer only
@@ -72,13 +72,16 @@ class Committer:
         return day_closes_at(day, self._zones) + self._grace <= now
 
     async def commit_day(self, day: dt.date) -> list[BatchSummary]:
-        """Commit every open bucket of `day`, one transaction per shard."""
+        """Commit every open bucket of `day`, one transaction per partition."""
         now_us = self._clock()
         replies: list[Reply[list[BatchSummary]]] = []
         for shard in self._shards:
-            reply: Reply[list[BatchSummary]] = Reply()
-            await shard.submit(Commit(day.isoformat(), now_us, self._max_records, reply))
-            replies.append(reply)
+            for partition in shard.partitions:
+                reply: Reply[list[BatchSummary]] = Reply()
+                await shard.submit(
+                    Commit(partition, day.isoformat(), now_us, self._max_records, reply)
+                )
+                replies.append(reply)
         batches: list[BatchSummary] = []
         failure: StoreError | None = None
         for reply in replies:
@@ -110,8 +113,8 @@ class Committer:
         """Commit every day with open buckets whose end plus grace has passed."""
         now = self.now()
         days: set[str] = set()
-        for shard in self._shards:
-            days.update(await trio.to_thread.run_sync(self._store.open_days, shard.partition))
+        for partition in self._partitions():
+            days.update(await trio.to_thread.run_sync(self._store.open_days, partition))
         batches: list[BatchSummary] = []
         for day in sorted(days):
             if self.is_due(dt.date.fromisoformat(day), now):
@@ -122,9 +125,12 @@ class Committer:
         """Forget pulses (and their ids) older than the dedup window."""
         before = self._clock() - self._dedup_window_us
         removed = 0
-        for shard in self._shards:
-            removed += await trio.to_thread.run_sync(self._store.purge, shard.partition, before)
+        for partition in self._partitions():
+            removed += await trio.to_thread.run_sync(self._store.purge, partition, before)
         return removed
+
+    def _partitions(self) -> list[int]:
+        return sorted(partition for shard in self._shards for partition in shard.partitions)
 
     async def wait_ticks(self, count: int) -> None:
         """Wait until the timer has fired and finished its work `count` times in all."""

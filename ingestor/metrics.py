@@ -134,36 +134,43 @@ class ServiceCollector:
         yield from self._outbox_series()
 
     def _shards(self) -> Iterator[Metric]:
+        labels = ["shard"]
         depth = GaugeMetricFamily(
-            "ingestor_shard_queue_depth", "Messages waiting for the shard.", labels=["partition"]
+            "ingestor_shard_queue_depth",
+            "Partition writes waiting for the shard (a request counts one per partition).",
+            labels=labels,
         )
         capacity = GaugeMetricFamily(
-            "ingestor_shard_queue_capacity", "Size of the shard's queue.", labels=["partition"]
+            "ingestor_shard_queue_capacity", "Size of the shard's queue.", labels=labels
+        )
+        owned = GaugeMetricFamily(
+            "ingestor_shard_partitions", "Partitions whose writes the shard owns.", labels=labels
         )
         seconds = SummaryMetricFamily(
             "ingestor_store_transaction_seconds",
             "Store write transactions of the shard: count and total time.",
-            labels=["partition"],
+            labels=labels,
         )
         size = SummaryMetricFamily(
             "ingestor_store_transaction_pulses",
             "Store write transactions of the shard: count and pulses written.",
-            labels=["partition"],
+            labels=labels,
         )
         last = GaugeMetricFamily(
             "ingestor_store_last_transaction_pulses",
             "Pulses in the shard's latest write transaction (its group commit).",
-            labels=["partition"],
+            labels=labels,
         )
         for shard in self._runtime.shards:
             stats = shard.statistics()
-            label = [str(stats.partition)]
+            label = [str(stats.shard)]
             depth.add_metric(label, stats.queued)
             capacity.add_metric(label, stats.capacity)
+            owned.add_metric(label, stats.partitions)
             seconds.add_metric(label, stats.transactions, stats.transaction_seconds)
             size.add_metric(label, stats.transactions, stats.pulses_written)
             last.add_metric(label, stats.last_group_pulses)
-        yield from (depth, capacity, seconds, size, last)
+        yield from (depth, capacity, owned, seconds, size, last)
 
     def _outbox_series(self) -> Iterator[Metric]:
         if self._open_buckets is not None:

@@ -43,6 +43,8 @@ class Runtime:
         self.settings = settings
         self.store = store
         self.shards = shards
+        owners = {partition: shard for shard in shards for partition in shard.partitions}
+        self.shard_of = [owners[partition] for partition in range(store.partitions)]
         self.committer = committer
         self.deliverer = deliverer
         self.rules = rules

@@ -2,7 +2,8 @@
 
     open_service(settings)
       store            opened in a thread; closed last
-      shards[0..N-1]   one actor per partition; drained after HTTP stops
+      shards           one actor per write lane of the store, owning its
+                       partitions' writes; drained after HTTP stops
       committer        timer; cancelled after the shards drained
       deliverer        outbox -> sink; cancelled with the committer
     serve(settings)
@@ -33,7 +34,7 @@ from .deliverer import Deliverer
 from .edge import Edge
 from .intake import Rules
 from .runtime import Runtime
-from .shard import Shard, WriteLane
+from .shard import Shard
 from .sinks import Sink, open_sink
 from .store import Store, open_store
 
@@ -63,17 +64,14 @@ async def open_service(
             billing_timezone=settings.billing_timezone,
             tenant_timezones=settings.tenant_timezones,
         )
-        lanes = [
-            WriteLane(store.writing_together)
-            for _ in range(max(1, min(store.write_lanes, store.partitions)))
-        ]
+        lanes = max(1, min(store.write_lanes, store.partitions))
         shards = [
             Shard(
-                partition, store, queue_size=settings.shard_queue,
-                group_max_pulses=settings.group_max_pulses, clock=clock,
-                lane=lanes[partition % len(lanes)],
+                lane, range(lane, store.partitions, lanes), store,
+                queue_size=settings.shard_queue, group_max_pulses=settings.group_max_pulses,
+                clock=clock,
             )
-            for partition in range(store.partitions)
+            for lane in range(lanes)
         ]
         deliverer = Deliverer(
             store, sink, concurrency=settings.delivery_concurrency,

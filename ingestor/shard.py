@@ -1,21 +1,27 @@
-"""The shard: one actor per partition, the only writer of that partition here.
+"""The shards: the actors that own the store's writes in this process.
 
-Requests reach it over a bounded trio memory channel. Each turn of its loop
-takes every message already waiting (group commit), writes all their pulses
-in one store transaction, and only then replies: a reply means durable. A full
-channel is overload, answered 503 by the API, never a growing queue.
+Each shard owns some partitions and is the only writer of them here; a
+request sends each shard it touches one message, holding its pulses of
+each partition, over a bounded trio memory channel. Each turn of a shard's
+loop takes every message already waiting (group commit), writes each
+partition's pulses of all of them in one `write_pulses`, every partition
+in one `writing_together` block in a worker thread, and only then replies:
+a reply means durable. A full channel is overload, answered 503 by the API,
+never a growing queue.
 
-The write itself runs in a worker thread through a `WriteLane` that shards
-share as the store prefers (`Store.write_lanes`): on SQLite, one lane takes
-every shard's waiting write to one thread in one hop, and one transaction.
+How many shards there are is the store's choice (`Store.write_lanes`). On
+SQLite, one owns every partition: one file, one transaction a round. A
+shard per partition, whose writes went to one thread together, cost a
+1,000-pulse request sixteen messages, sixteen tasks woken twice, and
+sixteen replies. On PostgreSQL, a shard per partition: its writes wait on
+the network, and each partition's lock, side by side.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import msgspec
@@ -26,7 +32,7 @@ from .errors import Draining, Overloaded, StoreError
 from .model import BatchSummary, Outcome, Pulse, encode_pulses, join_encoded
 from .store import Store
 
-__all__ = ["Commit", "Ingest", "Replies", "Reply", "Shard", "ShardStatistics", "WriteLane"]
+__all__ = ["Commit", "Ingest", "Replies", "Reply", "Shard", "ShardStatistics", "Written"]
 
 log = logging.getLogger("ingestor.shard")
 T = TypeVar("T")
@@ -76,8 +82,9 @@ class Reply(Generic[T]):
 class Replies(Generic[T]):
     """Replies to one task from several actors; the task wakes once, when all have come.
 
-    A 1,000-pulse request sends a message to each of the sixteen shards:
-    waiting for their replies one by one woke its task sixteen times.
+    A request sends a message to each shard it touches (on PostgreSQL, a
+    1,000-pulse request touches sixteen): waiting for their replies one by
+    one woke its task as many times.
     """
 
     def __init__(self) -> None:
@@ -100,103 +107,31 @@ class Replies(Generic[T]):
         await self._event.wait()
 
 
-class _Job:
-    __slots__ = ("args", "done", "error", "fn", "leads", "value")
-
-    def __init__(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        self.done = trio.Event()  # set when it has run, or when it is to lead
-        self.leads = False
-        self.value: object = None
-        # Until it has run: a write that never ran is answered as not stored.
-        self.error: BaseException | None = StoreError("the write did not run")
-
-
-def _run_jobs(jobs: list[_Job], together: Callable[[], AbstractContextManager[None]]) -> None:
-    try:
-        with together():
-            for job in jobs:
-                try:
-                    job.value = job.fn(*job.args)
-                    job.error = None
-                except BaseException as exc:  # each job's failure is its own
-                    job.error = exc
-    except BaseException as exc:  # what they did together did not last
-        for job in jobs:
-            if job.error is None:
-                job.value, job.error = None, exc
-
-
-class WriteLane:
-    """The shards' pulse writes, taken to a worker thread together.
-
-    A 1,000-pulse request spread over 16 partitions gave 16 shards a write
-    each, and a thread hop each: handing work to a thread, waking it, and
-    waking the event loop again cost more than the transactions themselves.
-    Through the lane, the writes that are waiting when one starts go in one
-    hop and run one after another, each with its own result: whoever finds
-    the lane idle leads and runs every waiting write; those that arrive
-    meanwhile wait, and the first of them leads next. The writes of one hop
-    run inside `together()` (the store's `writing_together`), which may make
-    them one durable transaction; if it fails, so does every write in it.
-    """
-
-    def __init__(
-        self, together: Callable[[], AbstractContextManager[None]] = nullcontext
-    ) -> None:
-        self._together = together
-        self._waiting: list[_Job] = []
-        self._busy = False
-
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` in a worker thread; like `trio.to_thread.run_sync`, never cancelled."""
-        job = _Job(fn, args)
-        self._waiting.append(job)
-        with trio.CancelScope(shield=True):
-            if self._busy:
-                await job.done.wait()
-            else:
-                self._busy = job.leads = True
-            if job.leads:
-                # Shards made runnable by the same request queue theirs first.
-                await trio.lowlevel.checkpoint()
-                jobs, self._waiting = self._waiting, []
-                try:
-                    await trio.to_thread.run_sync(_run_jobs, jobs, self._together)
-                finally:
-                    for done in jobs:
-                        done.done.set()
-                    if self._waiting:
-                        follower = self._waiting[0]
-                        follower.leads = True  # the lane stays busy: it leads next
-                        follower.done.set()
-                    else:
-                        self._busy = False
-        if job.error is not None:
-            raise job.error
-        return job.value  # type: ignore[return-value]
+# Each partition's outcomes, in the order of its pulses, or why it was not written.
+Written = dict[int, list[Outcome] | StoreError]
 
 
 class Ingest(msgspec.Struct):
-    """Pulses for the shard to write, and where their outcomes go.
+    """A request's pulses for one shard, by partition, and where their outcomes go.
 
-    `encoded` (`encode_pulses`) is made with the message, by the request
-    that has just decoded the pulses. In the store's round it cost as much
-    CPU (there the pulses had left the CPU's cache: ~310 ns a pulse against
-    ~140 for a hot group), but inside the writers' lock, which every process
-    sharing the store waits on: 1.8 µs a pulse of lock, 1.2 without it.
+    `encoded` (`encode_pulses`, by partition) is made with the message, by
+    the request that has just decoded the pulses. In the store's round it
+    cost as much CPU (there the pulses had left the CPU's cache: ~310 ns a
+    pulse against ~140 for a hot group), but inside the writers' lock, which
+    every process sharing the store waits on: 1.8 µs a pulse of lock, 1.2
+    without it.
     """
 
-    pulses: list[Pulse]
-    reply: Reply[list[Outcome]]
-    encoded: bytes = b""
+    pulses: dict[int, list[Pulse]]
+    reply: Reply[Written]
+    encoded: dict[int, bytes] = {}
 
     def __post_init__(self) -> None:
-        self.encoded = encode_pulses(self.pulses)
+        self.encoded = {partition: encode_pulses(p) for partition, p in self.pulses.items()}
 
 
 class Commit(msgspec.Struct):
+    partition: int
     day: str
     now_us: int
     max_records: int
@@ -207,7 +142,8 @@ Message = Ingest | Commit
 
 
 class ShardStatistics(msgspec.Struct, frozen=True):
-    partition: int
+    shard: int
+    partitions: int
     queued: int
     capacity: int
     transactions: int
@@ -217,43 +153,53 @@ class ShardStatistics(msgspec.Struct, frozen=True):
 
 
 class Shard:
-    """The actor that owns one partition's writes in this process."""
+    """The actor that owns the writes of `partitions` in this process.
+
+    Its queue holds `queue_size` writes per partition it owns: a message
+    counts once per partition it writes, as it did when each partition had
+    a shard and a queue of its own.
+    """
 
     def __init__(
         self,
-        partition: int,
+        index: int,
+        partitions: Sequence[int],
         store: Store,
         *,
         queue_size: int,
         group_max_pulses: int,
         clock: Callable[[], int] = wall_clock_us,
-        lane: WriteLane | None = None,
     ) -> None:
-        self.partition = partition
-        self._lane = lane or WriteLane(store.writing_together)
+        self.index = index
+        self.partitions = tuple(partitions)
         self._store = store
         self._group_max = group_max_pulses
         self._clock = clock
-        self._send, self._receive = trio.open_memory_channel[Message](queue_size)
-        self._capacity = queue_size
+        self._capacity = queue_size * len(self.partitions)
+        self._send, self._receive = trio.open_memory_channel[Message](self._capacity)
+        self._queued = 0  # partitions' writes waiting in the channel
         self._transactions = 0
         self._pulses_written = 0
         self._last_group = 0
         self._transaction_seconds = 0.0
 
-    def has_room(self) -> bool:
-        """True if `submit_nowait` would not raise Overloaded right now."""
-        return self._send.statistics().current_buffer_used < self._capacity
+    def has_room(self, writes: int = 1) -> bool:
+        """True if a message writing `writes` partitions would be taken right now."""
+        return self._queued + writes <= self._capacity
 
-    def submit_nowait(self, message: Message) -> None:
+    def submit_nowait(self, message: Ingest) -> None:
+        writes = len(message.pulses)
+        if not self.has_room(writes):
+            raise Overloaded(f"shard {self.index} queue is full")
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
-            raise Overloaded(f"shard {self.partition} queue is full") from None
+            raise Overloaded(f"shard {self.index} queue is full") from None
         except trio.ClosedResourceError:
             raise Draining("the service is shutting down") from None
+        self._queued += writes
 
-    async def submit(self, message: Message) -> None:
+    async def submit(self, message: Commit) -> None:
         """Queue `message`, waiting for room (for work that may wait, like commits)."""
         try:
             await self._send.send(message)
@@ -266,8 +212,9 @@ class Shard:
 
     def statistics(self) -> ShardStatistics:
         return ShardStatistics(
-            partition=self.partition,
-            queued=self._send.statistics().current_buffer_used,
+            shard=self.index,
+            partitions=len(self.partitions),
+            queued=self._queued,
             capacity=self._capacity,
             transactions=self._transactions,
             pulses_written=self._pulses_written,
@@ -294,10 +241,11 @@ class Shard:
             if isinstance(message, Commit):
                 steps.append(message)
             else:
+                self._queued -= len(message.pulses)
                 if not steps or not isinstance(steps[-1], list):
                     steps.append([])
                 steps[-1].append(message)  # type: ignore[union-attr]
-                pulses += len(message.pulses)
+                pulses += sum(len(p) for p in message.pulses.values())
             if pulses >= self._group_max:
                 break
             try:
@@ -307,36 +255,65 @@ class Shard:
         return steps
 
     async def _ingest(self, group: list[Ingest]) -> None:
-        pulses = [p for request in group for p in request.pulses]
-        encoded = join_encoded([request.encoded for request in group])
+        writes: dict[int, tuple[list[Pulse], bytes]] = {}
+        for partition in {partition for request in group for partition in request.pulses}:
+            requests = [request for request in group if partition in request.pulses]
+            writes[partition] = (
+                [p for request in requests for p in request.pulses[partition]],
+                join_encoded([request.encoded[partition] for request in requests]),
+            )
         started = time.perf_counter()
-        try:
-            outcomes = await self._lane.run(
-                self._store.write_pulses, self.partition, pulses, self._clock(), encoded
-            )
-        except StoreError as exc:
-            log.warning(
-                "write failed", extra={"fields": {"partition": self.partition, "error": str(exc)}}
-            )
-            for request in group:
-                request.reply.fail(exc)
-            return
+        written = await trio.to_thread.run_sync(self._write, writes, self._clock())
         self._transactions += 1
-        self._pulses_written += len(pulses)
-        self._last_group = len(pulses)
+        self._last_group = sum(len(pulses) for pulses, _ in writes.values())
+        self._pulses_written += self._last_group
         self._transaction_seconds += time.perf_counter() - started
         # Replies go out only now, after the transaction is durable.
-        start = 0
+        starts = dict.fromkeys(writes, 0)
         for request in group:
-            end = start + len(request.pulses)
-            request.reply.send(outcomes[start:end])
-            start = end
+            answer: Written = {}
+            for partition, pulses in request.pulses.items():
+                outcomes = written[partition]
+                if isinstance(outcomes, StoreError):
+                    answer[partition] = outcomes
+                    continue
+                start = starts[partition]
+                answer[partition] = outcomes[start : start + len(pulses)]
+                starts[partition] = start + len(pulses)
+            request.reply.send(answer)
+
+    def _write(self, writes: dict[int, tuple[list[Pulse], bytes]], now_us: int) -> Written:
+        """In a worker thread: each partition's write, all in one `writing_together`.
+
+        Each write's failure is its own; if the block fails, every write in it does.
+        """
+        written: Written = {}
+        try:
+            with self._store.writing_together():
+                for partition, (pulses, encoded) in writes.items():
+                    try:
+                        written[partition] = self._store.write_pulses(
+                            partition, pulses, now_us, encoded
+                        )
+                    except StoreError as exc:
+                        written[partition] = exc
+        except StoreError as exc:  # what they did together did not last
+            for partition in writes:
+                if not isinstance(written.get(partition), StoreError):
+                    written[partition] = exc
+        for partition, outcome in written.items():
+            if isinstance(outcome, StoreError):
+                log.warning(
+                    "write failed",
+                    extra={"fields": {"partition": partition, "error": str(outcome)}},
+                )
+        return written
 
     async def _commit(self, message: Commit) -> None:
         try:
             batches = await trio.to_thread.run_sync(
                 self._store.commit_day,
-                self.partition,
+                message.partition,
                 message.day,
                 message.now_us,
                 message.max_records,

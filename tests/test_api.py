@@ -439,9 +439,9 @@ async def test_full_queue_is_503_with_retry_after_and_stores_nothing(
     queued: Reply[Any] = Reply()
     async with trio.open_nursery() as nursery:
         await nursery.start(_occupy, runtime)
-        shard.submit_nowait(Ingest([], taken))  # the shard takes it and waits on the store
+        shard.submit_nowait(Ingest({0: []}, taken))  # the shard takes it, waits on the store
         await trio.testing.wait_all_tasks_blocked()
-        shard.submit_nowait(Ingest([], queued))  # fills the one queue slot
+        shard.submit_nowait(Ingest({0: []}, queued))  # fills the one queue slot
         assert not shard.has_room()
         response = await post(client, pulse(id="later"))
         assert response.status_code == 503

@@ -78,25 +78,15 @@ async def test_requests_by_route_and_code_with_latency(client: Client) -> None:
 async def test_shard_queues_and_store_transactions(client: Client, runtime: Runtime) -> None:
     await client.post("/pulses", json=[pulse(tenant_id=f"t{i}") for i in range(12)])
     samples = await scrape(client)
-    partitions = [str(p) for p in range(len(runtime.shards))]
-    for partition in partitions:
-        assert value(samples, "ingestor_shard_queue_depth", partition=partition) == 0
-        assert value(samples, "ingestor_shard_queue_capacity", partition=partition) == 64
-    written = sum(
-        value(samples, "ingestor_store_transaction_pulses_sum", partition=p) for p in partitions
-    )
-    transactions = sum(
-        value(samples, "ingestor_store_transaction_seconds_count", partition=p) for p in partitions
-    )
-    assert written == 12
-    assert 1 <= transactions <= len(partitions)
-    assert (
-        sum(
-            value(samples, "ingestor_store_transaction_seconds_sum", partition=p)
-            for p in partitions
-        )
-        > 0
-    )
+    shards = [str(shard.index) for shard in runtime.shards]
+    assert shards == ["0"]  # SQLite: one shard owns every partition
+    partitions = runtime.store.partitions
+    assert value(samples, "ingestor_shard_queue_depth", shard="0") == 0
+    assert value(samples, "ingestor_shard_queue_capacity", shard="0") == 64 * partitions
+    assert value(samples, "ingestor_shard_partitions", shard="0") == partitions
+    assert value(samples, "ingestor_store_transaction_pulses_sum", shard="0") == 12
+    assert value(samples, "ingestor_store_transaction_seconds_count", shard="0") == 1
+    assert value(samples, "ingestor_store_transaction_seconds_sum", shard="0") > 0
 
 
 async def test_commits_deliveries_and_the_outbox(
@@ -162,7 +152,7 @@ async def test_store_errors_leave_out_only_the_outbox(
     monkeypatch.setattr(runtime.store, "outbox_statistics", busy)
     samples = await scrape(client)
     assert ("ingestor_outbox_pending_batches", frozenset()) not in samples
-    assert value(samples, "ingestor_shard_queue_depth", partition="0") == 0
+    assert value(samples, "ingestor_shard_queue_depth", shard="0") == 0
 
 
 async def test_open_buckets_follow_commits(client: Client) -> None:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from ingestor import shard as shard_module
-from ingestor.errors import Draining, StoreError, StoreFull
+from ingestor.errors import Draining, Overloaded, StoreError, StoreFull
 from ingestor.model import Outcome, Pulse
-from ingestor.shard import Ingest, Replies, Reply, Shard, WriteLane
+from ingestor.shard import Commit, Ingest, Replies, Reply, Shard, Written
 from ingestor.store.sqlite import SQLiteStore
 
 NOW = 1_795_000_000_000_000
@@ -33,9 +30,13 @@ class HeldStore:
     """A real SQLite store whose writes can be held, or made to fail, by the test."""
 
     def __init__(self, directory: Path) -> None:
-        self.inner = SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5)
+        self.inner = SQLiteStore.open(directory, partitions=4, durability="os", busy_timeout=5)
         self.calls: list[int] = []
+        self.written: list[tuple[int, list[str]]] = []  # (partition, pulse ids) a call
+        self.rounds: list[list[int]] = []  # the partitions each writing_together wrote
         self.fail_next: Exception | None = None
+        self.fail_partition: tuple[int, Exception] | None = None
+        self.fail_round: StoreError | None = None
         self.gate = trio.Event()
         self.gate.set()
         self.token = trio.lowlevel.current_trio_token()
@@ -49,13 +50,22 @@ class HeldStore:
     ) -> list[Outcome]:
         trio.from_thread.run(self.gate.wait, trio_token=self.token)
         self.calls.append(len(pulses))
+        self.written.append((partition, [p.pulse_id for p in pulses]))
+        self.rounds[-1].append(partition)
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             raise error
+        if self.fail_partition is not None and self.fail_partition[0] == partition:
+            raise self.fail_partition[1]
         return self.inner.write_pulses(partition, pulses, received_us, encoded)
 
-    def writing_together(self) -> AbstractContextManager[None]:
-        return self.inner.writing_together()
+    @contextlib.contextmanager
+    def writing_together(self) -> Iterator[None]:
+        self.rounds.append([])
+        with self.inner.writing_together():
+            yield
+            if self.fail_round is not None:
+                raise self.fail_round
 
 
 @pytest.fixture
@@ -63,26 +73,37 @@ async def held(tmp_path: Path) -> HeldStore:
     return HeldStore(tmp_path / "store")
 
 
+def ingest(reply: Reply[Written], *pulses: Pulse, partition: int = 0) -> Ingest:
+    return Ingest({partition: list(pulses)}, reply)
+
+
+async def outcomes(reply: Reply[Written], partition: int = 0) -> list[Outcome]:
+    written = (await reply.receive())[partition]
+    if isinstance(written, StoreError):
+        raise written
+    return written
+
+
 async def test_waiting_requests_share_one_transaction(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
     held.gate = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(shard.run)
-        first: Reply[list[Outcome]] = Reply()
-        shard.submit_nowait(Ingest([make_pulse(1)], first))
+        first: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(first, make_pulse(1)))
         await trio.testing.wait_all_tasks_blocked()  # the shard is inside the first write
         replies = []
         for n in range(2, 7):
-            reply: Reply[list[Outcome]] = Reply()
-            shard.submit_nowait(Ingest([make_pulse(n), make_pulse(n + 100)], reply))
+            reply: Reply[Written] = Reply()
+            shard.submit_nowait(ingest(reply, make_pulse(n), make_pulse(n + 100)))
             replies.append(reply)
         await trio.testing.wait_all_tasks_blocked()
         # Nothing is answered while the transaction has not finished.
         assert not any(r._event.is_set() for r in [first, *replies])
         held.gate.set()
-        assert await first.receive() == ["accepted"]
+        assert await outcomes(first) == ["accepted"]
         for reply in replies:
-            assert await reply.receive() == ["accepted", "accepted"]
+            assert await outcomes(reply) == ["accepted", "accepted"]
         shard.close()
     assert held.calls == [1, 10]  # the five waiting requests went in one transaction
     stats = shard.statistics()
@@ -90,214 +111,159 @@ async def test_waiting_requests_share_one_transaction(held: HeldStore) -> None:
 
 
 async def test_group_respects_size_cap(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=16, group_max_pulses=3)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=3)  # type: ignore[arg-type]
     held.gate = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(shard.run)
         replies = []
         for n in range(7):
-            reply: Reply[list[Outcome]] = Reply()
-            shard.submit_nowait(Ingest([make_pulse(n)], reply))
+            reply: Reply[Written] = Reply()
+            shard.submit_nowait(ingest(reply, make_pulse(n)))
             replies.append(reply)
         held.gate.set()
         for reply in replies:
-            await reply.receive()
+            await outcomes(reply)
         shard.close()
     assert held.calls == [3, 3, 1]
 
 
 async def test_dedup_across_requests_of_one_group(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
     held.gate = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(shard.run)
-        a: Reply[list[Outcome]] = Reply()
-        b: Reply[list[Outcome]] = Reply()
-        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="same")], a))
-        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="same")], b))
+        a: Reply[Written] = Reply()
+        b: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(a, make_pulse(1, pulse_id="same")))
+        shard.submit_nowait(ingest(b, make_pulse(1, pulse_id="same")))
         held.gate.set()
-        assert await a.receive() == ["accepted"]
-        assert await b.receive() == ["duplicate"]
+        assert await outcomes(a) == ["accepted"]
+        assert await outcomes(b) == ["duplicate"]
         shard.close()
 
 
 async def test_store_failure_fails_the_group_and_the_shard_goes_on(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
     held.fail_next = StoreFull("disk full")
     async with trio.open_nursery() as nursery:
         await nursery.start(shard.run)
-        failed: Reply[list[Outcome]] = Reply()
-        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="x")], failed))
+        failed: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(failed, make_pulse(1, pulse_id="x")))
         with pytest.raises(StoreFull):
-            await failed.receive()
-        retried: Reply[list[Outcome]] = Reply()
-        shard.submit_nowait(Ingest([make_pulse(1, pulse_id="x")], retried))
+            await outcomes(failed)
+        retried: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(retried, make_pulse(1, pulse_id="x")))
         # The failed write kept nothing, so the retry is accepted, not a duplicate.
-        assert await retried.receive() == ["accepted"]
+        assert await outcomes(retried) == ["accepted"]
         shard.close()
     day = dt.date(2026, 11, 28).isoformat()
     assert held.inner.open_days(0) == [day]
 
 
 async def test_closed_shard_refuses_with_draining(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=1, group_max_pulses=10)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=1, group_max_pulses=10)  # type: ignore[arg-type]
     shard.close()
     with pytest.raises(Draining):
-        shard.submit_nowait(Ingest([], Reply()))
+        shard.submit_nowait(ingest(Reply(), make_pulse(1)))
     with pytest.raises(Draining):
-        await shard.submit(Ingest([], Reply()))
+        await shard.submit(Commit(0, "2026-11-28", NOW, 10, Reply()))
 
 
 async def test_queued_messages_are_finished_after_close(held: HeldStore) -> None:
-    shard = Shard(0, held, queue_size=8, group_max_pulses=1)  # type: ignore[arg-type]
+    shard = Shard(0, [0], held, queue_size=8, group_max_pulses=1)  # type: ignore[arg-type]
     replies = []
     for n in range(5):
-        reply: Reply[list[Outcome]] = Reply()
-        shard.submit_nowait(Ingest([make_pulse(n)], reply))
+        reply: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(reply, make_pulse(n)))
         replies.append(reply)
     shard.close()
     await shard.run()  # returns once the queue is drained
     for reply in replies:
-        assert await reply.receive() == ["accepted"]
+        assert await outcomes(reply) == ["accepted"]
 
 
-# --- the write lane ---------------------------------------------------------
+# --- a shard of several partitions ------------------------------------------
 
 
-class LaneWrites:
-    """Writes for a lane: "a" holds its thread until `gate` is set; "bad" fails."""
-
-    def __init__(self) -> None:
-        self.entered = trio.Event()
-        self.gate = trio.Event()
-        self.token = trio.lowlevel.current_trio_token()
-        self.ran: list[str] = []
-
-    def __call__(self, name: str) -> str:
-        if name == "a":
-            trio.from_thread.run_sync(self.entered.set, trio_token=self.token)
-            trio.from_thread.run(self.gate.wait, trio_token=self.token)
-        self.ran.append(name)
-        if name == "bad":
-            raise StoreFull("disk full")
-        return name.upper()
-
-
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The names of the writes each worker-thread hop of a lane ran."""
-    seen: list[list[str]] = []
-    run_jobs = shard_module._run_jobs
-
-    def counted(jobs: list[Any], together: Any) -> None:
-        seen.append([job.args[0] for job in jobs])
-        run_jobs(jobs, together)
-
-    monkeypatch.setattr(shard_module, "_run_jobs", counted)
-    return seen
-
-
-async def test_lane_takes_the_writes_that_wait_meanwhile_in_one_hop(
-    hops: list[list[str]],
+async def test_a_round_writes_every_waiting_partition_once_in_one_block(
+    held: HeldStore,
 ) -> None:
-    lane, writes = WriteLane(), LaneWrites()
-    results: dict[str, str] = {}
-
-    async def call(name: str) -> None:
-        results[name] = await lane.run(writes, name)
-
+    """Each partition's pulses of all the waiting messages go in one write, and
+    every partition's write in one `writing_together`."""
+    shard = Shard(0, [0, 1, 2, 3], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.gate = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(call, "a")
-        await writes.entered.wait()
-        for name in "bcd":
-            nursery.start_soon(call, name)
-        await trio.testing.wait_all_tasks_blocked()
-        waiting = (list(hops), dict(results))
-        writes.gate.set()
-    # b, c and d waited for the lane, not in threads of their own:
-    assert waiting == ([["a"]], {})
-    assert len(hops) == 2
-    assert sorted(hops[1]) == ["b", "c", "d"]
-    assert writes.ran == ["a", *hops[1]]  # one after another, in the order they queued
-    assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}
+        await nursery.start(shard.run)
+        first: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(first, make_pulse(1), partition=3))
+        await trio.testing.wait_all_tasks_blocked()  # the shard is inside the first write
+        a: Reply[Written] = Reply()
+        b: Reply[Written] = Reply()
+        shard.submit_nowait(Ingest({1: [make_pulse(2)], 2: [make_pulse(3), make_pulse(4)]}, a))
+        shard.submit_nowait(Ingest({2: [make_pulse(5)], 0: [make_pulse(6)]}, b))
+        held.gate.set()
+        assert await a.receive() == {1: ["accepted"], 2: ["accepted", "accepted"]}
+        assert await b.receive() == {2: ["accepted"], 0: ["accepted"]}
+        shard.close()
+    assert [sorted(partitions) for partitions in held.rounds] == [[3], [0, 1, 2]]
+    assert sorted(held.written[1:]) == [(0, ["id6"]), (1, ["id2"]), (2, ["id3", "id4", "id5"])]
+    stats = shard.statistics()
+    assert (stats.transactions, stats.pulses_written, stats.last_group_pulses) == (2, 6, 5)
 
 
-async def outcomes_of(lane: WriteLane, writes: LaneWrites, *names: str) -> dict[str, object]:
-    """Each named write's result or error, the writes started together."""
-    outcomes: dict[str, object] = {}
-
-    async def call(name: str) -> None:
-        try:
-            outcomes[name] = await lane.run(writes, name)
-        except StoreError as exc:
-            outcomes[name] = exc
-
+async def test_a_partition_whose_write_fails_fails_alone(held: HeldStore) -> None:
+    shard = Shard(0, [0, 1], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.fail_partition = (1, StoreFull("disk full"))
     async with trio.open_nursery() as nursery:
-        for name in names:
-            nursery.start_soon(call, name)
-    return outcomes
+        await nursery.start(shard.run)
+        reply: Reply[Written] = Reply()
+        shard.submit_nowait(Ingest({0: [make_pulse(1)], 1: [make_pulse(2)]}, reply))
+        written = await reply.receive()
+        assert written[0] == ["accepted"]
+        assert isinstance(written[1], StoreFull)
+        held.fail_partition = None
+        again: Reply[Written] = Reply()  # the shard goes on
+        shard.submit_nowait(ingest(again, make_pulse(3, tenant="t9"), partition=1))
+        assert await outcomes(again, 1) == ["accepted"]
+        shard.close()
+    assert held.inner.open_days(0) == held.inner.open_days(1) == ["2026-11-28"]
 
 
-async def test_lane_failure_is_only_its_own_writes(hops: list[list[str]]) -> None:
-    lane, writes = WriteLane(), LaneWrites()
-    writes.gate.set()
-    outcomes = await outcomes_of(lane, writes, "x", "bad", "y")
-    assert len(hops) == 1
-    assert sorted(hops[0]) == ["bad", "x", "y"]
-    assert outcomes["x"] == "X"
-    assert outcomes["y"] == "Y"
-    assert isinstance(outcomes["bad"], StoreFull)
-    # The lane goes on.
-    assert await lane.run(writes, "z") == "Z"
-
-
-async def test_lane_writes_fail_together_when_what_holds_them_fails() -> None:
+async def test_writes_fail_together_when_their_block_fails(held: HeldStore) -> None:
     """The store's `writing_together` failing (its COMMIT, say) undoes every write
-    in it: each caller gets that error, and a write that failed keeps its own."""
-    ended: list[str] = []
-
-    @contextlib.contextmanager
-    def together() -> Iterator[None]:
-        yield
-        ended.append("commit")
-        raise StoreError("the round did not commit")
-
-    lane, writes = WriteLane(together), LaneWrites()
-    writes.gate.set()
-    outcomes = await outcomes_of(lane, writes, "x", "bad", "y")
-    assert ended == ["commit"]  # one hop, one round
-    assert sorted(writes.ran) == ["bad", "x", "y"]
-    assert isinstance(outcomes["bad"], StoreFull)
-    for name in ("x", "y"):
-        assert isinstance(outcomes[name], StoreError)
-        assert not isinstance(outcomes[name], StoreFull)
-        assert "did not commit" in str(outcomes[name])
-
-
-async def test_lane_finishes_a_write_whose_caller_is_cancelled() -> None:
-    """Like trio.to_thread.run_sync: a write that was handed over is finished and
-    its result returned, so a shard never loses track of what it wrote."""
-    lane, writes = WriteLane(), LaneWrites()
-    results: dict[str, str] = {}
-
-    async def call(name: str, scope: trio.CancelScope) -> None:
-        with scope:
-            results[name] = await lane.run(writes, name)
-
+    in it: each partition gets that error, and one that failed keeps its own."""
+    shard = Shard(0, [0, 1, 2], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    held.fail_partition = (1, StoreFull("disk full"))
+    held.fail_round = StoreError("the round did not commit")
     async with trio.open_nursery() as nursery:
-        first, second = trio.CancelScope(), trio.CancelScope()
-        nursery.start_soon(call, "a", first)
-        await writes.entered.wait()
-        nursery.start_soon(call, "b", second)  # waits for the lane
-        await trio.testing.wait_all_tasks_blocked()
-        first.cancel()
-        second.cancel()
-        await trio.testing.wait_all_tasks_blocked()
-        before = dict(results)
-        writes.gate.set()
-    assert before == {}  # still running, or waiting to run: not abandoned
-    assert results == {"a": "A", "b": "B"}
-    assert writes.ran == ["a", "b"]
+        await nursery.start(shard.run)
+        reply: Reply[Written] = Reply()
+        pulses = {partition: [make_pulse(partition)] for partition in (0, 1, 2)}
+        shard.submit_nowait(Ingest(pulses, reply))
+        written = await reply.receive()
+        shard.close()
+    assert len(held.rounds) == 1
+    assert isinstance(written[1], StoreFull)
+    for partition in (0, 2):
+        assert isinstance(written[partition], StoreError)
+        assert not isinstance(written[partition], StoreFull)
+        assert "did not commit" in str(written[partition])
+
+
+async def test_a_message_takes_a_queue_slot_per_partition_it_writes(held: HeldStore) -> None:
+    """Two writes per partition owned: as much waiting as a shard per partition had."""
+    shard = Shard(0, [0, 1], held, queue_size=2, group_max_pulses=1000)  # type: ignore[arg-type]
+    assert shard.has_room(4)
+    assert not shard.has_room(5)
+    shard.submit_nowait(Ingest({0: [make_pulse(1)], 1: [make_pulse(2)]}, Reply()))
+    shard.submit_nowait(ingest(Reply(), make_pulse(3)))
+    assert (shard.has_room(1), shard.has_room(2)) == (True, False)
+    with pytest.raises(Overloaded):
+        shard.submit_nowait(Ingest({0: [make_pulse(4)], 1: [make_pulse(5)]}, Reply()))
+    assert shard.statistics().queued == 3
+    shard.close()
+    await shard.run()  # takes them all
+    assert (shard.statistics().queued, shard.has_room(4)) == (0, True)
 
 
 async def test_replies_wake_their_task_once_all_have_come() -> None:

@@ -35,5 +35,6 @@ def test_joined_encodings_are_the_encoding_of_the_lists_end_to_end(
 
 @given(st.lists(PULSE, max_size=3))
 def test_an_ingest_message_carries_its_pulses_encoding(pulses: list[Pulse]) -> None:
-    message = Ingest(pulses, Reply())
-    assert msgspec.json.decode(message.encoded, type=list[Pulse]) == pulses
+    message = Ingest({3: pulses, 5: pulses[:1]}, Reply())
+    assert msgspec.json.decode(message.encoded[3], type=list[Pulse]) == pulses
+    assert msgspec.json.decode(message.encoded[5], type=list[Pulse]) == pulses[:1]
