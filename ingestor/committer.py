@@ -1,11 +1,12 @@
 """The committer: turns finished billing days into outbox batches.
 
 Every `commit_interval` it asks the store, partition by partition, for the
-days that still have uncommitted usage and commits those whose end, plus `commit_grace`, has
-passed in every billing time zone in use. POST /aggregates/commit calls
-`commit_day` directly. Commits run in the shards' loops, so a commit and the
-pulses it covers are never interleaved within a transaction. The timer only
-wakes the loop; `commit_due` does the work and is tested on its own.
+days that still have uncommitted usage and commits those whose end, plus
+`commit_grace`, has passed in every billing time zone in use. POST
+/aggregates/commit calls `commit_day` directly. Commits run in the shards'
+loops, so a commit and the pulses it covers are never interleaved within a
+transaction. The timer only wakes the loop; `commit_due` does the work and
+is tested on its own.
 """
 
 from __future__ import annotations

@@ -70,9 +70,10 @@ class Store(Protocol):
     store_id: str
     partitions: int
     # How many partitions' writes are best run at once, each in its own
-    # thread. SQLite's writes are local work: one thread runs them all, and
-    # each thread more only adds hops and contention (see `shard.WriteLane`).
-    # A server's writes wait on the network: one thread per partition.
+    # thread: the service makes a shard of each lane (see `shard`). SQLite's
+    # writes are local work: one shard runs them all, and each one more only
+    # adds hops and contention. A server's writes wait on the network: one
+    # shard per partition.
     write_lanes: int
 
     def write_pulses(

@@ -417,7 +417,7 @@ class PostgresStore:
         self._pool.close()
 
     def writing_together(self) -> contextlib.AbstractContextManager[None]:
-        # Each write is its own transaction on its own connection: a lane
+        # Each write is its own transaction on its own connection: a shard
         # per partition runs them side by side (`write_lanes`).
         return contextlib.nullcontext()
 

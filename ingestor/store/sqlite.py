@@ -10,7 +10,7 @@ Layout under the store directory:
 
 Partitions are logical here: rows carry theirs (`part`), and each has its own
 memory below. One file makes the writes a process has waiting one
-transaction: the write lane hands them to `writing_together`, each runs in a
+transaction: the shard runs them in one `writing_together`, each in a
 savepoint of its own (a failed write leaves nothing), and one COMMIT makes
 them all durable, with one fsync. A file per partition cost one transaction
 and one fsync per partition a round touched, and a 1,000-pulse request
@@ -292,7 +292,7 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
 class _File:
     """The store file: a writer and a reader connection, each behind a lock.
 
-    Every write is a `transaction`. Inside `together` (the write lane's
+    Every write is a `transaction`. Inside `together` (the shard's
     round), each is a savepoint of the round's one transaction instead: its
     failure undoes only itself, and nothing is durable before the round's
     COMMIT. Memory follows only what has committed (`on_commit`).
