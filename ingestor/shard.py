@@ -255,13 +255,17 @@ class Shard:
         return steps
 
     async def _ingest(self, group: list[Ingest]) -> None:
-        writes: dict[int, tuple[list[Pulse], bytes]] = {}
-        for partition in {partition for request in group for partition in request.pulses}:
-            requests = [request for request in group if partition in request.pulses]
-            writes[partition] = (
+        by_partition: dict[int, list[Ingest]] = {}
+        for request in group:
+            for partition in request.pulses:
+                by_partition.setdefault(partition, []).append(request)
+        writes = {
+            partition: (
                 [p for request in requests for p in request.pulses[partition]],
                 join_encoded([request.encoded[partition] for request in requests]),
             )
+            for partition, requests in by_partition.items()
+        }
         started = time.perf_counter()
         written = await trio.to_thread.run_sync(self._write, writes, self._clock())
         self._transactions += 1

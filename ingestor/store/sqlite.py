@@ -1060,8 +1060,8 @@ class SQLiteStore:
                         or (query.use_unit is not None and p.use_unit != query.use_unit)
                     ):
                         continue
-                    place = (seq, position)
-                    found.append((seq * _POSITIONS + position, self._stored(p, received, place)))
+                    stored = self._stored(p, received, seq, position)
+                    found.append((seq * _POSITIONS + position, stored))
                     if len(found) == query.limit:
                         return found
             return found
@@ -1069,10 +1069,11 @@ class SQLiteStore:
         return part.read(read)
 
     def _stored(
-        self, p: Pulse, received: dt.datetime | None, place: tuple[int, int]
+        self, p: Pulse, received: dt.datetime | None, seq: int, position: int
     ) -> StoredPulse:
+        """Pulse `position` of log row `seq`, as `GET /pulses` shows it."""
         return StoredPulse(
-            id=p.pulse_id or assigned_id(self.store_id, *place),
+            id=p.pulse_id or assigned_id(self.store_id, seq, position),
             tenant_id=p.tenant_id,
             product_sku=p.product_sku,
             use_unit=p.use_unit,
