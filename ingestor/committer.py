@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from .clock import moment, wall_clock_us
-from .errors import StoreError
+from .errors import Draining, StoreError
 from .model import BatchSummary
 from .shard import Commit, Reply, Shard
 from .store import Store
@@ -73,23 +73,36 @@ class Committer:
         return day_closes_at(day, self._zones) + self._grace <= now
 
     async def commit_day(self, day: dt.date) -> list[BatchSummary]:
-        """Commit every open bucket of `day`, one transaction per partition."""
+        """Commit every open bucket of `day`, one transaction per partition.
+
+        Each shard is given its partitions' commits one at a time, the next
+        once the last is done, so pulses that arrive meanwhile are written
+        between them, not after all of them: a commit of a big day holds up
+        ingest for one partition's commit at a time. Shards commit side by side.
+        """
         now_us = self._clock()
-        replies: list[Reply[list[BatchSummary]]] = []
-        for shard in self._shards:
+        found: dict[int, list[BatchSummary]] = {}
+        failure: StoreError | Draining | None = None
+
+        async def commit(shard: Shard) -> None:
+            nonlocal failure
             for partition in shard.partitions:
                 reply: Reply[list[BatchSummary]] = Reply()
-                await shard.submit(
-                    Commit(partition, day.isoformat(), now_us, self._max_records, reply)
-                )
-                replies.append(reply)
-        batches: list[BatchSummary] = []
-        failure: StoreError | None = None
-        for reply in replies:
-            try:
-                batches.extend(await reply.receive())
-            except StoreError as exc:
-                failure = exc
+                try:
+                    await shard.submit(
+                        Commit(partition, day.isoformat(), now_us, self._max_records, reply)
+                    )
+                    found[partition] = await reply.receive()
+                except Draining as exc:
+                    failure = exc
+                    return
+                except StoreError as exc:
+                    failure = exc
+
+        async with trio.open_nursery() as nursery:
+            for shard in self._shards:
+                nursery.start_soon(commit, shard)
+        batches = [batch for partition in sorted(found) for batch in found[partition]]
         self.commits += 1
         self.batches_created += len(batches)
         if batches:
@@ -105,8 +118,8 @@ class Committer:
                 },
             )
         if failure is not None:
-            # The shards that succeeded keep their batches; committing again
-            # finishes the rest, so the caller may simply retry.
+            # The partitions that committed keep their batches; committing
+            # again finishes the rest, so the caller may simply retry.
             raise failure
         return batches
 

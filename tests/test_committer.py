@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import zoneinfo
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from quart.typing import TestClientProtocol as Client
 
 from ingestor.committer import Committer, day_closes_at
+from ingestor.partition import partition_of
 from ingestor.runtime import Runtime
 
 from .conftest import FakeClock, pulse
@@ -101,3 +104,40 @@ async def test_purge_forgets_ids_after_the_dedup_window(
     assert await runtime.committer.purge() == 1
     again = await (await client.post("/pulses", json=pulse(id="once"))).get_json()
     assert again["accepted"] == 1
+
+
+async def test_pulses_that_arrive_during_a_commit_are_written_between_partitions(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One shard owns every partition (SQLite): the committer gives it one
+    partition's commit at a time, so ingest waits for one commit, not all."""
+    store = runtime.store
+    calls: list[tuple[str, int]] = []
+    entered, gate = trio.Event(), threading.Event()
+    token = trio.lowlevel.current_trio_token()
+    commit_day, write_pulses = store.commit_day, store.write_pulses
+
+    def held_commit(partition: int, *args: Any) -> Any:
+        calls.append(("commit", partition))
+        if len(calls) == 1:
+            trio.from_thread.run_sync(entered.set, trio_token=token)
+            gate.wait()
+        return commit_day(partition, *args)
+
+    def logged_write(partition: int, *args: Any) -> Any:
+        calls.append(("write", partition))
+        return write_pulses(partition, *args)
+
+    monkeypatch.setattr(store, "commit_day", held_commit)
+    monkeypatch.setattr(store, "write_pulses", logged_write)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runtime.committer.commit_day, dt.date(2026, 11, 27))
+        await entered.wait()  # the first partition's commit is running
+        nursery.start_soon(post, client, pulse(tenant_id="a"))
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert len(runtime.shards) == 1
+    commits = [partition for kind, partition in calls if kind == "commit"]
+    assert commits == list(range(store.partitions))
+    assert calls[:3] == [("commit", 0), ("write", partition_of("a", store.partitions)),
+                         ("commit", 1)]
