@@ -127,7 +127,7 @@ class Committer:
         """Commit every day with open buckets whose end plus grace has passed."""
         now = self.now()
         days: set[str] = set()
-        for partition in self._partitions():
+        for partition in range(self._store.partitions):
             days.update(await trio.to_thread.run_sync(self._store.open_days, partition))
         batches: list[BatchSummary] = []
         for day in sorted(days):
@@ -139,12 +139,9 @@ class Committer:
         """Forget pulses (and their ids) older than the dedup window."""
         before = self._clock() - self._dedup_window_us
         removed = 0
-        for partition in self._partitions():
+        for partition in range(self._store.partitions):
             removed += await trio.to_thread.run_sync(self._store.purge, partition, before)
         return removed
-
-    def _partitions(self) -> list[int]:
-        return sorted(partition for shard in self._shards for partition in shard.partitions)
 
     async def wait_ticks(self, count: int) -> None:
         """Wait until the timer has fired and finished its work `count` times in all."""
