@@ -22,7 +22,6 @@ import logging
 import re
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -151,21 +150,30 @@ async def ingest(
     )
     items = list(intake.items)
     forbidden: set[int] = set()
-    by_partition: dict[int, list[tuple[int, Pulse]]] = defaultdict(list)
+    # Each partition's pulses, and their indexes in the request.
+    by_partition: dict[int, tuple[list[int], list[Pulse]]] = {}
     partition_of = runtime.partition_of
     scoped = principal.tenants is not None
-    for index, pulse in intake.pulses:
-        if scoped and not principal.sees(pulse.tenant_id):
-            forbidden.add(index)
-            reason = f"forbidden_tenant: this key may not write for tenant {pulse.tenant_id!r}"
-            own_id = pulse.pulse_id if pulse.client_id else None
-            items.append(IngestItem(index, "rejected", own_id, reason))
+    for tenant, (indexes, pulses) in intake.tenants.items():
+        if scoped and not principal.sees(tenant):
+            forbidden.update(indexes)
+            reason = f"forbidden_tenant: this key may not write for tenant {tenant!r}"
+            items.extend(
+                IngestItem(index, "rejected", pulse.pulse_id if pulse.client_id else None, reason)
+                for index, pulse in zip(indexes, pulses, strict=True)
+            )
             continue
-        by_partition[partition_of(pulse.tenant_id)].append((index, pulse))
+        partition = partition_of(tenant)
+        part = by_partition.get(partition)
+        if part is None:
+            by_partition[partition] = (indexes, pulses)  # the intake's lists: it is ours
+        else:
+            part[0].extend(indexes)
+            part[1].extend(pulses)
     by_shard: dict[Shard, dict[int, list[Pulse]]] = {}
-    for partition, part in by_partition.items():
+    for partition, (_, pulses) in by_partition.items():
         shard = runtime.shard_of[partition]
-        by_shard.setdefault(shard, {})[partition] = [p for _, p in part]
+        by_shard.setdefault(shard, {})[partition] = pulses
     if not all(shard.has_room(len(writes)) for shard, writes in by_shard.items()):
         raise Overloaded("ingest queues are full; retry later")
     # No await between the check above and these sends: all or none is queued.
@@ -184,21 +192,21 @@ async def ingest(
 
     accepted = duplicates = conflicts = 0
     failure: StoreError | None = None
-    for partition, part in by_partition.items():
+    for partition, (indexes, pulses) in by_partition.items():
         outcomes = written[partition]
         if isinstance(outcomes, StoreError):
             failure = outcomes
             items.extend(
                 IngestItem(i, "rejected", p.pulse_id if p.client_id else None,
                            f"not stored, retry: {outcomes}")
-                for i, p in part
+                for i, p in zip(indexes, pulses, strict=True)
             )
             continue
         stored = outcomes.count("accepted")
         accepted += stored
         if stored == len(outcomes):
             continue
-        for (index, pulse), outcome in zip(part, outcomes, strict=True):
+        for index, pulse, outcome in zip(indexes, pulses, outcomes, strict=True):
             if outcome != "accepted":
                 duplicates += outcome == "duplicate"
                 conflicts += outcome == "conflict"

@@ -17,6 +17,7 @@ import hashlib
 import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
+from decimal import Decimal
 from typing import Final, TypeVar
 
 import msgspec
@@ -24,7 +25,7 @@ import msgspec
 from .clock import epoch_us, moment
 from .errors import RequestError
 from .model import IngestItem, Pulse, PulseIn, PulseInPlain, PulseInText
-from .money import to_nanos
+from .money import KNOWN_NANOS, to_nanos
 
 __all__ = ["Intake", "Rules", "decode_pulses"]
 
@@ -32,6 +33,7 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 _NDJSON_ALIASES = frozenset({NDJSON, "application/jsonl", "application/x-jsonlines"})
 _SLOT_US: Final = 15 * 60 * 1_000_000  # every modern UTC offset is a multiple of 15 min
+_NAMES_MAX: Final = 1 << 16  # tenant, SKU and unit names `_build` shares (see `Rules.names`)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -91,6 +93,12 @@ class Rules:
         self._tenant_days = {
             tenant: self._days_in(zone) for tenant, zone in self.tenant_zones.items()
         }
+        # One str object per tenant, SKU and unit name seen (up to `_NAMES_MAX`):
+        # msgspec makes a new one for each pulse. Shared, they stay in the
+        # CPU's cache with their hash computed, where the store adds the
+        # pulses to their buckets after the commit, long after the request
+        # decoded them.
+        self.names: dict[str, str] = {}
 
     def _days_in(self, zone: dt.tzinfo) -> dict[int, str]:
         return self._days.setdefault(zone, {})
@@ -114,12 +122,27 @@ class Rules:
 
 
 class Intake(msgspec.Struct):
-    """A decoded request: the valid pulses with their index, and the reports."""
+    """A decoded request: the valid pulses by tenant, and the reports.
 
-    pulses: list[tuple[int, Pulse]]
+    `tenants` maps each tenant to its valid pulses and their indexes in the
+    request, in request order: the API routes a tenant's pulses to their
+    partition, and checks a key's tenants, once per tenant, not per pulse.
+    """
+
+    tenants: dict[str, tuple[list[int], list[Pulse]]]
     items: list[IngestItem]
     total: int
     single: bool
+
+    @property
+    def pulses(self) -> list[tuple[int, Pulse]]:
+        """Every valid pulse with its index, in request order."""
+        pairs = [
+            pair
+            for indexes, pulses in self.tenants.values()
+            for pair in zip(indexes, pulses, strict=True)
+        ]
+        return sorted(pairs, key=lambda pair: pair[0])
 
 
 def _fingerprint(p: Decoded, nanos: int, given_ts: int | None) -> bytes:
@@ -155,20 +178,28 @@ def _build(
     One loop, with nothing per pulse that a request can do once: this is
     the request path's one Python loop over every pulse.
     """
-    pulses: list[tuple[int, Pulse]] = []
+    tenants: dict[str, tuple[list[int], list[Pulse]]] = {}
     items: list[IngestItem] = []
     oldest = now_us - rules.late_window_us
     newest = now_us + rules.future_skew_us
     today: dict[str, str] = {}  # a tenant's billing day now: that of pulses without a timestamp
+    if len(rules.names) > _NAMES_MAX:
+        rules.names.clear()
+    name = rules.names.setdefault
+    known_nanos = KNOWN_NANOS.get
     index = -1
     for index, p in enumerate(decoded):
         if isinstance(p, tuple):
             raw, reason = p
             items.append(IngestItem(index, "rejected", _item_id(raw), reason))
             continue
-        tenant = p.tenant_id
+        tenant = name(p.tenant_id, p.tenant_id)
         try:
-            nanos = to_nanos(p.used_amount)
+            amount = p.used_amount
+            # A Decimal's hash costs more than its conversion (see money.py).
+            nanos = None if isinstance(amount, Decimal) else known_nanos(amount)
+            if nanos is None:
+                nanos = to_nanos(amount)
             if p.timestamp is None:
                 ts = now_us
                 given: int | None = None
@@ -185,15 +216,20 @@ def _build(
         except ValueError as exc:
             items.append(IngestItem(index, "rejected", p.id, str(exc)))
             continue
+        sku = name(p.product_sku, p.product_sku)
+        unit = name(p.use_unit, p.use_unit)
         if p.id is None:  # its store names it (`assigned_id`)
-            pulse = Pulse(tenant, p.product_sku, p.use_unit, nanos, "", False, ts, day, b"")
+            pulse = Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
         else:
             pulse = Pulse(
-                tenant, p.product_sku, p.use_unit, nanos, p.id, True, ts, day,
-                _fingerprint(p, nanos, given),
+                tenant, sku, unit, nanos, p.id, True, ts, day, _fingerprint(p, nanos, given)
             )
-        pulses.append((index, pulse))
-    return Intake(pulses, items, index + 1, single)
+        group = tenants.get(tenant)
+        if group is None:
+            group = tenants[tenant] = ([], [])
+        group[0].append(index)
+        group[1].append(pulse)
+    return Intake(tenants, items, index + 1, single)
 
 
 def _may_hide_controls(body: bytes) -> bool:

@@ -810,3 +810,42 @@ def test_fingerprint_differs_when_the_payload_differs(change: dict[str, object])
     reference = fingerprint(encode({**BASE, "used_amount": "1.5"}))
     changed = {k: v for k, v in {**BASE, "used_amount": "1.5", **change}.items() if v is not DROP}
     assert fingerprint(encode(changed)) != reference
+
+
+def test_pulses_are_grouped_by_tenant_in_request_order() -> None:
+    body = encode(
+        [
+            pulse(tenant_id="a", used_amount=1),
+            pulse(tenant_id="b", used_amount=2),
+            pulse(tenant_id="a", used_amount=3),
+            pulse(tenant_id="b", used_amount=-1),  # rejected: in neither group
+            pulse(tenant_id="b", used_amount=5),
+        ]
+    )
+    intake = decode(body)
+    grouped = {
+        tenant: (indexes, [p.nanos // 10**9 for p in pulses])
+        for tenant, (indexes, pulses) in intake.tenants.items()
+    }
+    assert grouped == {"a": ([0, 2], [1, 3]), "b": ([1, 4], [2, 5])}
+    assert [index for index, _ in intake.pulses] == [0, 1, 2, 4]
+    assert [item.index for item in intake.items] == [3]
+
+
+def test_pulses_share_one_str_per_name_across_requests() -> None:
+    rules = make_rules()
+    first = decode(encode([pulse(), pulse(used_amount=2)]), rules=rules).pulses
+    second = decode(encode(pulse(used_amount=3)), rules=rules).pulses
+    pulses = [p for _, p in first + second]
+    for field in ("tenant_id", "product_sku", "use_unit"):
+        assert len({id(getattr(p, field)) for p in pulses}) == 1, field
+
+
+def test_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ingestor.intake._NAMES_MAX", 8)
+    rules = make_rules()
+    decode(encode([pulse(tenant_id=f"t{n}") for n in range(20)]), rules=rules)
+    assert len(rules.names) == 22  # 20 tenants, a SKU and a unit
+    [(_, p)] = decode(encode(pulse(tenant_id="t3")), rules=rules).pulses
+    assert sorted(rules.names) == ["api_call", "sku1", "t3"]  # the next request began anew
+    assert (p.tenant_id, p.product_sku, p.use_unit) == ("t3", "sku1", "api_call")
