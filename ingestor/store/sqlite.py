@@ -762,7 +762,11 @@ class SQLiteStore:
             )
             if fold:
                 self._folded_in = self._file.serial
-            ids = any(p.client_id for p in pulses)
+            # Without `,true,` the encoding holds no client id (`_may_hold_ids`):
+            # a search of its bytes, where the loop over the pulses missed the cache.
+            ids = (encoded is None or _may_hold_ids(encoded)) and any(
+                p.client_id for p in pulses
+            )
             behind = False
             if fold or ids:
                 _catch_up(conn, part)
