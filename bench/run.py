@@ -143,27 +143,42 @@ def ingest_scenarios(options: Options) -> list[tuple[str, str, str, bool]]:
 def run_ingest(
     rec: Recorder,
     options: Options,
-    *,
-    target: str,
-    durability: str,
-    shape: str,
-    ids: bool,
+    scenarios: list[tuple[str, str, str, bool]],
     logs: Path,
 ) -> None:
-    name = ingest_name(target, durability, shape, ids)
+    """Scenarios of one body shape and ids, run in turn: run 1 of each, then run 2, ...
+
+    A shared VM's speed drifts by half within minutes. Run back to back, a
+    scenario's runs and its baseline's were minutes apart, and their ratio
+    moved with the drift (0.32x one hour, 0.47x the hour before, same code);
+    taken in turn, each run of the ingestor has a run of the baseline next
+    to it in time.
+    """
+    for index in range(1, options.runs + 1):
+        for scenario in scenarios:
+            _ingest_once(rec, options, scenario, index, logs)
+
+
+def _ingest_once(
+    rec: Recorder,
+    options: Options,
+    scenario: tuple[str, str, str, bool],
+    index: int,
+    logs: Path,
+) -> None:
+    target, durability, shape, ids = scenario
+    name = ingest_name(*scenario)
     kind, count, connections = SHAPES[shape]
     info = {"shape": shape, "ids": ids, "durability": durability if target == "service" else None}
-    print(f"{name}", flush=True)
+    load = h.Load.pulses(kind, count, ids, connections)
+    print(f"{name} #{index}", flush=True)
 
-    def one(server: h.Server, index: int) -> None:
+    def one(server: h.Server) -> None:
+        h.warm_up(server.port, ids)
         if options.warmup:
-            h.measure(
-                server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.warmup
-            )
+            h.measure(server, options.wrk, load, options.warmup)
         before = h.stored_pulses(server.port) if target == "service" else 0
-        result = h.measure(
-            server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.duration
-        )
+        result = h.measure(server, options.wrk, load, options.duration)
         extra: dict[str, Any] = {}
         if target == "service":
             # A 2xx means stored: every acknowledged pulse must be in the totals.
@@ -187,35 +202,25 @@ def run_ingest(
             server_log=server.log_problems(),
         )
 
-    if target == "baseline":
-        # The baseline keeps nothing that a later run would trip over: one process.
-        server = h.baseline_server(logs / f"{name}.log")
-        with h.running(server):
-            h.warm_up(server.port, ids)
-            for index in range(1, options.runs + 1):
-                one(server, index)
-        return
-    for index in range(1, options.runs + 1):
-        for attempt in (1, 2):  # a shared machine can kill or starve a run: one retry
-            try:
-                with h.scratch_dir(options.data_root, name) as scratch:
-                    server = h.service_server(
-                        scratch / "data",
-                        logs / f"{name}-{index}{'' if attempt == 1 else '-retry'}.log",
-                        durability=durability,
-                        workers=options.workers,
-                    )
-                    with h.running(server):
-                        h.warm_up(server.port, ids)
-                        one(server, index)
-                break
-            except RuntimeError as exc:
-                rec.write(
-                    {"kind": "failure", "scenario": name, "run": index, "error": str(exc)[:2000]}
+    for attempt in (1, 2):  # a shared machine can kill or starve a run: one retry
+        log = logs / f"{name}-{index}{'' if attempt == 1 else '-retry'}.log"
+        try:
+            if target == "baseline":
+                with h.running(h.baseline_server(log)) as server:
+                    one(server)
+                return
+            with h.scratch_dir(options.data_root, name) as scratch:
+                server = h.service_server(
+                    scratch / "data", log, durability=durability, workers=options.workers
                 )
-                print(f"  {name} #{index} attempt {attempt} FAILED: {exc}", flush=True)
-                if attempt == 2:
-                    raise
+                with h.running(server):
+                    one(server)
+            return
+        except RuntimeError as exc:
+            rec.write({"kind": "failure", "scenario": name, "run": index, "error": str(exc)[:2000]})
+            print(f"  {name} #{index} attempt {attempt} FAILED: {exc}", flush=True)
+            if attempt == 2:
+                raise
 
 
 # -- reads and commit over many buckets --------------------------------------------
@@ -548,13 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     clock = time.perf_counter()
     steps: list[Callable[[], None]] = []
-    for target, durability, shape, ids in ingest_scenarios(options):
-        if _wanted(options, ingest_name(target, durability, shape, ids)):
-            steps.append(
-                lambda t=target, d=durability, s=shape, i=ids: (  # type: ignore[misc]
-                    run_ingest(rec, options, target=t, durability=d, shape=s, ids=i, logs=logs)
-                )
-            )
+    groups: dict[tuple[str, bool], list[tuple[str, str, str, bool]]] = {}
+    for scenario in ingest_scenarios(options):
+        if _wanted(options, ingest_name(*scenario)):
+            groups.setdefault((scenario[2], scenario[3]), []).append(scenario)
+    for group in groups.values():
+        steps.append(lambda g=group: run_ingest(rec, options, g, logs))  # type: ignore[misc]
     steps.append(lambda: run_buckets(rec, options, logs))
     steps.append(lambda: run_startup(rec, options, logs))
     failed = 0
