@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import json
 import zoneinfo
 from decimal import Decimal
@@ -849,3 +850,18 @@ def test_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     [(_, p)] = decode(encode(pulse(tenant_id="t3")), rules=rules).pulses
     assert sorted(rules.names) == ["api_call", "sku1", "t3"]  # the next request began anew
     assert (p.tenant_id, p.product_sku, p.use_unit) == ("t3", "sku1", "api_call")
+
+
+def test_fingerprint_is_the_one_stores_already_hold() -> None:
+    """Stores keep fingerprints of the ids they have seen: a replay sent after an
+    upgrade must find the same bytes, so their recipe may never change."""
+    ts = us(dt.datetime(2026, 3, 15, 10, tzinfo=UTC))
+    recipe = f"sku1\x00api_call\x00{1_500_000_000}\x00{ts}".encode()
+    assert fingerprint(encode({**BASE, "used_amount": "1.5"})) == (
+        hashlib.blake2b(recipe, digest_size=16).digest()
+    )
+    without = {k: v for k, v in BASE.items() if k != "timestamp"}
+    recipe = f"sku1\x00api_call\x00{1_500_000_000}\x00None".encode()
+    assert fingerprint(encode({**without, "used_amount": "1.5"})) == (
+        hashlib.blake2b(recipe, digest_size=16).digest()
+    )
