@@ -170,15 +170,19 @@ def _ingest_once(
     name = ingest_name(*scenario)
     kind, count, connections = SHAPES[shape]
     info = {"shape": shape, "ids": ids, "durability": durability if target == "service" else None}
-    load = h.Load.pulses(kind, count, ids, connections)
     print(f"{name} #{index}", flush=True)
 
     def one(server: h.Server) -> None:
+        # A Load for each wrk run: its ids' prefix is new, so no id repeats.
         h.warm_up(server.port, ids)
         if options.warmup:
-            h.measure(server, options.wrk, load, options.warmup)
+            h.measure(
+                server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.warmup
+            )
         before = h.stored_pulses(server.port) if target == "service" else 0
-        result = h.measure(server, options.wrk, load, options.duration)
+        result = h.measure(
+            server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.duration
+        )
         extra: dict[str, Any] = {}
         if target == "service":
             # A 2xx means stored: every acknowledged pulse must be in the totals.
