@@ -154,9 +154,18 @@ def run_ingest(
     taken in turn, each run of the ingestor has a run of the baseline next
     to it in time.
     """
+    failed: list[str] = []  # a scenario that failed twice skips its later runs
     for index in range(1, options.runs + 1):
         for scenario in scenarios:
-            _ingest_once(rec, options, scenario, index, logs)
+            name = ingest_name(*scenario)
+            if name in failed:
+                continue
+            try:
+                _ingest_once(rec, options, scenario, index, logs)
+            except RuntimeError:
+                failed.append(name)
+    if failed:
+        raise RuntimeError(f"failed twice: {', '.join(failed)}")
 
 
 def _ingest_once(
