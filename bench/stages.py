@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import random
@@ -87,8 +88,12 @@ def child(args: argparse.Namespace) -> None:
         functools.partial(partition_of, partitions=16)
     )
 
-    def route(body: bytes) -> dict[int, tuple[list[Any], bytes | None]]:
+    # Checkouts from before the intake told the store whether there are ids: none.
+    says_ids = "ids" in inspect.signature(SQLiteStore.write_pulses).parameters
+
+    def route(body: bytes) -> dict[int, tuple[list[Any], bytes | None, bool]]:
         intake = decode_pulses(body, "application/json", rules, now)
+        ids = getattr(intake, "ids", True)
         by_partition = defaultdict(list)
         if hasattr(intake, "tenants"):  # routed a tenant at a time, as the API does
             for tenant, (_, pulses) in intake.tenants.items():
@@ -98,15 +103,21 @@ def child(args: argparse.Namespace) -> None:
                 by_partition[partition_of(pulse.tenant_id)].append(pulse)
         if "dict" in str(Ingest.__annotations__["pulses"]):  # a message per shard
             message = Ingest(dict(by_partition), Reply())
-            return {part: (pulses, message.encoded[part]) for part, pulses in by_partition.items()}
+            return {
+                part: (pulses, message.encoded[part], ids) for part, pulses in by_partition.items()
+            }
         # checkouts from before: a message per partition, encoded or not
         messages = {part: Ingest(pulses, Reply()) for part, pulses in by_partition.items()}
-        return {part: (m.pulses, getattr(m, "encoded", None)) for part, m in messages.items()}
+        return {part: (m.pulses, getattr(m, "encoded", None), ids) for part, m in messages.items()}
 
-    def write(store: SQLiteStore, by_partition: dict[int, tuple[list[Any], bytes | None]]) -> None:
+    def write(
+        store: SQLiteStore, by_partition: dict[int, tuple[list[Any], bytes | None, bool]]
+    ) -> None:
         with store.writing_together():
-            for partition, (pulses, encoded) in by_partition.items():
-                extra = () if encoded is None else (encoded,)
+            for partition, (pulses, encoded, ids) in by_partition.items():
+                extra: tuple[Any, ...] = () if encoded is None else (encoded,)
+                if says_ids:
+                    extra += (ids,)
                 store.write_pulses(partition, pulses, now, *extra)
 
     def new_store(tmp: str, name: str) -> SQLiteStore:

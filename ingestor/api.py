@@ -181,7 +181,7 @@ async def ingest(
     waiting: list[Reply[Written]] = []
     for shard, writes in by_shard.items():
         reply = replies.reply()
-        shard.submit_nowait(Ingest(writes, reply))
+        shard.submit_nowait(Ingest(writes, reply, ids=intake.ids))
         waiting.append(reply)
     await replies.wait()
     written = {

@@ -133,6 +133,7 @@ class Intake(msgspec.Struct):
     items: list[IngestItem]
     total: int
     single: bool
+    ids: bool = False  # whether a valid pulse has a client id: only then is there dedup
 
     @property
     def pulses(self) -> list[tuple[int, Pulse]]:
@@ -192,6 +193,7 @@ def _build(
         rules.names.clear()
     name = rules.names.setdefault
     known_nanos = KNOWN_NANOS.get
+    ids = False
     index = -1
     for index, p in enumerate(decoded):
         if isinstance(p, tuple):
@@ -226,6 +228,7 @@ def _build(
         if p.id is None:  # its store names it (`assigned_id`)
             pulse = Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
         else:
+            ids = True
             pulse = Pulse(
                 tenant, sku, unit, nanos, p.id, True, ts, day, _fingerprint(p, nanos, given)
             )
@@ -234,7 +237,7 @@ def _build(
             group = tenants[tenant] = ([], [])
         group[0].append(index)
         group[1].append(pulse)
-    return Intake(tenants, items, index + 1, single)
+    return Intake(tenants, items, index + 1, single, ids)
 
 
 def _may_hide_controls(body: bytes) -> bool:

@@ -125,6 +125,7 @@ class Ingest(msgspec.Struct):
     pulses: dict[int, list[Pulse]]
     reply: Reply[Written]
     encoded: dict[int, bytes] = {}
+    ids: bool = True  # False: no pulse has a client id, so the store looks none up
 
     def __post_init__(self) -> None:
         self.encoded = {partition: encode_pulses(p) for partition, p in self.pulses.items()}
@@ -263,13 +264,14 @@ class Shard:
             partition: (
                 [p for request in requests for p in request.pulses[partition]],
                 join_encoded([request.encoded[partition] for request in requests]),
+                any(request.ids for request in requests),
             )
             for partition, requests in by_partition.items()
         }
         started = time.perf_counter()
         written = await trio.to_thread.run_sync(self._write, writes, self._clock())
         self._transactions += 1
-        self._last_group = sum(len(pulses) for pulses, _ in writes.values())
+        self._last_group = sum(len(pulses) for pulses, _, _ in writes.values())
         self._pulses_written += self._last_group
         self._transaction_seconds += time.perf_counter() - started
         # Replies go out only now, after the transaction is durable.
@@ -286,7 +288,7 @@ class Shard:
                 starts[partition] = start + len(pulses)
             request.reply.send(answer)
 
-    def _write(self, writes: dict[int, tuple[list[Pulse], bytes]], now_us: int) -> Written:
+    def _write(self, writes: dict[int, tuple[list[Pulse], bytes, bool]], now_us: int) -> Written:
         """In a worker thread: each partition's write, all in one `writing_together`.
 
         Each write's failure is its own; if the block fails, every write in it does.
@@ -294,10 +296,10 @@ class Shard:
         written: Written = {}
         try:
             with self._store.writing_together():
-                for partition, (pulses, encoded) in writes.items():
+                for partition, (pulses, encoded, ids) in writes.items():
                     try:
                         written[partition] = self._store.write_pulses(
-                            partition, pulses, now_us, encoded
+                            partition, pulses, now_us, encoded, ids
                         )
                     except StoreError as exc:
                         written[partition] = exc

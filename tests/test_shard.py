@@ -47,6 +47,7 @@ class HeldStore:
         pulses: Sequence[Pulse],
         received_us: int,
         encoded: bytes | None = None,
+        ids: bool = True,
     ) -> list[Outcome]:
         trio.from_thread.run(self.gate.wait, trio_token=self.token)
         self.calls.append(len(pulses))
@@ -57,7 +58,7 @@ class HeldStore:
             raise error
         if self.fail_partition is not None and self.fail_partition[0] == partition:
             raise self.fail_partition[1]
-        return self.inner.write_pulses(partition, pulses, received_us, encoded)
+        return self.inner.write_pulses(partition, pulses, received_us, encoded, ids)
 
     @contextlib.contextmanager
     def writing_together(self) -> Iterator[None]:
@@ -209,6 +210,31 @@ async def test_a_round_writes_every_waiting_partition_once_in_one_block(
     assert sorted(held.written[1:]) == [(0, ["id6"]), (1, ["id2"]), (2, ["id3", "id4", "id5"])]
     stats = shard.statistics()
     assert (stats.transactions, stats.pulses_written, stats.last_group_pulses) == (2, 6, 5)
+
+
+async def test_a_round_looks_ids_up_if_any_of_its_messages_has_some(held: HeldStore) -> None:
+    """A message without client ids (`ids=False`) joined in one write with one
+    that has them: the write still finds the repeated id."""
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        first: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(first, make_pulse(1, pulse_id="k")))
+        assert await outcomes(first) == ["accepted"]
+        held.gate = trio.Event()
+        holder: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(holder, make_pulse(2)))
+        await trio.testing.wait_all_tasks_blocked()  # the shard is inside that write
+        plain: Reply[Written] = Reply()
+        again: Reply[Written] = Reply()
+        shard.submit_nowait(Ingest({0: [make_pulse(3)]}, plain, ids=False))
+        shard.submit_nowait(ingest(again, make_pulse(1, pulse_id="k")))
+        held.gate.set()
+        assert await outcomes(holder) == ["accepted"]
+        assert await outcomes(plain) == ["accepted"]
+        assert await outcomes(again) == ["duplicate"]
+        shard.close()
+    assert held.written[-1] == (0, ["id3", "k"])  # the two went in one write
 
 
 async def test_a_partition_whose_write_fails_fails_alone(held: HeldStore) -> None:

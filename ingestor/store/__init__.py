@@ -82,12 +82,15 @@ class Store(Protocol):
         pulses: Sequence[Pulse],
         received_us: int,
         encoded: bytes | None = None,
+        ids: bool = True,
     ) -> list[Outcome]:
         """Dedup, store and add up `pulses` in one durable transaction.
 
         `encoded`, if given, is `encode_pulses(pulses)`, made by the caller
         while the pulses were fresh in its CPU's cache; a store that keeps
-        that JSON may use it rather than encode them again.
+        that JSON may use it rather than encode them again. `ids` False says
+        that no pulse has a client id (the caller saw each one): a store
+        need not look for them.
         """
         ...
 

@@ -479,12 +479,13 @@ class PostgresStore:
         pulses: Sequence[Pulse],
         received_us: int,
         encoded: bytes | None = None,  # rows are copied one by one: no use for it
+        ids: bool = True,
     ) -> list[Outcome]:
         with self._writing(partition, "write pulses") as conn:
             # Under the partition lock no other instance can store these ids
             # before we commit, so the lookup stays true until then; the ids
             # go in with the amounts, in this one transaction.
-            known = _known_ids(conn, pulses)
+            known = _known_ids(conn, pulses) if ids else {}
             outcomes = resolve(pulses, known)
             accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
             if not accepted:

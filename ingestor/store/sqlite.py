@@ -750,6 +750,7 @@ class SQLiteStore:
         pulses: Sequence[Pulse],
         received_us: int,
         encoded: bytes | None = None,
+        ids: bool = True,
     ) -> list[Outcome]:
         part = self._part(partition)
         with part.transaction("write pulses") as conn:
@@ -762,11 +763,9 @@ class SQLiteStore:
             )
             if fold:
                 self._folded_in = self._file.serial
-            # Without `,true,` the encoding holds no client id (`_may_hold_ids`):
-            # a search of its bytes, where the loop over the pulses missed the cache.
-            ids = (encoded is None or _may_hold_ids(encoded)) and any(
-                p.client_id for p in pulses
-            )
+            # The caller's word, where it has one: a search of the pulses, or of
+            # their encoding, would cost this thread what intake had at hand.
+            ids = ids and any(p.client_id for p in pulses)
             behind = False
             if fold or ids:
                 _catch_up(conn, part)

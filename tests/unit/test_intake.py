@@ -530,6 +530,20 @@ def test_id_is_optional_and_left_for_the_store_to_name() -> None:
     assert [(p.pulse_id, p.client_id) for _, p in intake.pulses] == [("", False), ("mine", True)]
 
 
+def test_intake_says_whether_any_valid_pulse_has_a_client_id() -> None:
+    """The store looks ids up only if intake says there are some: a request
+    with one id among many must say so, wherever the id is."""
+    assert not decode(encode([pulse(), pulse(tenant_id="t2")])).ids
+    for where in range(3):
+        pulses = [pulse(used_amount=n + 1) for n in range(3)]
+        pulses[where]["id"] = "mine"
+        assert decode(encode(pulses)).ids, where
+    assert decode(encode(pulse(id="mine"))).ids
+    assert decode(encode(pulse(id="mine")).replace(b"}", b"}\n"), NDJSON).ids
+    # An id on a rejected pulse is nothing to look up.
+    assert not decode(encode([pulse(), pulse(id="mine", used_amount=-1)])).ids
+
+
 # --- timestamps --------------------------------------------------------------------
 
 
