@@ -322,6 +322,7 @@ class _File:
         self._written: set[_Partition] = set()
         self._round: int | None = None  # the thread running writes together
         self.serial = 0  # counts transactions: what ran in the open one
+        self._version = (-1, 0)  # (serial, data_version) of a write transaction
 
     def on_commit(self, update: Callable[[], None]) -> None:
         """Run `update` (of memory, never of the file) once this transaction is durable."""
@@ -351,19 +352,31 @@ class _File:
                 finally:
                     self._round = None
 
-    @contextmanager
-    def transaction(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
+    def transaction(
+        self, what: str, part: _Partition
+    ) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT. On any error: ROLLBACK, nothing is kept.
 
         `part` is the partition whose memory the transaction may move.
         """
         if self._round == threading.get_ident():
-            with self._savepoint(what, part) as conn:
-                yield conn
-            return
+            return self._savepoint(what, part)
+        return self._alone(what, part)
+
+    @contextmanager
+    def _alone(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
         with self.write_lock, self._transaction(what) as conn:
             self._touched.add(part)
             yield conn
+
+    def data_version(self) -> int:
+        """The writer's `PRAGMA data_version`, inside a write transaction. Read once
+        a transaction: no other connection commits while this one writes."""
+        serial, version = self._version
+        if serial != self.serial:
+            (version,) = self.writer.execute("PRAGMA data_version").fetchone()
+            self._version = (self.serial, version)
+        return version
 
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -609,6 +622,7 @@ class SQLiteStore:
             _Partition(file, part, keeps=part % workers == index) for part in range(partitions)
         ]
         self._merging: _MergePlan | None = None
+        self._merge_checked = -1  # the last transaction (`_File.serial`) that asked
         self._folded_in = -1  # the last transaction (`_File.serial`) that folded
         self._merge_fd = os.open(directory / "merge.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._leader_fd: int | None = None
@@ -719,7 +733,7 @@ class SQLiteStore:
             conn.execute("BEGIN")
             try:
                 for part in self._parts:
-                    _catch_up(conn, part)
+                    _catch_up(conn, part, version)
             finally:
                 conn.execute("COMMIT")  # it wrote nothing
         except sqlite3.Error as exc:
@@ -768,13 +782,12 @@ class SQLiteStore:
             ids = ids and any(p.client_id for p in pulses)
             behind = False
             if fold or ids:
-                _catch_up(conn, part)
+                _catch_up(conn, part, self._file.data_version())
             else:
                 # No id to look up and nothing to fold: what other processes
                 # logged meanwhile is read after the round, out of the lock that
                 # every writer waits on (`_read_ahead`).
-                (version,) = conn.execute("PRAGMA data_version").fetchone()
-                behind = version != part.version or bool(part.ahead)
+                behind = self._file.data_version() != part.version or bool(part.ahead)
             self._merge_slice(conn)
             outcomes: list[Outcome]
             accepted: Sequence[Pulse]
@@ -811,6 +824,9 @@ class SQLiteStore:
     def _merge_slice(self, conn: sqlite3.Connection) -> None:
         """One slice of the ids merge, at most one per transaction (see the module
         docstring); the first plans it, once enough ids wait."""
+        if self._merge_checked == self._file.serial:
+            return  # a round's partitions each ask; the recent ids stand till it commits
+        self._merge_checked = self._file.serial
         plan = self._merging
         if plan is None:
             waiting = sum(len(p.recent) for p in self._parts)
@@ -819,11 +835,8 @@ class SQLiteStore:
             # All partitions at once: their ids share one index.
             for other in self._parts:
                 self._file.touch(other)
-                _catch_up(conn, other)
+                _catch_up(conn, other, self._file.data_version())
             plan = self._merging = _MergePlan(self._parts)
-        if plan.serial == self._file.serial:
-            return
-        plan.serial = self._file.serial
         end = min(plan.done + _MERGE_CHUNK, len(plan.rows))
         conn.executemany(
             "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)",
@@ -858,7 +871,7 @@ class SQLiteStore:
     ) -> list[BatchSummary]:
         part = self._part(partition)
         with part.transaction("commit") as conn:
-            _catch_up(conn, part)
+            _catch_up(conn, part, self._file.data_version())
             _fold(conn, part)  # the day's buckets hold every logged pulse before they are read
             rows = conn.execute(
                 f"SELECT {_BUCKET_COLUMNS} FROM buckets"
@@ -938,7 +951,7 @@ class SQLiteStore:
         removed = 0
         while True:
             with part.transaction("purge") as conn:
-                _catch_up(conn, part)
+                _catch_up(conn, part, self._file.data_version())
                 if part.recent:
                     _merge_ids(conn, [part])  # every id is in pulse_ids before any goes
                 _fold(conn, part)  # and every amount in buckets
@@ -975,7 +988,7 @@ class SQLiteStore:
             with self._file.together("fold"):
                 for part in parts:
                     with part.transaction("fold") as conn:
-                        _catch_up(conn, part)
+                        _catch_up(conn, part, self._file.data_version())
                         _fold(conn, part)
         except StoreError as exc:
             log.warning("reading buckets without folding", extra={"fields": {"error": str(exc)}})
@@ -1168,10 +1181,9 @@ class SQLiteStore:
         return pending, oldest
 
 
-def _catch_up(conn: sqlite3.Connection, part: _Partition) -> None:
+def _catch_up(conn: sqlite3.Connection, part: _Partition, version: int) -> None:
     """Bring `part.recent` and `part.pending` up to the committed log (see the module
-    docstring)."""
-    (version,) = conn.execute("PRAGMA data_version").fetchone()
+    docstring), whose `PRAGMA data_version` is `version`."""
     if version == part.version and not part.ahead:
         return  # no other connection has committed since memory was last in step
     marks = dict(
@@ -1410,7 +1422,6 @@ class _MergePlan:
         )
         self.marks = {part: part.seen_seq for part in parts}
         self.done = 0  # rows inserted by committed transactions
-        self.serial = -1  # the transaction that ran the last slice
 
 
 def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
