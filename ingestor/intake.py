@@ -133,7 +133,7 @@ class Intake(msgspec.Struct):
     items: list[IngestItem]
     total: int
     single: bool
-    ids: bool = False  # whether a valid pulse has a client id: only then is there dedup
+    ids: bool  # whether a valid pulse has a client id: only then is there dedup
 
     @property
     def pulses(self) -> list[tuple[int, Pulse]]:
