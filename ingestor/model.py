@@ -36,6 +36,7 @@ __all__ = [
     "PulsePage",
     "StoredPulse",
     "assigned_id",
+    "decode_encoded",
     "encode_pulses",
     "join_encoded",
 ]
@@ -145,19 +146,78 @@ def assigned_id(store_id: str, *place: int) -> str:
     return "-".join(["srv", store_id, *map(str, place)])
 
 
-_encoder = msgspec.json.Encoder()
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[Pulse]).decode
+_to_json = msgspec.json.Encoder().encode
+_from_json = msgspec.json.Decoder(list[Pulse]).decode
+_JSON_ARRAY = 0x5B  # "[": no MessagePack array begins with it
 
 
 def encode_pulses(pulses: Sequence[Pulse]) -> bytes:
-    """`pulses` as a JSON array of `Pulse` arrays: how the SQLite log keeps them."""
-    return _encoder.encode(pulses)
+    """`pulses` as an array of `Pulse` arrays: how the SQLite log keeps them.
+
+    MessagePack: a 1,000-pulse request's pulses take 56 bytes each where
+    JSON took 87, and encode and decode faster. Under load (arrays without
+    ids, 4 connections, 4 alternated runs) the server's CPU a pulse went
+    from 3.47 to 3.22 µs, median. MessagePack holds integers of 64 bits;
+    an amount of 18,446,744,073.709551616 or more does not fit in them
+    as nanos, and pulses holding one are encoded as JSON, which
+    `decode_encoded` tells by its first byte.
+    """
+    try:
+        return _pack(pulses)
+    except OverflowError:
+        return _to_json(pulses)
+
+
+def decode_encoded(encoded: bytes | memoryview) -> list[Pulse]:
+    """The pulses `encode_pulses` encoded, in either of its encodings."""
+    if encoded[0] == _JSON_ARRAY:
+        return _from_json(encoded)
+    return _unpack(encoded)
 
 
 def join_encoded(parts: Sequence[bytes]) -> bytes:
-    """`encode_pulses` of lists laid end to end, from their encodings."""
+    """`encode_pulses` of lists laid end to end, from their encodings.
+
+    A MessagePack array is a header holding its length, then its items: the
+    join is one header, for the sum of the lengths, and every part's items.
+    """
     if len(parts) == 1:
         return parts[0]
-    return b"[" + b",".join(part[1:-1] for part in parts if len(part) > 2) + b"]"
+    if all(part[0] != _JSON_ARRAY for part in parts):
+        count = 0
+        items: list[memoryview] = []
+        for part in parts:
+            length, start = _array_head(part)
+            count += length
+            items.append(memoryview(part)[start:])
+        return _array_header(count) + b"".join(items)
+    if all(part[0] == _JSON_ARRAY for part in parts):
+        return b"[" + b",".join(part[1:-1] for part in parts if len(part) > 2) + b"]"
+    # Both encodings (an amount too big for MessagePack): all as JSON.
+    return _to_json([p for part in parts for p in decode_encoded(part)])
+
+
+def _array_head(packed: bytes) -> tuple[int, int]:
+    """(length, size of the header) of the MessagePack array `packed`."""
+    head = packed[0]
+    if head & 0xF0 == 0x90:  # fixarray: up to 15 items
+        return head & 0x0F, 1
+    if head == 0xDC:
+        return int.from_bytes(packed[1:3], "big"), 3
+    if head == 0xDD:
+        return int.from_bytes(packed[1:5], "big"), 5
+    raise ValueError(f"not a MessagePack array: first byte {head:#04x}")
+
+
+def _array_header(length: int) -> bytes:
+    """The header MessagePack (and `encode_pulses`) gives an array of `length` items."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
 class IngestItem(msgspec.Struct, omit_defaults=True):

@@ -1,0 +1,130 @@
+"""A store of schema version 2 (log rows in JSON) opened by this version.
+
+The file is made by writing with this version and turning it back into one
+of version 2: the same tables, every log row re-encoded as version 2 wrote
+it (a JSON array of `Pulse` arrays, no head byte), and version 2's numbers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import ingestor.store.sqlite as sqlite_store
+from ingestor.errors import StoreMismatch
+from ingestor.model import Pulse
+from ingestor.money import format_nanos
+from ingestor.store import AggregateQuery, PulseQuery
+from ingestor.store.sqlite import SQLiteStore
+
+DAY = "2026-11-28"
+
+
+def pulse(tenant: str, amount: int, pulse_id: str = "") -> Pulse:
+    fingerprint = b"fp%d" % amount if pulse_id else b""
+    return Pulse(tenant, "sku", "unit", amount, pulse_id, bool(pulse_id), 5, DAY, fingerprint)
+
+
+def open_store(directory: Path, worker: tuple[int, int] = (0, 1)) -> SQLiteStore:
+    return SQLiteStore.open(
+        directory, partitions=2, durability="fsync", busy_timeout=5, worker=worker
+    )
+
+
+def totals(store: SQLiteStore) -> dict[str, tuple[str, int]]:
+    return {
+        a.tenant_id: (a.used_amount, a.pulse_count)
+        for a in store.aggregates(AggregateQuery(limit=100))
+    }
+
+
+def as_version_2(path: Path) -> int:
+    """Turn the store file at `path` into one version 2 wrote; the log rows it has."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        rows = conn.execute("SELECT seq, body FROM pulse_log").fetchall()
+        for seq, body in rows:
+            assert body[:1] in (b"\x00", b"\x01")
+            old = msgspec.json.encode(sqlite_store._decode_pulses(body))
+            conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (old, seq))
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return len(rows)
+
+
+def schema(path: Path) -> tuple[int, str, list[bytes]]:
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        (meta,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        heads = [body[:1] for (body,) in conn.execute("SELECT body FROM pulse_log ORDER BY seq")]
+    finally:
+        conn.close()
+    return version, meta, heads
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: int) -> None:
+    directory = tmp_path / "store"
+    store = open_store(directory)
+    tenants = ["alpha", "beta", "gamma", "delta"]  # over both partitions
+    for i, tenant in enumerate(tenants):
+        partition = sqlite_store.partition_of(tenant, 2)
+        store.write_pulses(partition, [pulse(tenant, 10 + i, f"id-{i}"), pulse(tenant, 100)], 7)
+    written = totals(store)  # folds what is logged so far into buckets
+    for tenant in tenants:  # and a tail that is not folded
+        partition = sqlite_store.partition_of(tenant, 2)
+        store.write_pulses(partition, [pulse(tenant, 1000)], 7)
+    store.close()
+    assert {t: count for t, (_, count) in written.items()} == dict.fromkeys(tenants, 2)
+    path = directory / "store.sqlite"
+    assert as_version_2(path) == 2 * len(tenants)
+    assert schema(path)[:2] == (2, "2")
+
+    opened = [open_store(directory, (index, workers)) for index in range(workers)]
+    try:
+        assert schema(path)[:2] == (3, "3")
+        for store in opened:
+            assert totals(store) == {
+                tenant: (format_nanos(10 + i + 100 + 1000), 3) for i, tenant in enumerate(tenants)
+            }
+        first, last = opened[0], opened[-1]
+        # The ids of the JSON rows: the same payload again is a duplicate,
+        # another one a conflict, from either worker.
+        alpha = sqlite_store.partition_of("alpha", 2)
+        assert first.write_pulses(alpha, [pulse("alpha", 10, "id-0")], 9) == ["duplicate"]
+        assert last.write_pulses(alpha, [pulse("alpha", 11, "id-0")], 9) == ["conflict"]
+        assert last.write_pulses(alpha, [pulse("alpha", 7, "id-new")], 9) == ["accepted"]
+        listed = first.pulses(PulseQuery(tenant_id="alpha", day=DAY))
+        assert [(p.id, p.used_amount) for _, p in listed] == [
+            ("id-0", format_nanos(10)),
+            (listed[1][1].id, format_nanos(100)),
+            (listed[2][1].id, format_nanos(1000)),
+            ("id-new", format_nanos(7)),
+        ]
+        assert len({p.id for _, p in listed}) == 4  # the assigned ids too
+        after = PulseQuery(tenant_id="alpha", day=DAY, after=listed[1][0])
+        assert first.pulses(after) == listed[2:]
+    finally:
+        for store in opened:
+            store.close()
+    version, _, heads = schema(path)
+    assert version == 3
+    assert heads == [b"["] * (2 * len(tenants)) + [b"\x01"]  # old rows stay as they were
+
+
+def test_a_store_of_a_later_version_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    open_store(directory).close()
+    conn = sqlite3.connect(directory / "store.sqlite")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    with pytest.raises(StoreMismatch, match="schema version 4, this version reads 3"):
+        open_store(directory)
