@@ -391,7 +391,9 @@ def test_each_worker_keeps_the_deltas_of_its_share_of_partitions(tmp_path: Path)
             kept, other = store._parts[n], store._parts[1 - n]
             assert sum(d.count for d in kept.pending.values()) == 8  # 2 x 3 plain, 2 ids
             assert sum(d.nanos for d in kept.pending.values()) == 2 * 6 + 20
-            assert {seq for _, _, seq in kept.days} == log_rows(store, kept.index)
+            assert {seq for rows in kept.days.values() for seq in rows} == log_rows(
+                store, kept.index
+            )
             assert not other.pending
             assert not other.days
         assert totals(workers[0]) == totals(workers[1]) == (2 * 2 * 6 + 4 * 10, 16)
@@ -585,8 +587,17 @@ def rows(store: SQLiteStore, table: str) -> int:
     return count
 
 
-def index_rows(store: SQLiteStore) -> int:
-    return rows(store, "pulse_days")
+def spans(store: SQLiteStore) -> list[tuple[str, int]]:
+    """(tenant, how many log rows it lists) of each span, in key order."""
+    found: list[tuple[str, int]] = store._file.read(
+        lambda c: [
+            (tenant, len(sqlite_store._unpack_seqs(seqs)))
+            for tenant, seqs in c.execute(
+                "SELECT tenant_id, seqs FROM pulse_spans ORDER BY tenant_id, day, seq"
+            )
+        ]
+    )
+    return found
 
 
 def test_pulses_are_listed_from_the_index_and_the_unfolded_log(
@@ -606,13 +617,13 @@ def test_pulses_are_listed_from_the_index_and_the_unfolded_log(
 
     write(a, 5)
     write(b, 3)
-    assert index_rows(a) == 0  # writes add no index row: the fold does
+    assert spans(a) == []  # writes add no index row: the fold does
     assert folded_watermark(a) == 0
     for store in stores:
         for limit in (1, 2, 1000):
             assert listed(store, "t1", limit) == written["t1"]
     totals(b)  # folds both writes
-    assert index_rows(a) == 4  # (tenant, day) of each log row
+    assert spans(a) == [("t1", 2), ("t2", 2)]  # a (tenant, day) a fold, listing both rows
     write(a, 4)  # left above the watermark
     for store in stores:
         for tenant in ("t1", "t2"):
@@ -621,10 +632,49 @@ def test_pulses_are_listed_from_the_index_and_the_unfolded_log(
     restarted = open_store(a.directory)  # memory rebuilt from the log, then folded
     try:
         totals(restarted)
-        assert index_rows(restarted) == 6
+        assert spans(restarted) == [("t1", 2), ("t1", 1), ("t2", 2), ("t2", 1)]
         assert listed(restarted, "t2", 2) == written["t2"]
     finally:
         restarted.close()
+
+
+def test_a_fold_lists_its_log_rows_in_spans_of_at_most_span_max(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_SPAN_MAX", 2)
+    store = open_store(tmp_path / "s")
+    try:
+        for n in range(5):
+            store.write_pulses(0, [pulse(f"p{n}"), pulse(f"q{n}", tenant="u")], 0)
+        totals(store)
+        assert spans(store) == [("t", 2), ("t", 2), ("t", 1), ("u", 2), ("u", 2), ("u", 1)]
+        store.write_pulses(0, [pulse("p5")], 0)  # the tail
+        for limit in (1, 2, 3, 1000):
+            assert listed(store, "t", limit) == [f"p{n}" for n in range(6)]
+            assert listed(store, "u", limit) == [f"q{n}" for n in range(5)]
+    finally:
+        store.close()
+
+
+def test_a_span_goes_with_the_last_log_row_it_lists(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        store.write_pulses(0, [pulse("old-1")], 10)
+        store.write_pulses(0, [pulse("recent")], 10**12)  # the clock stepped back after it
+        store.write_pulses(0, [pulse("old-2")], 10)
+        totals(store)  # one fold: one span, listing the three rows
+        assert spans(store) == [("t", 3)]
+        assert store.purge(0, 100) == 2
+        assert spans(store) == [("t", 3)]  # it still lists "recent"
+        assert listed(store, "t", 1) == ["recent"]
+        store.write_pulses(0, [pulse("new")], 10**12 + 1)
+        totals(store)
+        assert spans(store) == [("t", 3), ("t", 1)]
+        assert store.purge(0, 10**12 + 1) == 1
+        assert spans(store) == [("t", 1)]
+        assert listed(store, "t", 1) == ["new"]
+    finally:
+        store.close()
 
 
 def test_a_fold_during_a_listing_neither_repeats_nor_skips_a_pulse(

@@ -1,8 +1,9 @@
-"""A store of schema version 2 (log rows in JSON) opened by this version.
+"""A store of schema version 2 (log rows in JSON, no spans) opened by this version.
 
 The file is made by writing with this version and turning it back into one
-of version 2: the same tables, every log row re-encoded as version 2 wrote
-it (a JSON array of `Pulse` arrays, no head byte), and version 2's numbers.
+of version 2: every log row re-encoded as version 2 wrote it (a JSON array
+of `Pulse` arrays, no head byte), each span a `pulse_days` row per log row
+it lists instead, and version 2's numbers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def as_version_2(path: Path) -> int:
             assert body[:1] in (b"\x00", b"\x01")
             old = msgspec.json.encode(sqlite_store._decode_pulses(body))
             conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (old, seq))
+        spans = conn.execute("SELECT tenant_id, day, seqs FROM pulse_spans").fetchall()
+        assert spans
+        conn.execute(
+            "CREATE TABLE pulse_days (tenant_id TEXT NOT NULL, day TEXT NOT NULL,"
+            " seq INTEGER NOT NULL, PRIMARY KEY (tenant_id, day, seq)) STRICT, WITHOUT ROWID"
+        )
+        conn.execute("CREATE INDEX pulse_days_by_seq ON pulse_days (seq)")
+        conn.executemany(
+            "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
+            [
+                (tenant, day, seq)
+                for tenant, day, seqs in spans
+                for seq in sqlite_store._unpack_seqs(seqs)
+            ],
+        )
+        conn.execute("DROP TABLE pulse_spans")
         conn.execute("PRAGMA user_version = 2")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
@@ -96,6 +113,7 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
                 tenant: (format_nanos(10 + i + 100 + 1000), 3) for i, tenant in enumerate(tenants)
             }
         first, last = opened[0], opened[-1]
+        assert totals(last) == totals(first)  # the tail, folded after the upgrade
         # The ids of the JSON rows: the same payload again is a duplicate,
         # another one a conflict, from either worker.
         alpha = sqlite_store.partition_of("alpha", 2)
@@ -118,6 +136,51 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
     version, _, heads = schema(path)
     assert version == 3
     assert heads == [b"["] * (2 * len(tenants)) + [b"\x01"]  # old rows stay as they were
+    conn = sqlite3.connect(path)
+    try:
+        # Schema 2's index of the first rows became a span of each tenant; the
+        # tail, folded since, has a span of each tenant too.
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+        assert "pulse_days" not in tables
+        spans = conn.execute(
+            "SELECT tenant_id, seq, seqs FROM pulse_spans ORDER BY tenant_id, seq"
+        ).fetchall()
+        assert [(t, len(sqlite_store._unpack_seqs(s))) for t, _, s in spans] == [
+            (tenant, 1) for tenant in sorted(tenants) for _ in range(2)
+        ]
+    finally:
+        conn.close()
+
+
+def test_schema_2_index_rows_become_spans_in_log_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_SPAN_MAX", 2)
+    directory = tmp_path / "store"
+    store = open_store(directory)
+    partition = sqlite_store.partition_of("t", 2)
+    for n in range(5):
+        store.write_pulses(partition, [pulse("t", n + 1, f"p{n}")], 7)
+        totals(store)  # a fold, and a span, each
+    store.close()
+    as_version_2(directory / "store.sqlite")
+    store = open_store(directory)
+    try:
+        conn = sqlite3.connect(directory / "store.sqlite")
+        listing = conn.execute("SELECT seqs FROM pulse_spans ORDER BY seq").fetchall()
+        conn.close()
+        assert [len(sqlite_store._unpack_seqs(s)) for (s,) in listing] == [2, 2, 1]
+        for limit in (1, 2, 3):
+            ids, after = [], None
+            while True:
+                page = store.pulses(PulseQuery(tenant_id="t", day=DAY, after=after, limit=limit))
+                ids += [p.id for _, p in page]
+                if len(page) < limit:
+                    break
+                after = page[-1][0]
+            assert ids == [f"p{n}" for n in range(5)]
+    finally:
+        store.close()
 
 
 def test_a_store_of_a_later_version_is_refused(tmp_path: Path) -> None:
