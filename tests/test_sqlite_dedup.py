@@ -677,6 +677,23 @@ def test_a_span_goes_with_the_last_log_row_it_lists(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_span_lists_its_log_rows_in_log_order_when_memory_took_them_out_of_it(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    """A row of ours written while another process's row before it was unread
+    joins memory first (`_Partition.ahead`); the listing still follows the log."""
+    a, b = stores
+    a.write_pulses(0, [pulse("first")], 0)  # a's memory is in step with the file
+    b.write_pulses(0, [plain("b1")], 0)
+    a.write_pulses(0, [plain("a1")], 0)  # b's row is not read: a1's is held ahead
+    b.write_pulses(0, [plain("b2")], 0)
+    a.write_pulses(0, [plain("a2")], 0)
+    totals(a)  # a reads b's rows, then folds
+    assert spans(a) == [("t", 5)]
+    for store in stores:
+        assert listed(store, "t", 1) == ["first", "b1", "a1", "b2", "a2"]
+
+
 def test_a_fold_during_a_listing_neither_repeats_nor_skips_a_pulse(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
