@@ -20,8 +20,7 @@ from ingestor.model import Pulse
 from ingestor.money import format_nanos
 from ingestor.store import AggregateQuery, PulseQuery
 from ingestor.store.sqlite import SQLiteStore
-
-DAY = "2026-11-28"
+from tests.test_sqlite_dedup import DAY, listed
 
 
 def pulse(tenant: str, amount: int, pulse_id: str = "") -> Pulse:
@@ -171,14 +170,7 @@ def test_schema_2_index_rows_become_spans_in_log_order(
         conn.close()
         assert [len(sqlite_store._unpack_seqs(s)) for (s,) in listing] == [2, 2, 1]
         for limit in (1, 2, 3):
-            ids, after = [], None
-            while True:
-                page = store.pulses(PulseQuery(tenant_id="t", day=DAY, after=after, limit=limit))
-                ids += [p.id for _, p in page]
-                if len(page) < limit:
-                    break
-                after = page[-1][0]
-            assert ids == [f"p{n}" for n in range(5)]
+            assert listed(store, "t", limit) == [f"p{n}" for n in range(5)]
     finally:
         store.close()
 
