@@ -88,7 +88,7 @@ class Store(Protocol):
 
         `encoded`, if given, is `encode_pulses(pulses)`, made by the caller
         while the pulses were fresh in its CPU's cache; a store that keeps
-        that JSON may use it rather than encode them again. `ids` False says
+        that encoding may use it rather than encode them again. `ids` False says
         that no pulse has a client id (the caller saw each one): a store
         need not look for them.
         """
