@@ -677,6 +677,21 @@ def test_a_span_goes_with_the_last_log_row_it_lists(tmp_path: Path) -> None:
         store.close()
 
 
+def test_purge_forgets_the_ids_of_the_rows_it_removes_and_no_other(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        store.write_pulses(0, [pulse("old-1"), plain("old-plain")], 10)
+        store.write_pulses(0, [pulse("recent")], 10**12)  # the clock stepped back after it
+        store.write_pulses(0, [pulse("old-2"), pulse("old-3")], 10)
+        assert store.purge(0, 100) == 2  # merges every id into the index first
+        kept = store._file.read(lambda c: c.execute("SELECT id_key, seq FROM pulse_ids").fetchall())
+        assert kept == [("t\x1frecent", 2)]
+        again = [pulse("old-1"), pulse("recent"), pulse("old-3")]
+        assert store.write_pulses(0, again, 10**12) == ["accepted", "duplicate", "accepted"]
+    finally:
+        store.close()
+
+
 def test_a_span_lists_its_log_rows_in_log_order_when_memory_took_them_out_of_it(
     stores: tuple[SQLiteStore, SQLiteStore],
 ) -> None:

@@ -3,7 +3,8 @@
 The file is made by writing with this version and turning it back into one
 of version 2: every log row re-encoded as version 2 wrote it (a JSON array
 of `Pulse` arrays, no head byte), each span a `pulse_days` row per log row
-it lists instead, and version 2's numbers.
+it lists instead, an index of `pulse_ids` by log row, and version 2's
+numbers.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def as_version_2(path: Path) -> int:
             " seq INTEGER NOT NULL, PRIMARY KEY (tenant_id, day, seq)) STRICT, WITHOUT ROWID"
         )
         conn.execute("CREATE INDEX pulse_days_by_seq ON pulse_days (seq)")
+        conn.execute("CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq)")
         conn.executemany(
             "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
             [
@@ -140,7 +142,7 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
         # Schema 2's index of the first rows became a span of each tenant; the
         # tail, folded since, has a span of each tenant too.
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
-        assert "pulse_days" not in tables
+        assert not tables & {"pulse_days", "pulse_days_by_seq", "pulse_ids_by_seq"}
         spans = conn.execute(
             "SELECT tenant_id, seq, seqs FROM pulse_spans ORDER BY tenant_id, seq"
         ).fetchall()

@@ -205,7 +205,6 @@ CREATE TABLE pulse_ids (
     fingerprint BLOB NOT NULL,
     seq INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq);
 CREATE TABLE buckets (
     day TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
@@ -618,6 +617,7 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     tenant's pulses are in a `pulse_days` row per (tenant, day, log row):
     those rows become spans, and the table goes. An earlier version cannot
     read what this one writes: the version number makes it refuse the file.
+    Its index of `pulse_ids` by log row goes too.
     Several workers may open the store at once: the first one upgrades it.
     """
     conn = _connect(path, busy_timeout, _READER_CACHE_KIB)
@@ -625,6 +625,7 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
         conn.execute("BEGIN IMMEDIATE")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version == 2:
+            conn.execute("DROP INDEX IF EXISTS pulse_ids_by_seq")  # see `SQLiteStore.purge`
             for statement in _SPANS:
                 conn.execute(statement)
             listed = conn.execute(
@@ -1030,8 +1031,21 @@ class SQLiteStore:
                 if not old:
                     return removed
                 marks = ",".join("?" * len(old))
-                for table in ("pulse_ids", "pulse_log"):
-                    conn.execute(f"DELETE FROM {table} WHERE seq IN ({marks})", old)
+                # Their ids, found in the rows themselves, one at a time: an
+                # index of `pulse_ids` by log row cost every merge of ids 14%
+                # more CPU (`bench/stages.py --ids`).
+                ids: list[tuple[str, int]] = []
+                for seq, body in conn.execute(
+                    f"SELECT seq, body FROM pulse_log WHERE seq IN ({marks})", old
+                ):
+                    if _may_hold_ids(body):
+                        ids.extend(
+                            (_id_key(p.tenant_id, p.pulse_id), seq)
+                            for p in _decode_pulses(body)
+                            if p.client_id
+                        )
+                conn.executemany("DELETE FROM pulse_ids WHERE id_key = ? AND seq = ?", ids)
+                conn.execute(f"DELETE FROM pulse_log WHERE seq IN ({marks})", old)
                 # A span goes once every log row it lists has: once they are
                 # all older than the oldest row left, of any partition.
                 conn.execute(
