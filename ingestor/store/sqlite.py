@@ -162,6 +162,7 @@ log = logging.getLogger("ingestor.store")
 
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
 SCHEMA_VERSION = 3  # 1: a file per partition; 2: JSON log rows, no spans (see `_upgrade`)
+_UPGRADABLE = 2  # the earlier version `_upgrade` brings to this one
 _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
@@ -602,7 +603,7 @@ def _check_file(path: Path) -> tuple[int, dict[str, str]]:
         raise StoreMismatch(
             f"{path}: cannot be read as a billing-ingestor store ({exc}); refusing to use it"
         ) from exc
-    if version not in (2, SCHEMA_VERSION):
+    if version not in (_UPGRADABLE, SCHEMA_VERSION):
         raise StoreMismatch(
             f"{path}: schema version {version}, this version reads {SCHEMA_VERSION}"
         )
@@ -625,7 +626,7 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     try:
         conn.execute("BEGIN IMMEDIATE")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == 2:
+        if version == _UPGRADABLE:
             conn.execute("DROP INDEX IF EXISTS pulse_ids_by_seq")  # see `SQLiteStore.purge`
             for statement in _SPANS:
                 conn.execute(statement)
