@@ -13,7 +13,6 @@ decode it: `PulseInText` first, then, for whatever that does not take,
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
@@ -146,16 +145,6 @@ class Intake(msgspec.Struct):
         return sorted(pairs, key=lambda pair: pair[0])
 
 
-# Copied for each fingerprint: cheaper than a new one's keyword arguments.
-_BLAKE2B_16 = hashlib.blake2b(digest_size=16)
-
-
-def _fingerprint(p: Decoded, nanos: int, given_ts: int | None) -> bytes:
-    blake = _BLAKE2B_16.copy()
-    blake.update(f"{p.product_sku}\x00{p.use_unit}\x00{nanos}\x00{given_ts}".encode())
-    return blake.digest()
-
-
 def _validation_message(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     head, sep, where = text.rpartition(" - at `$")
@@ -209,12 +198,13 @@ def _build(
                 nanos = to_nanos(amount)
             if p.timestamp is None:
                 ts = now_us
-                given: int | None = None
+                given = False
                 day = today.get(tenant)
                 if day is None:
                     day = today[tenant] = rules.day_of(tenant, now_us)
             else:
-                ts = given = epoch_us(p.timestamp)
+                ts = epoch_us(p.timestamp)
+                given = True
                 if ts < oldest:
                     raise ValueError("timestamp is older than the late window")
                 if ts > newest:
@@ -228,10 +218,10 @@ def _build(
         if p.id is None:  # its store names it (`assigned_id`)
             pulse = Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
         else:
+            # No digest of the payload: a replay is compared with the pulse
+            # itself, only when its id is found (`model.same_payload`).
             ids = True
-            pulse = Pulse(
-                tenant, sku, unit, nanos, p.id, True, ts, day, _fingerprint(p, nanos, given)
-            )
+            pulse = Pulse(tenant, sku, unit, nanos, p.id, True, ts, day, b"", given)
         group = tenants.get(tenant)
         if group is None:
             group = tenants[tenant] = ([], [])

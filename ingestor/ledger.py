@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
-from .model import Batch, BatchRecord, Outcome, Pulse
+from .model import Batch, BatchRecord, Outcome, Pulse, same_payload
 from .money import format_nanos, parse_nanos
 
 __all__ = [
@@ -48,26 +48,27 @@ class BucketState(msgspec.Struct, frozen=True, gc=False):
 
 
 def resolve(
-    pulses: Sequence[Pulse], known: Mapping[tuple[str, str], bytes]
+    pulses: Sequence[Pulse], known: Mapping[tuple[str, str], Pulse | bytes]
 ) -> list[Outcome]:
     """Decide each pulse's fate against the ids the store already holds.
 
-    `known` maps (tenant_id, id) to the payload fingerprint stored with it.
-    Within the group, the first pulse with an id wins and later ones are
-    duplicates or conflicts of it, exactly as if they had come one by one.
+    `known` maps (tenant_id, id) to the pulse stored with it, or to the digest
+    of its payload (`payload_digest`). Within the group, the first pulse with
+    an id wins and later ones are duplicates or conflicts of it, exactly as if
+    they had come one by one.
     """
-    seen = dict(known)
+    seen: dict[tuple[str, str], Pulse | bytes] = dict(known)
     outcomes: list[Outcome] = []
     for p in pulses:
         if not p.client_id:
             outcomes.append("accepted")
             continue
         key = (p.tenant_id, p.pulse_id)
-        fingerprint = seen.get(key)
-        if fingerprint is None:
-            seen[key] = p.fingerprint
+        stored = seen.get(key)
+        if stored is None:
+            seen[key] = p
             outcomes.append("accepted")
-        elif fingerprint == p.fingerprint:
+        elif same_payload(stored, p):
             outcomes.append("duplicate")
         else:
             outcomes.append("conflict")

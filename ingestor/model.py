@@ -8,6 +8,7 @@ nano-units inside (see `money`).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -39,6 +40,8 @@ __all__ = [
     "decode_encoded",
     "encode_pulses",
     "join_encoded",
+    "payload_digest",
+    "same_payload",
 ]
 
 # No control characters (C0, DEL, C1). \A and \Z, because `$` would let a
@@ -114,11 +117,15 @@ class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A validated pulse, ready for its shard.
 
     `ts` is microseconds since the epoch (UTC); `day` is the billing day in the
-    tenant's zone; `fingerprint` identifies the payload of a client id, so a
-    replay can be told from a conflicting reuse of the id. `pulse_id` is the
-    client's id, or "" for a pulse sent without one: its store names it by
-    where it keeps it (`assigned_id`). Encoded as an array, it is also the
-    store's compact record of the pulse.
+    tenant's zone. `pulse_id` is the client's id, or "" for a pulse sent
+    without one: its store names it by where it keeps it (`assigned_id`).
+    Encoded as an array, it is also the store's compact record of the pulse.
+
+    A replay of a client id is told from a conflicting reuse by the payload
+    (`same_payload`): product, unit, amount, and the timestamp if the client
+    gave one (`ts_given`). Intake leaves `fingerprint` empty: the pulse is its
+    own record of that. A pulse stored by an earlier version has the digest
+    of its payload there (`payload_digest`), and is compared by digest.
     """
 
     tenant_id: str
@@ -130,6 +137,40 @@ class Pulse(msgspec.Struct, frozen=True, gc=False, array_like=True):
     ts: int
     day: str
     fingerprint: bytes
+    ts_given: bool = False  # last: log rows of earlier versions have no such item
+
+
+def payload_digest(p: Pulse) -> bytes:
+    """The digest that identifies the payload of `p`'s client id: `p.fingerprint`
+    if it has one, else the one intake gave each pulse before it left them empty,
+    which the stores of that time hold for the ids they saw. Its recipe may
+    never change."""
+    if p.fingerprint:
+        return p.fingerprint
+    given = p.ts if p.ts_given else None
+    blake = _BLAKE2B_16.copy()
+    blake.update(f"{p.product_sku}\x00{p.use_unit}\x00{p.nanos}\x00{given}".encode())
+    return blake.digest()
+
+
+def same_payload(stored: Pulse | bytes, p: Pulse) -> bool:
+    """Whether `p` has the payload of `stored`, an earlier pulse with its client id
+    (or the digest of that pulse's payload, `payload_digest`)."""
+    if isinstance(stored, Pulse):
+        if not (stored.fingerprint or p.fingerprint):
+            return (
+                stored.product_sku == p.product_sku
+                and stored.use_unit == p.use_unit
+                and stored.nanos == p.nanos
+                and stored.ts_given == p.ts_given
+                and (not p.ts_given or stored.ts == p.ts)
+            )
+        stored = payload_digest(stored)
+    return stored == payload_digest(p)
+
+
+# Copied for each digest: cheaper than a new one's keyword arguments.
+_BLAKE2B_16 = hashlib.blake2b(digest_size=16)
 
 
 def assigned_id(store_id: str, *place: int) -> str:

@@ -28,7 +28,8 @@ DAY = "2026-11-28"
 
 
 def pulse(pulse_id: str, amount: int = 1, tenant: str = "t") -> Pulse:
-    return Pulse(tenant, "sku", "unit", amount, pulse_id, True, 0, DAY, b"fp%d" % amount)
+    """As intake makes it: a replay is compared with the pulse its store holds."""
+    return Pulse(tenant, "sku", "unit", amount, pulse_id, True, 0, DAY, b"", False)
 
 
 def open_store(directory: Path, worker: tuple[int, int] = (0, 1)) -> SQLiteStore:
@@ -190,24 +191,30 @@ def test_a_lone_writer_never_reads_its_own_log_back(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ids of a committed write join memory directly; the log is read only when
-    another connection has committed since."""
+    another connection has committed since, and where an id comes again, the
+    one row holding its pulse, to compare the two."""
     a, b = stores
     a.write_pulses(0, [pulse("one")], 0)
-    reads: list[int] = []
+    reads: list[list[str]] = []
     decode = sqlite_store._decode_pulses
 
     def counted(body: bytes) -> list[Pulse]:
-        reads.append(1)
-        return decode(body)
+        found = decode(body)
+        reads.append([p.pulse_id for p in found])
+        return found
 
     monkeypatch.setattr(sqlite_store, "_decode_pulses", counted)
     assert a.write_pulses(0, [pulse("two"), pulse("one")], 0) == ["accepted", "duplicate"]
     assert a.write_pulses(0, [pulse("two")], 0) == ["duplicate"]
-    assert reads == []
+    assert a.write_pulses(0, [pulse("four")], 0) == ["accepted"]
+    assert reads == [["one"], ["two"]]
+    reads.clear()
     assert b.write_pulses(0, [pulse("three"), pulse("two")], 0) == ["accepted", "duplicate"]
-    assert len(reads) == 2  # b read a's two rows
-    assert a.write_pulses(0, [pulse("three")], 0) == ["duplicate"]  # a read b's row
-    assert len(reads) == 3
+    # b read a's rows, then the one holding "two" again.
+    assert reads == [["one"], ["two"], ["four"], ["two"]]
+    reads.clear()
+    assert a.write_pulses(0, [pulse("three")], 0) == ["duplicate"]
+    assert reads == [["three"], ["three"]]  # a read b's row, then again to compare
 
 
 # -- bucket totals folded from the log ----------------------------------------------
@@ -418,6 +425,7 @@ NAMES = st.text(alphabet=st.sampled_from('t,"\\rue[]x'), max_size=8)
             ts=st.integers(min_value=0, max_value=2**62),
             day=st.just(DAY),
             fingerprint=st.binary(max_size=16),
+            ts_given=st.booleans(),
         ),
         max_size=4,
     )

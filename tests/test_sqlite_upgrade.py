@@ -1,10 +1,11 @@
-"""A store of schema version 2 (log rows in JSON, no spans) opened by this version.
+"""Stores of earlier schema versions opened by this version.
 
-The file is made by writing with this version and turning it back into one
-of version 2: every log row re-encoded as version 2 wrote it (a JSON array
-of `Pulse` arrays, no head byte), each span a `pulse_days` row per log row
-it lists instead, an index of `pulse_ids` by log row, and version 2's
-numbers.
+Each file is made by writing with this version and turning it back into
+one of the earlier version. Version 2: every log row re-encoded as version
+2 wrote it (a JSON array of `Pulse` arrays, no head byte), each span a
+`pulse_days` row per log row it lists instead, an index of `pulse_ids` by
+log row, and version 2's numbers. Version 3: the digest of each client
+id's payload with it (`as_version_3`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 import ingestor.store.sqlite as sqlite_store
 from ingestor.errors import StoreMismatch
-from ingestor.model import Pulse
+from ingestor.model import Pulse, encode_pulses, payload_digest
 from ingestor.money import format_nanos
 from ingestor.store import AggregateQuery, PulseQuery
 from ingestor.store.sqlite import SQLiteStore
@@ -108,7 +109,7 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
 
     opened = [open_store(directory, (index, workers)) for index in range(workers)]
     try:
-        assert schema(path)[:2] == (3, "3")
+        assert schema(path)[:2] == (4, "4")
         for store in opened:
             assert totals(store) == {
                 tenant: (format_nanos(10 + i + 100 + 1000), 3) for i, tenant in enumerate(tenants)
@@ -135,7 +136,7 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
         for store in opened:
             store.close()
     version, _, heads = schema(path)
-    assert version == 3
+    assert version == 4
     assert heads == [b"["] * (2 * len(tenants)) + [b"\x01"]  # old rows stay as they were
     conn = sqlite3.connect(path)
     try:
@@ -181,7 +182,80 @@ def test_a_store_of_a_later_version_is_refused(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     open_store(directory).close()
     conn = sqlite3.connect(directory / "store.sqlite")
-    conn.execute("PRAGMA user_version = 4")
+    conn.execute("PRAGMA user_version = 5")
     conn.close()
-    with pytest.raises(StoreMismatch, match="schema version 4, this version reads 3"):
+    with pytest.raises(StoreMismatch, match="schema version 5, this version reads 4"):
         open_store(directory)
+
+
+def as_version_3(path: Path) -> None:
+    """Turn the store file at `path` into one version 3 wrote: each pulse with a
+    client id carries the digest of its payload, in its log row and in
+    `pulse_ids`, as intake gave it then."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for seq, body in conn.execute("SELECT seq, body FROM pulse_log").fetchall():
+            pulses = [
+                msgspec.structs.replace(p, fingerprint=payload_digest(p)) if p.client_id else p
+                for p in sqlite_store._decode_pulses(body)
+            ]
+            ids = body[:1] == b"\x01"
+            row = sqlite_store._log_row(encode_pulses(pulses), ids)
+            conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (row, seq))
+            conn.executemany(
+                "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?",
+                [
+                    (p.fingerprint, sqlite_store._id_key(p.tenant_id, p.pulse_id))
+                    for p in pulses
+                    if p.client_id
+                ],
+            )
+        conn.execute("PRAGMA user_version = 3")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def indexed_digests(path: Path) -> dict[str, bytes]:
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT id_key, fingerprint FROM pulse_ids"))
+    finally:
+        conn.close()
+
+
+def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    store = open_store(directory)
+    partition = sqlite_store.partition_of("t", 2)
+    # As intake makes them now: no digest of their own.
+    replayed = [
+        msgspec.structs.replace(pulse("t", amount, pulse_id), fingerprint=b"")
+        for amount, pulse_id in ((10, "merged"), (20, "recent"))
+    ]
+    store.write_pulses(partition, replayed[:1], 7)
+    store.purge(partition, 0)  # merges the ids into `pulse_ids`, and removes nothing
+    store.write_pulses(partition, replayed[1:], 7)
+    store.close()
+    path = directory / "store.sqlite"
+    as_version_3(path)
+    assert set(indexed_digests(path).values()) == {payload_digest(replayed[0])}
+
+    store = open_store(directory)
+    try:
+        assert schema(path)[:2] == (4, "4")
+        other = [msgspec.structs.replace(p, nanos=p.nanos + 1) for p in replayed]
+        outcomes = store.write_pulses(partition, replayed + other, 9)
+        assert outcomes == ["duplicate", "duplicate", "conflict", "conflict"]
+        new = msgspec.structs.replace(replayed[0], pulse_id="new")
+        assert store.write_pulses(partition, [new], 9) == ["accepted"]
+        store.purge(partition, 0)
+        assert indexed_digests(path)["t\x1fnew"] == b""  # compared with its log row's pulse
+        assert store.write_pulses(partition, [new, *replayed], 9) == ["duplicate"] * 3
+        assert totals(store) == {"t": (format_nanos(10 + 20 + 10), 3)}
+    finally:
+        store.close()

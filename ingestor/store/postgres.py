@@ -50,6 +50,7 @@ from ..model import (
     Pulse,
     StoredPulse,
     assigned_id,
+    payload_digest,
 )
 from ..money import format_nanos
 from ..partition import partition_of
@@ -505,7 +506,9 @@ class PostgresStore:
                             format_nanos(p.nanos),
                             p.ts,
                             received_us,
-                            p.fingerprint if p.client_id else None,
+                            # Kept per id here, as before intake left it to the
+                            # stores: rows of earlier versions hold it too.
+                            payload_digest(p) if p.client_id else None,
                         )
                     )
             deltas = sorted(bucket_deltas(accepted).items(), key=lambda item: item[0])
@@ -741,7 +744,7 @@ class PostgresStore:
 
 
 def _known_ids(conn: Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:
-    """The stored fingerprints of the client ids among `pulses`, in one statement."""
+    """The stored payload digests of the client ids among `pulses`, in one statement."""
     keys = {(p.tenant_id, p.pulse_id) for p in pulses if p.client_id}
     if not keys:
         return {}

@@ -17,8 +17,8 @@ and one fsync per partition a round touched, and a 1,000-pulse request
 touches all sixteen.
 
 Pulses are kept as a log: each write appends one row holding all its
-accepted pulses (`Pulse` arrays, client ids and fingerprints included;
-see `_log_row`), and nothing else. Nothing on the write path costs a row per
+accepted pulses (`Pulse` arrays, client ids included; see `_log_row`),
+and nothing else. Nothing on the write path costs a row per
 pulse, nor an index entry per tenant.
 
 The log row is also the durable record of the amounts. Bucket totals are
@@ -161,8 +161,10 @@ __all__ = ["SQLiteStore"]
 log = logging.getLogger("ingestor.store")
 
 APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is refused
-SCHEMA_VERSION = 3  # 1: a file per partition; 2: JSON log rows, no spans (see `_upgrade`)
-_UPGRADABLE = 2  # the earlier version `_upgrade` brings to this one
+# 1: a file per partition; 2: JSON log rows, no spans; 3: payload digests
+# kept with client ids (see `_upgrade`)
+SCHEMA_VERSION = 4
+_UPGRADABLE = (2, 3)  # the earlier versions `_upgrade` brings to this one
 _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
@@ -254,7 +256,8 @@ ON CONFLICT (day, tenant_id, product_sku, use_unit) DO UPDATE SET
 # among 1,000,000, against ~2.6 on (tenant_id, pulse_id) fed pairs through
 # json_extract (bench/id_index.py).
 _LOOKUP_IDS = """
-SELECT i.id_key, i.fingerprint FROM json_each(?) AS j JOIN pulse_ids AS i ON i.id_key = j.value
+SELECT i.id_key, i.fingerprint, i.seq
+FROM json_each(?) AS j JOIN pulse_ids AS i ON i.id_key = j.value
 """
 
 _BUCKET_COLUMNS = (
@@ -532,7 +535,8 @@ class _Partition:
         self.folded_key = f"buckets_seq/{index}"
         # Under the file's write_lock: client ids of this partition's log
         # rows after `merged_seq`, up to `seen_seq`, keyed by `_id_key`, each
-        # its log row's seq (8 bytes) followed by the payload fingerprint.
+        # its log row's seq (8 bytes), followed by the digest of its payload
+        # if an earlier version stored it (see `_known_ids`).
         self.recent: dict[str, bytes] = {}
         self.seen_seq = 0
         # Our log rows after `seen_seq` whose ids and deltas are in memory
@@ -603,7 +607,7 @@ def _check_file(path: Path) -> tuple[int, dict[str, str]]:
         raise StoreMismatch(
             f"{path}: cannot be read as a billing-ingestor store ({exc}); refusing to use it"
         ) from exc
-    if version not in (_UPGRADABLE, SCHEMA_VERSION):
+    if version not in (*_UPGRADABLE, SCHEMA_VERSION):
         raise StoreMismatch(
             f"{path}: schema version {version}, this version reads {SCHEMA_VERSION}"
         )
@@ -611,22 +615,26 @@ def _check_file(path: Path) -> tuple[int, dict[str, str]]:
 
 
 def _upgrade(path: Path, busy_timeout: float) -> None:
-    """Make a store file of schema version 2 one of this version, in one transaction.
+    """Make a store file of schema version 2 or 3 one of this version, in one
+    transaction.
 
     Version 2 wrote its log rows in JSON, without a head byte (`_log_row`):
     they stay as they are and are read as they are. It listed where a
     tenant's pulses are in a `pulse_days` row per (tenant, day, log row):
     those rows become spans, and the table goes, as does its index of
-    `pulse_ids` by log row (see `SQLiteStore.purge`). An earlier version
-    cannot read what this one writes: the version number makes it refuse
-    the file. Several workers may open the store at once: the first one
-    upgrades it.
+    `pulse_ids` by log row (see `SQLiteStore.purge`). Versions 2 and 3 kept
+    the digest of each client id's payload with it, where this one keeps
+    none (see `_known_ids`): their ids keep theirs, and are compared by it.
+    An earlier version cannot read what this one writes (it would take a
+    replay of an id for a conflict): the version number makes it refuse the
+    file. Several workers may open the store at once: the first one upgrades
+    it.
     """
     conn = _connect(path, busy_timeout, _READER_CACHE_KIB)
     try:
         conn.execute("BEGIN IMMEDIATE")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == _UPGRADABLE:
+        if version == 2:
             conn.execute("DROP INDEX IF EXISTS pulse_ids_by_seq")  # see `SQLiteStore.purge`
             for statement in _SPANS:
                 conn.execute(statement)
@@ -643,6 +651,7 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
                 ),
             )
             conn.execute("DROP TABLE pulse_days")
+        if version in _UPGRADABLE:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(
                 "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
@@ -1599,24 +1608,44 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
 
 def _known_ids(
     conn: sqlite3.Connection, recent: dict[str, bytes], pulses: Sequence[Pulse]
-) -> dict[tuple[str, str], bytes]:
-    """The stored fingerprints of the client ids among `pulses`: memory, then the index."""
-    known: dict[tuple[str, str], bytes] = {}
+) -> dict[tuple[str, str], Pulse | bytes]:
+    """What `resolve` compares each known client id among `pulses` with: the pulse
+    stored with it, read from its log row, or the digest of its payload, which
+    earlier versions kept with each id. Memory first, then the index."""
+    known: dict[tuple[str, str], Pulse | bytes] = {}
     missing: list[str] = []
+    rows: dict[int, set[tuple[str, str]]] = {}  # log row -> known ids stored in it
     for p in pulses:
         if p.client_id:
             key = _id_key(p.tenant_id, p.pulse_id)
             value = recent.get(key)
             if value is None:
                 missing.append(key)
-            else:
+            elif len(value) > 8:
                 known[(p.tenant_id, p.pulse_id)] = value[8:]
+            else:
+                rows.setdefault(int.from_bytes(value, "big"), set()).add((p.tenant_id, p.pulse_id))
     if missing:
         # One statement, whatever the count: the keys go in as one JSON
         # array, and each is looked up through the primary key.
-        for key, fingerprint in conn.execute(_LOOKUP_IDS, (_encode(missing),)):
+        for key, digest, seq in conn.execute(_LOOKUP_IDS, (_encode(missing),)):
             tenant, _, pulse_id = key.partition(_SEP)
-            known[(tenant, pulse_id)] = fingerprint
+            if digest:
+                known[(tenant, pulse_id)] = digest
+            else:
+                rows.setdefault(seq, set()).add((tenant, pulse_id))
+    if rows:
+        # Found only where an id comes again: new ids cost nothing here.
+        for seq, body in conn.execute(
+            "SELECT seq, body FROM pulse_log WHERE seq IN (SELECT value FROM json_each(?))",
+            (_encode(list(rows)),),
+        ):
+            wanted = rows.pop(seq)
+            for p in _decode_pulses(body):
+                if p.client_id and (p.tenant_id, p.pulse_id) in wanted:
+                    known[(p.tenant_id, p.pulse_id)] = p
+        if rows:  # purge takes an id with its row, in one transaction
+            raise StoreError(f"write pulses: log rows {sorted(rows)} of known ids are missing")
     return known
 
 

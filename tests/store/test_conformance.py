@@ -10,7 +10,6 @@ points, as the API's cursors assume).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -29,6 +28,7 @@ from ingestor.model import (
     Outcome,
     Pulse,
     StoredPulse,
+    payload_digest,
 )
 from ingestor.money import to_nanos
 from ingestor.partition import partition_of
@@ -56,11 +56,11 @@ def pulse(
     day: str = D1,
     ts: int = T0,
 ) -> Pulse:
+    """A pulse as intake makes it; `ts` is the receive time, not the client's."""
     nanos = to_nanos(Decimal(amount))
     if id is None:
-        return Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")  # as intake makes it
-    fingerprint = hashlib.blake2b(f"{sku}\0{unit}\0{nanos}".encode(), digest_size=16).digest()
-    return Pulse(tenant, sku, unit, nanos, id, True, ts, day, fingerprint)
+        return Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
+    return Pulse(tenant, sku, unit, nanos, id, True, ts, day, b"", False)
 
 
 def write(store: Store, pulses: Sequence[Pulse], received_us: int = T0) -> list[Outcome]:
@@ -163,6 +163,62 @@ def test_dedup_and_conflict_across_calls(store: Store) -> None:
     # A conflict is not stored: the stored payload of "y" is still the first one.
     stored = store.pulses(PulseQuery(tenant_id="a", day=D1))
     assert [(p.id, p.used_amount) for _, p in stored] == [("x", "1"), ("y", "3"), ("z", "0.5")]
+
+
+def test_a_replay_is_compared_with_the_pulse_stored_with_its_id(backend: Backend) -> None:
+    """Intake gives a pulse no digest of its payload: the store compares a replay
+    with the pulse it holds, also once it was reopened."""
+    store = backend.open(partitions=PARTITIONS)
+    given = msgspec.structs.replace(pulse("a", "2", id="stamped"), ts=T0 - HOUR, ts_given=True)
+    assert write(store, [pulse("a", "1", id="plain"), given]) == ["accepted"] * 2
+    replays = [
+        pulse("a", "1", id="plain", ts=T0 + HOUR),  # received later, and sent without a timestamp
+        msgspec.structs.replace(pulse("a", "1", id="plain"), ts_given=True),
+        pulse("a", "1", id="plain", unit="u2"),
+        msgspec.structs.replace(given, ts=T0 - HOUR + 1),
+        msgspec.structs.replace(given, nanos=given.nanos + 1),
+        msgspec.structs.replace(given, ts_given=False),
+        given,
+    ]
+    expected = ["duplicate", "conflict", "conflict", "conflict", "conflict", "conflict"]
+    assert write(store, replays) == [*expected, "duplicate"]
+    store.close()
+    store = backend.open(partitions=PARTITIONS)
+    try:
+        assert write(store, replays) == [*expected, "duplicate"]
+        got = aggregate(store, "a")
+        assert (got.used_amount, got.pulse_count) == ("3", 2)
+    finally:
+        store.close()
+
+
+def test_ids_stored_with_the_digest_of_their_payload_are_compared_by_it(
+    backend: Backend,
+) -> None:
+    """Earlier versions gave each pulse with an id the digest of its payload, and
+    stores kept it: a replay is compared with that."""
+    store = backend.open(partitions=PARTITIONS)
+    old = pulse("a", "1", id="x")
+    stamped = msgspec.structs.replace(pulse("a", "2", id="y"), ts_given=True)
+    digested = [
+        msgspec.structs.replace(p, fingerprint=payload_digest(p)) for p in (old, stamped)
+    ]
+    assert write(store, digested) == ["accepted"] * 2
+    replays = [
+        pulse("a", "1", id="x", ts=T0 + HOUR),
+        stamped,
+        pulse("a", "1.5", id="x"),
+        msgspec.structs.replace(old, ts_given=True),
+        msgspec.structs.replace(stamped, ts=stamped.ts + 1),
+    ]
+    expected = ["duplicate", "duplicate", "conflict", "conflict", "conflict"]
+    assert write(store, replays) == expected
+    store.close()
+    store = backend.open(partitions=PARTITIONS)
+    try:
+        assert write(store, replays) == expected
+    finally:
+        store.close()
 
 
 def test_id_less_pulses_are_each_counted_and_named_by_their_store(store: Store) -> None:

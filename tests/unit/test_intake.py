@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from ingestor.clock import epoch_us
 from ingestor.errors import RequestError
 from ingestor.intake import Intake, Rules, decode_pulses
-from ingestor.model import IngestItem, Pulse
+from ingestor.model import IngestItem, Pulse, payload_digest, same_payload
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -785,15 +785,18 @@ BASE = {
 }
 
 
-def fingerprint(body: bytes) -> bytes:
+def replay(body: bytes) -> Pulse:
+    """The pulse of `body`, which has a client id: intake leaves its digest to the
+    stores, which compare a replay with the pulse itself (`same_payload`), or
+    with the digest an earlier version kept (`payload_digest`)."""
     p = accept(body)
     assert p.client_id is True
-    assert p.fingerprint
-    return p.fingerprint
+    assert p.fingerprint == b""
+    return p
 
 
-def test_fingerprint_ignores_how_the_payload_is_written() -> None:
-    reference = fingerprint(with_number(BASE, "1.5"))
+def test_a_payload_is_the_same_however_it_is_written() -> None:
+    reference = replay(with_number(BASE, "1.5"))
     spellings = [
         encode({**BASE, "used_amount": "1.50"}),
         encode({**BASE, "used_amount": "1.5"}),
@@ -806,7 +809,10 @@ def test_fingerprint_ignores_how_the_payload_is_written() -> None:
         b'{ "used_amount" : 1.5 ,\n' + encode(BASE)[1:],
     ]
     for body in spellings:
-        assert fingerprint(body) == reference, body
+        p = replay(body)
+        assert same_payload(reference, p), body
+        assert same_payload(payload_digest(reference), p), body
+        assert payload_digest(p) == payload_digest(reference), body
 
 
 @pytest.mark.parametrize(
@@ -821,10 +827,29 @@ def test_fingerprint_ignores_how_the_payload_is_written() -> None:
         {"timestamp": DROP},
     ],
 )
-def test_fingerprint_differs_when_the_payload_differs(change: dict[str, object]) -> None:
-    reference = fingerprint(encode({**BASE, "used_amount": "1.5"}))
+def test_a_payload_differs_when_a_field_does(change: dict[str, object]) -> None:
+    reference = replay(encode({**BASE, "used_amount": "1.5"}))
     changed = {k: v for k, v in {**BASE, "used_amount": "1.5", **change}.items() if v is not DROP}
-    assert fingerprint(encode(changed)) != reference
+    p = replay(encode(changed))
+    assert not same_payload(reference, p)
+    assert not same_payload(p, reference)
+    assert not same_payload(payload_digest(reference), p)
+    assert payload_digest(p) != payload_digest(reference)
+
+
+def test_a_replay_without_a_timestamp_is_the_same_payload_received_later() -> None:
+    without = {k: v for k, v in BASE.items() if k != "timestamp"}
+    body = encode({**without, "used_amount": "1.5"})
+    first = decode(body, now=NOW).pulses[0][1]
+    later = decode(body, now=NOW + dt.timedelta(hours=1)).pulses[0][1]
+    assert first.ts != later.ts
+    assert same_payload(first, later)
+    # The moment it was received is no timestamp of the client's.
+    received = (EPOCH + first.ts * MICRO).isoformat()
+    stamped = replay(encode({**without, "used_amount": "1.5", "timestamp": received}))
+    assert stamped.ts == first.ts
+    assert not same_payload(first, stamped)
+    assert not same_payload(stamped, first)
 
 
 def test_pulses_are_grouped_by_tenant_in_request_order() -> None:
@@ -866,16 +891,17 @@ def test_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (p.tenant_id, p.product_sku, p.use_unit) == ("t3", "sku1", "api_call")
 
 
-def test_fingerprint_is_the_one_stores_already_hold() -> None:
-    """Stores keep fingerprints of the ids they have seen: a replay sent after an
-    upgrade must find the same bytes, so their recipe may never change."""
+def test_the_digest_is_the_one_stores_already_hold() -> None:
+    """Stores of earlier versions kept a digest of the payload of each id they saw:
+    a replay sent after an upgrade must give the same bytes, so the recipe may
+    never change."""
     ts = us(dt.datetime(2026, 3, 15, 10, tzinfo=UTC))
     recipe = f"sku1\x00api_call\x00{1_500_000_000}\x00{ts}".encode()
-    assert fingerprint(encode({**BASE, "used_amount": "1.5"})) == (
+    assert payload_digest(replay(encode({**BASE, "used_amount": "1.5"}))) == (
         hashlib.blake2b(recipe, digest_size=16).digest()
     )
     without = {k: v for k, v in BASE.items() if k != "timestamp"}
     recipe = f"sku1\x00api_call\x00{1_500_000_000}\x00None".encode()
-    assert fingerprint(encode({**without, "used_amount": "1.5"})) == (
+    assert payload_digest(replay(encode({**without, "used_amount": "1.5"}))) == (
         hashlib.blake2b(recipe, digest_size=16).digest()
     )
