@@ -254,8 +254,41 @@ def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
         new = msgspec.structs.replace(replayed[0], pulse_id="new")
         assert store.write_pulses(partition, [new], 9) == ["accepted"]
         store.purge(partition, 0)
-        assert indexed_digests(path)["t\x1fnew"] == b""  # compared with its log row's pulse
+        digests = indexed_digests(path)
+        assert digests["t\x1fnew"] == b""  # compared with its log row's pulse
+        assert digests["t\x1frecent"] == payload_digest(replayed[1])
         assert store.write_pulses(partition, [new, *replayed], 9) == ["duplicate"] * 3
         assert totals(store) == {"t": (format_nanos(10 + 20 + 10), 3)}
+    finally:
+        store.close()
+
+
+def test_digests_of_a_version_3_store_go_into_the_index_with_a_sliced_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "store"
+    store = open_store(directory)
+    partition = sqlite_store.partition_of("t", 2)
+    old = [
+        msgspec.structs.replace(pulse("t", n, f"old{n}"), fingerprint=b"") for n in range(1, 6)
+    ]
+    store.write_pulses(partition, old, 7)
+    store.close()
+    as_version_3(directory / "store.sqlite")
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 8)
+    monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 3)
+    store = open_store(directory)
+    try:
+        for n in range(6):  # 5 old ids and 3 new ones start a merge of 3 slices
+            new = msgspec.structs.replace(old[0], pulse_id=f"new{n}")
+            assert store.write_pulses(partition, [new], 9) == ["accepted"]
+        assert store._merging is None
+        digests = indexed_digests(directory / "store.sqlite")
+        assert {key: digests[key] for key in digests if "old" in key} == {
+            f"t\x1f{p.pulse_id}": payload_digest(p) for p in old
+        }
+        assert store.write_pulses(partition, old[:2], 9) == ["duplicate"] * 2
+        other = msgspec.structs.replace(old[2], nanos=7)
+        assert store.write_pulses(partition, [other], 9) == ["conflict"]
     finally:
         store.close()

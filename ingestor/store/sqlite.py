@@ -260,6 +260,10 @@ SELECT i.id_key, i.fingerprint, i.seq
 FROM json_each(?) AS j JOIN pulse_ids AS i ON i.id_key = j.value
 """
 
+# A merge: the recent ids, then the digests among them (see `_MergePlan`).
+_INSERT_IDS = "INSERT OR IGNORE INTO pulse_ids (id_key, seq, fingerprint) VALUES (?, ?, x'')"
+_SET_DIGESTS = "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?"
+
 _BUCKET_COLUMNS = (
     "day, tenant_id, product_sku, use_unit, used_amount, pulse_count,"
     " committed_amount, committed_count, revision"
@@ -535,9 +539,10 @@ class _Partition:
         self.folded_key = f"buckets_seq/{index}"
         # Under the file's write_lock: client ids of this partition's log
         # rows after `merged_seq`, up to `seen_seq`, keyed by `_id_key`, each
-        # its log row's seq (8 bytes), followed by the digest of its payload
-        # if an earlier version stored it (see `_known_ids`).
-        self.recent: dict[str, bytes] = {}
+        # the seq of its log row; in `digests`, those whose pulse an earlier
+        # version gave the digest of its payload, with it (see `_known_ids`).
+        self.recent: dict[str, int] = {}
+        self.digests: dict[str, bytes] = {}
         self.seen_seq = 0
         # Our log rows after `seen_seq` whose ids and deltas are in memory
         # already: written while rows of other processes before them were not
@@ -864,7 +869,7 @@ class SQLiteStore:
             outcomes: list[Outcome]
             accepted: Sequence[Pulse]
             if ids:
-                outcomes = resolve(pulses, _known_ids(conn, part.recent, pulses))
+                outcomes = resolve(pulses, _known_ids(conn, part, pulses))
                 accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
             else:  # no id to look up: each pulse is new
                 outcomes, accepted = ["accepted"] * len(pulses), pulses
@@ -910,15 +915,13 @@ class SQLiteStore:
                 _catch_up(conn, other, self._file.data_version())
             plan = self._merging = _MergePlan(self._parts)
         end = min(plan.done + _MERGE_CHUNK, len(plan.rows))
-        conn.executemany(
-            "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)",
-            [row[:3] for row in plan.rows[plan.done : end]],
-        )
+        conn.executemany(_INSERT_IDS, plan.rows[plan.done : end])
         if end < len(plan.rows):
             self._file.on_commit(lambda: setattr(plan, "done", end))
             return
         # The last slice: every id up to the marks is in the index. Another
         # process may have merged further meanwhile; a mark never goes back.
+        conn.executemany(_SET_DIGESTS, plan.digests)
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
             " SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))"
@@ -929,10 +932,9 @@ class SQLiteStore:
             self._file.touch(part)
 
         def merged() -> None:
-            for key, _, _, index in plan.rows:
-                self._parts[index].recent.pop(key, None)
             for part, mark in plan.marks.items():
                 part.merged_seq = max(part.merged_seq, mark)
+                _forget_merged(part)
             self._merging = None
             fcntl.flock(self._merge_fd, fcntl.LOCK_UN)
 
@@ -1286,6 +1288,7 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition, version: int) -> None:
     ids_ahead = deltas_ahead = part.ahead
     if merged != part.merged_seq:  # another process merged, or our merge rolled back
         part.recent.clear()
+        part.digests.clear()
         part.merged_seq = ids_after = merged
         ids_ahead = set()
     if folded != part.folded_seq:  # another process folded
@@ -1308,7 +1311,7 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition, version: int) -> None:
                 continue
             pulses = _decode_pulses(body)
             if ids:
-                _add_ids(part.recent, seq, pulses)
+                _add_ids(part, seq, pulses)
             if deltas:
                 _add_pulses(part, seq, pulses)
     except BaseException:
@@ -1406,6 +1409,7 @@ def _forget(part: _Partition) -> None:
     """Drop a partition's memory: the next `_catch_up` rebuilds it from the file."""
     part.ahead = set()
     part.recent.clear()
+    part.digests.clear()
     part.pending.clear()
     part.days.clear()
     part.pending_since = None
@@ -1477,7 +1481,7 @@ def _remember(
     in memory yet: it is held `ahead` until they are.
     """
     if ids:
-        _add_ids(part.recent, seq, accepted)
+        _add_ids(part, seq, accepted)
     if part.keeps:
         _add_pulses(part, seq, accepted)
     if behind:
@@ -1486,12 +1490,23 @@ def _remember(
         part.seen_seq = seq
 
 
-def _add_ids(recent: dict[str, bytes], seq: int, pulses: Sequence[Pulse]) -> None:
-    """The client ids of log row `seq` into `recent` (see `_Partition.recent`)."""
-    row = seq.to_bytes(8, "big")
+def _add_ids(part: _Partition, seq: int, pulses: Sequence[Pulse]) -> None:
+    """The client ids of log row `seq` into memory (see `_Partition.recent`)."""
+    recent = part.recent
     for p in pulses:
         if p.client_id:
-            recent[_id_key(p.tenant_id, p.pulse_id)] = row + p.fingerprint
+            key = _id_key(p.tenant_id, p.pulse_id)
+            recent[key] = seq
+            if p.fingerprint:
+                part.digests[key] = p.fingerprint
+
+
+def _forget_merged(part: _Partition) -> None:
+    """Drop from memory the ids that `pulse_ids` holds: those up to `merged_seq`."""
+    mark = part.merged_seq
+    part.recent = {key: seq for key, seq in part.recent.items() if seq > mark}
+    if part.digests:
+        part.digests = {key: d for key, d in part.digests.items() if key in part.recent}
 
 
 def _add_pulses(part: _Partition, seq: int, pulses: Sequence[Pulse]) -> None:
@@ -1566,18 +1581,18 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
 class _MergePlan:
     """A merge of recent ids into `pulse_ids`, run a slice per transaction.
 
-    `rows` is every partition's recent ids when it was planned, sorted by
-    key: (id_key, fingerprint, seq, partition index); `marks`, how far each
+    `rows` is every partition's recent ids when it was planned, sorted:
+    (id_key, seq), as `_INSERT_IDS` takes them; `digests`, the payload
+    digests among them, as `_SET_DIGESTS` takes them; `marks`, how far each
     partition's log they cover. The ids stay in memory until the last slice
     has committed, so a lookup finds each of them somewhere all along.
     """
 
     def __init__(self, parts: Sequence[_Partition]) -> None:
-        self.rows = sorted(
-            (key, value[8:], int.from_bytes(value[:8], "big"), part.index)
-            for part in parts
-            for key, value in part.recent.items()
-        )
+        # Keys are unique across partitions (a tenant has one): sorted as
+        # pairs, they are sorted by key, all in C.
+        self.rows = sorted(itertools.chain.from_iterable(p.recent.items() for p in parts))
+        self.digests = [(digest, key) for p in parts for key, digest in p.digests.items()]
         self.marks = {part: part.seen_seq for part in parts}
         self.done = 0  # rows inserted by committed transactions
 
@@ -1589,13 +1604,9 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     If that transaction rolls back, the watermarks stay behind the memory's,
     and the next `_catch_up` rebuilds memory from the log.
     """
-    rows = [
-        (key, value[8:], int.from_bytes(value[:8], "big"))
-        for key, value in sorted(itertools.chain.from_iterable(p.recent.items() for p in parts))
-    ]
-    conn.executemany(
-        "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)", rows
-    )
+    plan = _MergePlan(parts)
+    conn.executemany(_INSERT_IDS, plan.rows)
+    conn.executemany(_SET_DIGESTS, plan.digests)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1603,11 +1614,12 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     )
     for part in parts:
         part.recent.clear()
+        part.digests.clear()
         part.merged_seq = part.seen_seq
 
 
 def _known_ids(
-    conn: sqlite3.Connection, recent: dict[str, bytes], pulses: Sequence[Pulse]
+    conn: sqlite3.Connection, part: _Partition, pulses: Sequence[Pulse]
 ) -> dict[tuple[str, str], Pulse | bytes]:
     """What `resolve` compares each known client id among `pulses` with: the pulse
     stored with it, read from its log row, or the digest of its payload, which
@@ -1615,16 +1627,17 @@ def _known_ids(
     known: dict[tuple[str, str], Pulse | bytes] = {}
     missing: list[str] = []
     rows: dict[int, set[tuple[str, str]]] = {}  # log row -> known ids stored in it
+    recent, digests = part.recent, part.digests
     for p in pulses:
         if p.client_id:
             key = _id_key(p.tenant_id, p.pulse_id)
-            value = recent.get(key)
-            if value is None:
+            seq = recent.get(key)
+            if seq is None:
                 missing.append(key)
-            elif len(value) > 8:
-                known[(p.tenant_id, p.pulse_id)] = value[8:]
+            elif digests and key in digests:
+                known[(p.tenant_id, p.pulse_id)] = digests[key]
             else:
-                rows.setdefault(int.from_bytes(value, "big"), set()).add((p.tenant_id, p.pulse_id))
+                rows.setdefault(seq, set()).add((p.tenant_id, p.pulse_id))
     if missing:
         # One statement, whatever the count: the keys go in as one JSON
         # array, and each is looked up through the primary key.
