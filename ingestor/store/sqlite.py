@@ -168,7 +168,7 @@ _UPGRADABLE = (2, 3)  # the earlier versions `_upgrade` brings to this one
 _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
-_MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~4 MB)
+_MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~2 MB)
 _MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction
 _MERGE_ALONE_AT = 4 * _MERGE_AT  # ... that start a merge even while another process merges
 # How long logged deltas may wait before the writer folds them. Partitions
