@@ -868,9 +868,16 @@ class SQLiteStore:
             self._merge_slice(conn)
             outcomes: list[Outcome]
             accepted: Sequence[Pulse]
+            keys: list[str] | None = None  # the accepted pulses' `_id_key`s, made once
             if ids:
-                outcomes = resolve(pulses, _known_ids(conn, part, pulses))
+                known, looked_up = _known_ids(conn, part, pulses)
+                outcomes = resolve(pulses, known)
                 accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+                keys = [
+                    key
+                    for key, o in zip(looked_up, outcomes, strict=True)
+                    if o == "accepted" and key is not None
+                ]
             else:  # no id to look up: each pulse is new
                 outcomes, accepted = ["accepted"] * len(pulses), pulses
             if not accepted:
@@ -886,7 +893,7 @@ class SQLiteStore:
             assert seq is not None
             if fold:
                 _fold(conn, part)
-            part.on_commit(lambda: _remember(part, seq, accepted, behind, ids))
+            part.on_commit(lambda: _remember(part, seq, accepted, behind, keys))
         return outcomes
 
     def _lock_merges(self) -> bool:
@@ -1471,17 +1478,17 @@ def _unfolded_buckets(
 
 
 def _remember(
-    part: _Partition, seq: int, accepted: Sequence[Pulse], behind: bool, ids: bool
+    part: _Partition, seq: int, accepted: Sequence[Pulse], behind: bool, keys: list[str] | None
 ) -> None:
-    """After log row `seq` is durable: its client ids (if it has `ids`) and bucket
-    deltas join memory.
+    """After log row `seq` is durable: its client ids (the `_id_key`s `keys`, None
+    if it has none) and bucket deltas join memory.
 
     What `_catch_up` would read back from that row, without reading it. If
     memory was `behind` the log when it was written, rows before it are not
     in memory yet: it is held `ahead` until they are.
     """
-    if ids:
-        _add_ids(part, seq, accepted)
+    if keys is not None:
+        _add_ids(part, seq, accepted, keys)
     if part.keeps:
         _add_pulses(part, seq, accepted)
     if behind:
@@ -1490,15 +1497,18 @@ def _remember(
         part.seen_seq = seq
 
 
-def _add_ids(part: _Partition, seq: int, pulses: Sequence[Pulse]) -> None:
-    """The client ids of log row `seq` into memory (see `_Partition.recent`)."""
-    recent = part.recent
-    for p in pulses:
-        if p.client_id:
-            key = _id_key(p.tenant_id, p.pulse_id)
-            recent[key] = seq
-            if p.fingerprint:
-                part.digests[key] = p.fingerprint
+def _add_ids(
+    part: _Partition, seq: int, pulses: Sequence[Pulse], keys: list[str] | None = None
+) -> None:
+    """The client ids of log row `seq`, whose `_id_key`s are `keys` if the caller
+    has them, into memory (see `_Partition.recent`)."""
+    if keys is None:
+        keys = [_id_key(p.tenant_id, p.pulse_id) for p in pulses if p.client_id]
+    part.recent.update(zip(keys, itertools.repeat(seq)))
+    if any(p.fingerprint for p in pulses):  # stored by an earlier version
+        part.digests.update(
+            (_id_key(p.tenant_id, p.pulse_id), p.fingerprint) for p in pulses if p.fingerprint
+        )
 
 
 def _forget_merged(part: _Partition) -> None:
@@ -1620,24 +1630,29 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
 
 def _known_ids(
     conn: sqlite3.Connection, part: _Partition, pulses: Sequence[Pulse]
-) -> dict[tuple[str, str], Pulse | bytes]:
+) -> tuple[dict[tuple[str, str], Pulse | bytes], list[str | None]]:
     """What `resolve` compares each known client id among `pulses` with: the pulse
     stored with it, read from its log row, or the digest of its payload, which
-    earlier versions kept with each id. Memory first, then the index."""
+    earlier versions kept with each id. Memory first, then the index. And the
+    `_id_key` of each pulse, None for one without a client id."""
     known: dict[tuple[str, str], Pulse | bytes] = {}
+    keys: list[str | None] = []
     missing: list[str] = []
     rows: dict[int, set[tuple[str, str]]] = {}  # log row -> known ids stored in it
     recent, digests = part.recent, part.digests
     for p in pulses:
-        if p.client_id:
-            key = _id_key(p.tenant_id, p.pulse_id)
-            seq = recent.get(key)
-            if seq is None:
-                missing.append(key)
-            elif digests and key in digests:
-                known[(p.tenant_id, p.pulse_id)] = digests[key]
-            else:
-                rows.setdefault(seq, set()).add((p.tenant_id, p.pulse_id))
+        if not p.client_id:
+            keys.append(None)
+            continue
+        key = _id_key(p.tenant_id, p.pulse_id)
+        keys.append(key)
+        seq = recent.get(key)
+        if seq is None:
+            missing.append(key)
+        elif digests and key in digests:
+            known[(p.tenant_id, p.pulse_id)] = digests[key]
+        else:
+            rows.setdefault(seq, set()).add((p.tenant_id, p.pulse_id))
     if missing:
         # One statement, whatever the count: the keys go in as one JSON
         # array, and each is looked up through the primary key.
@@ -1659,7 +1674,7 @@ def _known_ids(
                     known[(p.tenant_id, p.pulse_id)] = p
         if rows:  # purge takes an id with its row, in one transaction
             raise StoreError(f"write pulses: log rows {sorted(rows)} of known ids are missing")
-    return known
+    return known, keys
 
 
 def _bucket_state(row: tuple[Any, ...]) -> BucketState:
