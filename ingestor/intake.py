@@ -163,18 +163,23 @@ def _item_id(raw: bytes) -> str | None:
 
 
 def _build(
-    decoded: Iterable[Decoded | tuple[bytes, str]],
+    decoded: Iterable[tuple[int, Decoded]],
     rules: Rules,
     now_us: int,
+    *,
     single: bool,
+    total: int,
+    rejected: Iterable[IngestItem] = (),
 ) -> Intake:
-    """Turn decoded pulses into `Pulse` values, and the others into reports.
+    """Turn decoded pulses, each with its index in the request, into `Pulse` values;
+    the reports of those that are not valid join `rejected`, those of the request's
+    `total` pulses that did not decode.
 
     One loop, with nothing per pulse that a request can do once: this is
     the request path's one Python loop over every pulse.
     """
     tenants: dict[str, tuple[list[int], list[Pulse]]] = {}
-    items: list[IngestItem] = []
+    items = list(rejected)
     oldest = now_us - rules.late_window_us
     newest = now_us + rules.future_skew_us
     today: dict[str, str] = {}  # a tenant's billing day now: that of pulses without a timestamp
@@ -183,12 +188,7 @@ def _build(
     name = rules.names.setdefault
     known_nanos = KNOWN_NANOS.get
     ids = False
-    index = -1
-    for index, p in enumerate(decoded):
-        if isinstance(p, tuple):
-            raw, reason = p
-            items.append(IngestItem(index, "rejected", _item_id(raw), reason))
-            continue
+    for index, p in decoded:
         tenant = name(p.tenant_id, p.tenant_id)
         try:
             amount = p.used_amount
@@ -227,7 +227,8 @@ def _build(
             group = tenants[tenant] = ([], [])
         group[0].append(index)
         group[1].append(pulse)
-    return Intake(tenants, items, index + 1, single, ids)
+    items.sort(key=lambda item: item.index)  # both kinds of report, in request order
+    return Intake(tenants, items, total, single, ids)
 
 
 def _may_hide_controls(body: bytes) -> bool:
@@ -255,20 +256,28 @@ _many_fast = _text_first(_many_text, _many_plain)
 
 
 def _one_by_one(
-    raws: Iterable[bytes], decode: Decode[Decoded], max_line: int | None = None
-) -> Iterable[Decoded | tuple[bytes, str]]:
-    for raw in raws:
+    raws: Sequence[bytes], decode: Decode[Decoded], max_line: int | None = None
+) -> tuple[list[tuple[int, Decoded]], list[IngestItem]]:
+    """Each of `raws` decoded alone: (index, pulse) of those that decode, and the
+    reports of those that do not."""
+    decoded: list[tuple[int, Decoded]] = []
+    rejected: list[IngestItem] = []
+    for index, raw in enumerate(raws):
         if max_line is not None and len(raw) > max_line:
-            yield b"", f"line longer than {max_line} bytes (max_line_bytes)"
+            reason = f"line longer than {max_line} bytes (max_line_bytes)"
+            rejected.append(IngestItem(index, "rejected", None, reason))
             continue
         try:
-            yield decode(raw)
+            decoded.append((index, decode(raw)))
+            continue
         except msgspec.ValidationError as exc:
-            yield raw, _validation_message(exc)
+            reason = _validation_message(exc)
         except (msgspec.DecodeError, UnicodeDecodeError):
-            yield raw, "not valid JSON"
+            reason = "not valid JSON"
         except RecursionError:
-            yield raw, _TOO_DEEP
+            reason = _TOO_DEEP
+        rejected.append(IngestItem(index, "rejected", _item_id(raw), reason))
+    return decoded, rejected
 
 
 def media_type(content_type: str | None) -> str:
@@ -300,12 +309,13 @@ def decode_pulses(
     start = body.lstrip()[:1]
     if start == b"{":
         try:
-            return _build([one(body)], rules, now_us, single=True)
+            return _build([(0, one(body))], rules, now_us, single=True, total=1)
         except msgspec.ValidationError as exc:
             # Typed decoding stops at the first bad field; the body may also
             # be broken JSON further on, which is a 400, not a bad pulse.
             _require_json(body)
-            return _build([(body, _validation_message(exc))], rules, now_us, single=True)
+            report = IngestItem(0, "rejected", _item_id(body), _validation_message(exc))
+            return _build((), rules, now_us, single=True, total=1, rejected=[report])
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if start != b"[":
@@ -323,7 +333,7 @@ def decode_pulses(
         pass
     else:
         _limit(len(many), rules)
-        return _build(many, rules, now_us, single=False)
+        return _build(enumerate(many), rules, now_us, single=False, total=len(many))
     try:
         raws = _raw_list.decode(body)
     except msgspec.MsgspecError as exc:
@@ -331,7 +341,8 @@ def decode_pulses(
     except RecursionError:
         raise RequestError(400, "invalid_json", f"body is {_TOO_DEEP}") from None
     _limit(len(raws), rules)
-    return _build(_one_by_one(raws, one), rules, now_us, single=False)
+    decoded, rejected = _one_by_one(raws, one)
+    return _build(decoded, rules, now_us, single=False, total=len(raws), rejected=rejected)
 
 
 def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None) -> Intake:
@@ -340,7 +351,8 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None)
     lines = [line for line in body.splitlines() if line.strip()]
     _limit(len(lines), rules)
     one = _one if _may_hide_controls(body) else _one_fast
-    return _build(_one_by_one(lines, one, max_line), rules, now_us, single=False)
+    decoded, rejected = _one_by_one(lines, one, max_line)
+    return _build(decoded, rules, now_us, single=False, total=len(lines), rejected=rejected)
 
 
 def _require_json(body: bytes) -> None:
