@@ -123,7 +123,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -871,13 +871,17 @@ class SQLiteStore:
             keys: list[str] | None = None  # the accepted pulses' `_id_key`s, made once
             if ids:
                 known, looked_up = _known_ids(conn, part, pulses)
-                outcomes = resolve(pulses, known)
-                accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
-                keys = [
-                    key
-                    for key, o in zip(looked_up, outcomes, strict=True)
-                    if o == "accepted" and key is not None
-                ]
+                if known or None in looked_up or len(set(looked_up)) < len(looked_up):
+                    outcomes = resolve(pulses, known)
+                    accepted = [p for p, o in zip(pulses, outcomes, strict=True) if o == "accepted"]
+                    keys = [
+                        key
+                        for key, o in zip(looked_up, outcomes, strict=True)
+                        if o == "accepted" and key is not None
+                    ]
+                else:  # each pulse has an id, neither stored nor repeated here: all are new
+                    outcomes, accepted = ["accepted"] * len(pulses), pulses
+                    keys = cast(list[str], looked_up)
             else:  # no id to look up: each pulse is new
                 outcomes, accepted = ["accepted"] * len(pulses), pulses
             if not accepted:
