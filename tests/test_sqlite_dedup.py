@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -25,6 +26,7 @@ from ingestor.money import parse_nanos
 from ingestor.store.sqlite import SQLiteStore
 
 DAY = "2026-11-28"
+T = TypeVar("T")
 
 
 def pulse(pulse_id: str, amount: int = 1, tenant: str = "t") -> Pulse:
@@ -192,7 +194,9 @@ def test_a_lone_writer_never_reads_its_own_log_back(
 ) -> None:
     """Ids of a committed write join memory directly; the log is read only when
     another connection has committed since, and where an id comes again, the
-    one row holding its pulse, to compare the two."""
+    one row holding its pulse, to compare the two. Another process's rows are
+    decoded only for the deltas of the partitions it keeps: their ids come
+    in a column of their own (`_id_keys`)."""
     a, b = stores
     a.write_pulses(0, [pulse("one")], 0)
     reads: list[list[str]] = []
@@ -210,11 +214,13 @@ def test_a_lone_writer_never_reads_its_own_log_back(
     assert reads == [["one"], ["two"]]
     reads.clear()
     assert b.write_pulses(0, [pulse("three"), pulse("two")], 0) == ["accepted", "duplicate"]
-    # b read a's rows, then the one holding "two" again.
-    assert reads == [["one"], ["two"], ["four"], ["two"]]
+    # b read a's rows if it keeps their deltas, then the one holding "two" again.
+    caught_up = [["one"], ["two"], ["four"]] if b._parts[0].keeps else []
+    assert reads == [*caught_up, ["two"]]
     reads.clear()
     assert a.write_pulses(0, [pulse("three")], 0) == ["duplicate"]
-    assert reads == [["three"], ["three"]]  # a read b's row, then again to compare
+    caught_up = [["three"]] if a._parts[0].keeps else []
+    assert reads == [*caught_up, ["three"]]  # and again to compare
 
 
 # -- bucket totals folded from the log ----------------------------------------------
@@ -469,6 +475,11 @@ def test_another_process_decodes_a_row_for_its_ids_only_if_it_may_hold_one(
             return found
 
         monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        # As rows written before their id keys had a column of their own.
+        conn = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+        with conn:
+            conn.execute("UPDATE pulse_log SET ids = NULL")
+        conn.close()
         with workers[0].writing_together():
             pass  # reads all the other has logged
         # p3's tenant holds `,true,`, which a row of schema version 2 was searched
@@ -476,6 +487,44 @@ def test_another_process_decodes_a_row_for_its_ids_only_if_it_may_hold_one(
         assert sorted(decoded) == [["p4", "theirs"], ["p5"]]
         assert workers[0].write_pulses(1, [pulse("theirs")], 0) == ["duplicate"]
         assert totals(workers[0]) == totals(other) == (6, 6)
+    finally:
+        for store in workers:
+            store.close()
+
+
+def test_another_process_takes_a_rows_ids_from_their_column_without_decoding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 0 does not keep partition 1's deltas: it decodes none of worker 1's
+    rows there, and knows their ids from the keys each row carries (`_id_keys`);
+    a row whose pulse brings a digest has none, and is decoded."""
+    workers = [
+        SQLiteStore.open(
+            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
+        )
+        for i in (0, 1)
+    ]
+    try:
+        other = workers[1]
+        other.write_pulses(1, [pulse("a"), plain("p1"), pulse("b")], 0)
+        digested = msgspec.structs.replace(pulse("c"), fingerprint=b"digest")
+        other.write_pulses(1, [digested], 0)
+        decoded: list[list[str]] = []
+        decode_row = sqlite_store._decode_pulses
+
+        def decode(body: bytes) -> list[Pulse]:
+            found = decode_row(body)
+            decoded.append([p.pulse_id for p in found])
+            return found
+
+        monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        with workers[0].writing_together():
+            pass  # reads all the other has logged
+        assert decoded == [["c"]]
+        assert sorted(workers[0]._parts[1].recent) == ["t\x1fa", "t\x1fb", "t\x1fc"]
+        assert workers[0]._parts[1].digests == {"t\x1fc": b"digest"}
+        outcomes = workers[0].write_pulses(1, [pulse("a"), pulse("b", 2), digested], 0)
+        assert outcomes == ["duplicate", "conflict", "duplicate"]
     finally:
         for store in workers:
             store.close()
@@ -553,19 +602,23 @@ def test_a_catch_up_that_fails_midway_counts_nothing_twice(
     b.write_pulses(0, [pulse("first", 1)], 0)
     a.write_pulses(0, [pulse("x", 5)], 0)
     a.write_pulses(0, [pulse("y", 7)], 0)
-    decode = sqlite_store._decode_pulses
     calls: list[int] = []
 
-    def failing_second(body: bytes) -> list[Pulse]:
-        calls.append(1)
-        if len(calls) == 2:  # b has added the first of a's rows, not the second
-            raise sqlite3.OperationalError("injected")
-        return decode(body)
+    def failing_second(read: Callable[[bytes], T]) -> Callable[[bytes], T]:
+        def second_fails(body: bytes) -> T:
+            calls.append(1)
+            if len(calls) == 2:  # b has taken in part of a's rows, not all
+                raise sqlite3.OperationalError("injected")
+            return read(body)
 
-    monkeypatch.setattr(sqlite_store, "_decode_pulses", failing_second)
-    with pytest.raises(StoreError, match="injected"):
-        b.write_pulses(0, [pulse("z", 11)], 0)
-    monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        return second_fails
+
+    with monkeypatch.context() as patch:
+        # A row's ids come from its column, its deltas from its pulses.
+        for name in ("_decode_pulses", "_unpack_keys"):
+            patch.setattr(sqlite_store, name, failing_second(getattr(sqlite_store, name)))
+        with pytest.raises(StoreError, match="injected"):
+            b.write_pulses(0, [pulse("z", 11)], 0)
     assert b.write_pulses(0, [pulse("x", 5), pulse("z", 11)], 0) == ["duplicate", "accepted"]
     assert totals(b) == (1 + 5 + 7 + 11, 4)
     assert totals(a) == (1 + 5 + 7 + 11, 4)

@@ -70,6 +70,7 @@ def as_version_2(path: Path) -> int:
             ],
         )
         conn.execute("DROP TABLE pulse_spans")
+        conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
         conn.execute("PRAGMA user_version = 2")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
@@ -211,6 +212,7 @@ def as_version_3(path: Path) -> None:
                     if p.client_id
                 ],
             )
+        conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
         conn.execute("PRAGMA user_version = 3")
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
