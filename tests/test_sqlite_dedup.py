@@ -39,6 +39,29 @@ def open_store(directory: Path, worker: tuple[int, int] = (0, 1)) -> SQLiteStore
     return SQLiteStore.open(directory, partitions=1, durability="os", busy_timeout=5, worker=worker)
 
 
+def spy_decodes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """From now on, the pulse ids of each log row the store decodes, in turn."""
+    decoded: list[list[str]] = []
+    decode_row = sqlite_store._decode_pulses
+
+    def decode(body: bytes) -> list[Pulse]:
+        found = decode_row(body)
+        decoded.append([p.pulse_id for p in found])
+        return found
+
+    monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+    return decoded
+
+
+def two_workers(directory: Path) -> list[SQLiteStore]:
+    """Workers 0 and 1 of two on a store of two partitions: 0 keeps partition 0's
+    deltas, 1 partition 1's."""
+    return [
+        SQLiteStore.open(directory, partitions=2, durability="os", busy_timeout=5, worker=(i, 2))
+        for i in (0, 1)
+    ]
+
+
 # Partition 0 is kept by worker index 0 of any count.
 SHARES = {
     "both keep": ((0, 1), (0, 1)),
@@ -199,15 +222,7 @@ def test_a_lone_writer_never_reads_its_own_log_back(
     in a column of their own (`_id_keys`)."""
     a, b = stores
     a.write_pulses(0, [pulse("one")], 0)
-    reads: list[list[str]] = []
-    decode = sqlite_store._decode_pulses
-
-    def counted(body: bytes) -> list[Pulse]:
-        found = decode(body)
-        reads.append([p.pulse_id for p in found])
-        return found
-
-    monkeypatch.setattr(sqlite_store, "_decode_pulses", counted)
+    reads = spy_decodes(monkeypatch)
     assert a.write_pulses(0, [pulse("two"), pulse("one")], 0) == ["accepted", "duplicate"]
     assert a.write_pulses(0, [pulse("two")], 0) == ["duplicate"]
     assert a.write_pulses(0, [pulse("four")], 0) == ["accepted"]
@@ -385,12 +400,7 @@ def log_rows(store: SQLiteStore, part: int) -> set[int]:
 def test_each_worker_keeps_the_deltas_of_its_share_of_partitions(tmp_path: Path) -> None:
     """Two workers: each adds up in memory the deltas of its partitions, its own
     pulses and the other's, and of the other partitions none, not even its own."""
-    workers = [
-        SQLiteStore.open(
-            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
-        )
-        for i in (0, 1)
-    ]
+    workers = two_workers(tmp_path / "s")
     try:
         for n, store in enumerate(workers):
             for part in (0, 1):
@@ -454,27 +464,14 @@ def test_another_process_decodes_a_row_for_its_ids_only_if_it_may_hold_one(
 ) -> None:
     """Worker 0 does not keep partition 1's deltas: of worker 1's rows there, it
     decodes only those that may hold an id, and still knows every id."""
-    workers = [
-        SQLiteStore.open(
-            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
-        )
-        for i in (0, 1)
-    ]
+    workers = two_workers(tmp_path / "s")
     try:
         other = workers[1]
         other.write_pulses(1, [plain("p1"), plain("p2")], 0)
         other.write_pulses(1, [Pulse("a,true,b", "sku", "unit", 1, "p3", False, 0, DAY, b"")], 0)
         other.write_pulses(1, [plain("p4"), pulse("theirs")], 0)
         other.write_pulses(0, [plain("p5")], 0)  # partition 0 is kept: its deltas are read
-        decoded: list[list[str]] = []
-        decode_row = sqlite_store._decode_pulses
-
-        def decode(body: bytes) -> list[Pulse]:
-            found = decode_row(body)
-            decoded.append([p.pulse_id for p in found])
-            return found
-
-        monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        decoded = spy_decodes(monkeypatch)
         # As rows written before their id keys had a column of their own.
         conn = sqlite3.connect(tmp_path / "s" / "store.sqlite")
         with conn:
@@ -498,26 +495,13 @@ def test_another_process_takes_a_rows_ids_from_their_column_without_decoding_it(
     """Worker 0 does not keep partition 1's deltas: it decodes none of worker 1's
     rows there, and knows their ids from the keys each row carries (`_id_keys`);
     a row whose pulse brings a digest has none, and is decoded."""
-    workers = [
-        SQLiteStore.open(
-            tmp_path / "s", partitions=2, durability="os", busy_timeout=5, worker=(i, 2)
-        )
-        for i in (0, 1)
-    ]
+    workers = two_workers(tmp_path / "s")
     try:
         other = workers[1]
         other.write_pulses(1, [pulse("a"), plain("p1"), pulse("b")], 0)
         digested = msgspec.structs.replace(pulse("c"), fingerprint=b"digest")
         other.write_pulses(1, [digested], 0)
-        decoded: list[list[str]] = []
-        decode_row = sqlite_store._decode_pulses
-
-        def decode(body: bytes) -> list[Pulse]:
-            found = decode_row(body)
-            decoded.append([p.pulse_id for p in found])
-            return found
-
-        monkeypatch.setattr(sqlite_store, "_decode_pulses", decode)
+        decoded = spy_decodes(monkeypatch)
         with workers[0].writing_together():
             pass  # reads all the other has logged
         assert decoded == [["c"]]
