@@ -66,7 +66,8 @@ plans of 80,000, against 22.6 for merges of 5,000. 20,000 keeps the
 memory and the sort that plans a merge small. Until the last slice commits, with the
 watermarks, the snapshot's ids stay in memory too. One process merges at
 a time, the one holding an flock of `merge.lock`: every process holds the
-others' recent ids too, and with two workers both merged the same ids,
+others' recent ids too (read from the `ids` of their log rows, see
+`_id_keys`), and with two workers both merged the same ids,
 the second finding each one already there. The others wait for the marks
 to move, unless their memory reaches `_MERGE_ALONE_AT` ids (the merging
 process is stuck): they merge then anyway, which INSERT OR IGNORE makes
@@ -1375,7 +1376,8 @@ def _id_keys(keys: list[str] | None, accepted: Sequence[Pulse]) -> bytes | None:
     making their keys were 17% of the GIL samples. NULL where the row has no
     client id, or a pulse brings the digest of its payload (see
     `_Partition.digests`): such a row is decoded for its ids, as rows written
-    before the column are."""
+    before the column are, and rows of a process that is the only worker
+    (`SQLiteStore._share_keys`)."""
     if not keys or any(p.fingerprint for p in accepted):
         return None
     return _pack_keys(keys)
