@@ -286,9 +286,8 @@ def _id_key(tenant_id: str, pulse_id: str) -> str:
 
 _encode = msgspec.json.Encoder().encode
 _decode_batch = msgspec.json.Decoder(Batch).decode
-_pack_seqs = msgspec.msgpack.Encoder().encode
+_pack = msgspec.msgpack.Encoder().encode  # a span's log rows, a log row's id keys
 _unpack_seqs = msgspec.msgpack.Decoder(list[int]).decode
-_pack_keys = _pack_seqs
 _unpack_keys = msgspec.msgpack.Decoder(list[str]).decode
 _POSITIONS = 1 << 20  # a GET /pulses cursor is seq * _POSITIONS + position in the log row
 T = TypeVar("T")
@@ -1380,7 +1379,7 @@ def _id_keys(keys: list[str] | None, accepted: Sequence[Pulse]) -> bytes | None:
     (`SQLiteStore._share_keys`)."""
     if not keys or any(p.fingerprint for p in accepted):
         return None
-    return _pack_keys(keys)
+    return _pack(keys)
 
 
 def _decode_pulses(body: bytes) -> list[Pulse]:
@@ -1408,7 +1407,7 @@ def _span_rows(
     """The `pulse_spans` rows of (tenant, day) `key` listing log rows `seqs`, ascending."""
     for start in range(0, len(seqs), _SPAN_MAX):
         chunk = seqs[start : start + _SPAN_MAX]
-        yield (*key, chunk[0], chunk[-1], _pack_seqs(chunk))
+        yield (*key, chunk[0], chunk[-1], _pack(chunk))
 
 
 def _spanned(
