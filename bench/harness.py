@@ -273,11 +273,16 @@ class Load:
     pulses_per_request: int = 0
 
     @staticmethod
-    def pulses(shape: str, count: int, ids: bool, connections: int) -> Load:
+    def pulses(
+        shape: str, count: int, ids: bool, connections: int, *, random_ids: bool = False
+    ) -> Load:
+        """`ids`: every pulse has a new id; `random_ids`: made of random digits, not
+        of a prefix and a counter (see lua/pulses.lua)."""
         prefix = secrets.token_hex(6)  # new per run: ids never repeat across runs
+        mode = ("random" if random_ids else "1") if ids else "0"
         return Load(
             "pulses.lua",
-            (shape, str(count), "1" if ids else "0", prefix, str(TENANTS)),
+            (shape, str(count), mode, prefix, str(TENANTS)),
             connections,
             count,
         )

@@ -1,18 +1,26 @@
 """Both stores side by side, one worker and two, in one run.
 
     .venv/bin/python bench/stores.py [--runs 3] [--duration 5] [--postgres URL]
+    .venv/bin/python bench/stores.py --stores sqlite --scenarios array1000-noids --connections 64
 
 For SQLite and PostgreSQL, with 1 and 2 worker processes: 1,000-pulse JSON
 arrays with and without new ids (16 connections) and single-pulse POSTs (64
-connections), durability fsync. The kernel spreads connections across
-workers by a hash of their addresses: of 4, all land on one worker one time
-in eight and three on one half the time; 16 leave each worker enough to
-stay busy whichever way they fall. One worker is pinned to one core; two
-workers get both cores, which they share with wrk (this machine has two),
-so the 2-worker figures understate what two free cores give. A local
-PostgreSQL shares them too: its processes' CPU a pulse is reported beside
-the server's. Every run starts on a fresh data dir or a fresh PostgreSQL
-database.
+connections), durability fsync. `array1000-randomids`, run only when named,
+gives each pulse an id of random digits, as a client making UUIDs would,
+instead of a client's prefix and a counter: such ids land all over the
+store's id index.
+
+The kernel spreads connections across workers by a hash of their
+addresses: of 4, all land on one worker one time in eight and three on one
+half the time; 16 leave each worker enough to stay busy whichever way they
+fall. One worker is pinned to one core; two workers get both cores, which
+they share with wrk (this machine has two), so the 2-worker figures
+understate what two free cores give. The table's "ceiling" is what two
+workers would reach against one if they took every cycle wrk leaves and
+each pulse cost them what it costs one worker: (2 - wrk's CPU) / (one
+worker's CPU). A local PostgreSQL shares the cores too: its processes' CPU
+a pulse is reported beside the server's. Every run starts on a fresh data
+dir or a fresh PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -26,18 +34,37 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h
 
+# name, body shape, pulses a request, ids (None, "counter" or "random"), connections
 SCENARIOS = [
-    ("array1000-ids", "array", 1000, True, 16),
-    ("array1000-noids", "array", 1000, False, 16),
-    ("single-ids", "single", 1, True, 64),
+    ("array1000-ids", "array", 1000, "counter", 16),
+    ("array1000-noids", "array", 1000, None, 16),
+    ("single-ids", "single", 1, "counter", 64),
+    ("array1000-randomids", "array", 1000, "random", 16),
 ]
+DEFAULT_SCENARIOS = ["array1000-ids", "array1000-noids", "single-ids"]
 CONFIGS = [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
+
+
+class Row(NamedTuple):
+    """A scenario's runs on one store and worker count: medians, and the rates' spread."""
+
+    name: str
+    store: str
+    workers: int
+    rate: float
+    low: float
+    high: float
+    cpu: float
+    database: float
+    server_cpu: float
+    load_cpu: float
 
 
 @contextmanager
@@ -79,12 +106,22 @@ def postgres_cpu_seconds() -> float:
     return total / tick
 
 
+class Run(NamedTuple):
+    rate: float  # pulses/s
+    cpu: float  # the server's CPU µs a pulse, every worker's
+    database: float  # CPU µs a pulse of the local PostgreSQL's processes; 0 for SQLite
+    server_cpu: float  # the server's CPU seconds a second
+    load_cpu: float  # wrk's
+
+
 def one_run(
-    store: str, workers: int, scenario: tuple[str, str, int, bool, int], options: argparse.Namespace
-) -> tuple[float, float, float]:
-    """Pulses/s, and the CPU µs per pulse of the server (every worker's) and of
-    PostgreSQL (its local processes'; 0 for SQLite)."""
+    store: str,
+    workers: int,
+    scenario: tuple[str, str, int, str | None, int],
+    options: argparse.Namespace,
+) -> Run:
     name, kind, count, ids, connections = scenario
+    connections = options.connections or connections
     logs = Path(options.logs)
     logs.mkdir(parents=True, exist_ok=True)
     with h.scratch_dir(None, name) as scratch, store_env(store, options.postgres) as env:
@@ -98,17 +135,19 @@ def one_run(
         with h.running(server):
             h.warm_up(server.port, True)
             before, started = postgres_cpu_seconds(), time.perf_counter()
-            result = h.measure(
-                server, options.wrk, h.Load.pulses(kind, count, ids, connections), options.duration
+            load = h.Load.pulses(
+                kind, count, ids is not None, connections, random_ids=ids == "random"
             )
+            result = h.measure(server, options.wrk, load, options.duration)
             database = (postgres_cpu_seconds() - before) / (time.perf_counter() - started)
     if result["non_2xx"] or result["socket_errors"]:
         print(f"  {store}/{workers} {name}: {result['statuses']} {result['first_error']}")
     rate = float(result["pulses_per_s"])
+    server_cpu, load_cpu = float(result["server_cpu"]), float(result["load_cpu"])
     if not rate:
-        return rate, float("nan"), float("nan")
+        return Run(rate, float("nan"), float("nan"), server_cpu, load_cpu)
     database = database if store == "postgresql" else 0.0
-    return rate, float(result["server_cpu"]) / rate * 1e6, database / rate * 1e6
+    return Run(rate, server_cpu / rate * 1e6, database / rate * 1e6, server_cpu, load_cpu)
 
 
 def main() -> int:
@@ -118,7 +157,12 @@ def main() -> int:
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--logs", default=str(h.ROOT / "bench" / "results" / "stores-logs"))
     parser.add_argument("--stores", default="sqlite,postgresql", help="which stores to run")
-    parser.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS))
+    parser.add_argument(
+        "--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"of {[s[0] for s in SCENARIOS]}"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=0, help="for every scenario (default: its own)"
+    )
     options = parser.parse_args()
     options.wrk = h.ensure_wrk()
     rows = []
@@ -131,29 +175,42 @@ def main() -> int:
                 continue
             scenario = next(s for s in SCENARIOS if s[0] == name)
             runs = [one_run(store, workers, scenario, options) for _ in range(options.runs)]
-            rates = [rate for rate, _, _ in runs]
-            cpu = statistics.median(cost for _, cost, _ in runs)
-            database = statistics.median(cost for _, _, cost in runs)
-            median = statistics.median(rates)
-            rows.append((name, store, workers, median, min(rates), max(rates), cpu, database))
+            rates = [run.rate for run in runs]
+            row = Row(
+                name,
+                store,
+                workers,
+                statistics.median(rates),
+                min(rates),
+                max(rates),
+                *(
+                    statistics.median(getattr(run, field) for run in runs)
+                    for field in ("cpu", "database", "server_cpu", "load_cpu")
+                ),
+            )
+            rows.append(row)
             print(
-                f"{name} {store} x{workers}: {median:,.0f} pulses/s, {cpu:.2f} CPU us a pulse"
-                f" (PostgreSQL {database:.2f})",
+                f"{name} {store} x{workers}: {row.rate:,.0f} pulses/s, {row.cpu:.2f} CPU us a"
+                f" pulse (PostgreSQL {row.database:.2f}), server CPU {row.server_cpu:.2f},"
+                f" wrk {row.load_cpu:.2f}",
                 flush=True,
             )
     print(
-        "\n| scenario | store | workers | pulses/s (median) | min-max | vs 1 worker"
-        " | server CPU µs a pulse (median) | PostgreSQL CPU µs a pulse |"
+        "\n| scenario | store | workers | pulses/s (median) | min-max | vs 1 worker | ceiling"
+        " | server CPU µs a pulse (median) | PostgreSQL CPU µs a pulse | server / wrk CPU |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    single = {(row[0], row[1]): row[3] for row in rows if row[2] == 1}
-    for name, store, workers, med, low, high, cpu, database in rows:
-        ratio = med / single[(name, store)]
-        spread = f"{low:,.0f}-{high:,.0f}"
-        db = f"{database:.2f}" if store == "postgresql" else "-"
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    single = {(row.name, row.store): row for row in rows if row.workers == 1}
+    for row in rows:
+        one = single.get((row.name, row.store))
+        ratio = f"{row.rate / one.rate:.2f}x" if one else "-"
+        # What wrk leaves of the two cores, over what one worker used.
+        ceiling = f"{(2 - row.load_cpu) / one.server_cpu:.2f}x" if one and row.workers == 2 else "-"
+        db = f"{row.database:.2f}" if row.store == "postgresql" else "-"
         print(
-            f"| {name} | {store} | {workers} | {med:,.0f} | {spread} | {ratio:.2f}x"
-            f" | {cpu:.2f} | {db} |"
+            f"| {row.name} | {row.store} | {row.workers} | {row.rate:,.0f}"
+            f" | {row.low:,.0f}-{row.high:,.0f} | {ratio} | {ceiling} | {row.cpu:.2f} | {db}"
+            f" | {row.server_cpu:.2f} / {row.load_cpu:.2f} |"
         )
     return 0
 

@@ -1,13 +1,16 @@
 -- POST /pulses with a fresh body per request.
 --   wrk -s pulses.lua URL -- SHAPE COUNT IDS PREFIX TENANTS
 -- SHAPE: single | array | ndjson; COUNT: pulses per request (1 for single);
--- IDS: 1 to give every pulse an id, 0 for none; PREFIX: random per run, so
--- ids (PREFIX-thread-counter) are unique across the whole bench run and the
--- dedup index does real work; TENANTS: how many tenants to spread over.
+-- IDS: 1 to give every pulse an id, 0 for none, random for an id of 32
+-- random hex digits, as a client making UUIDs sends; PREFIX: random per run,
+-- so ids (PREFIX-thread-counter) are unique across the whole bench run and
+-- the dedup index does real work; TENANTS: how many tenants to spread over.
+-- Ids of one client share a prefix and land next to each other in the store's
+-- index, as `ingestor.client` makes them; random ones land all over it.
 
 dofile(os.getenv("BENCH_LUA_DIR") .. "/report.lua")
 
-local shape, count, with_ids, prefix, tenants = "single", 1, true, "run", 100
+local shape, count, ids, prefix, tenants = "single", 1, "1", "run", 100
 local counter = 0
 local skus = { "sku-compute", "sku-storage", "sku-egress", "sku-api", "sku-search",
                "sku-ml", "sku-db", "sku-cdn", "sku-mail", "sku-queue" }
@@ -18,7 +21,7 @@ local random = math.random
 function init(args)
    shape = args[1] or shape
    count = tonumber(args[2] or count)
-   with_ids = (args[3] or "1") == "1"
+   ids = args[3] or ids
    prefix = args[4] or prefix
    tenants = tonumber(args[5] or tenants)
    math.randomseed(os.time() * 1000 + (tid or 0))
@@ -35,9 +38,15 @@ local function pulse()
    local head = '{"tenant_id":"t' .. random(tenants) .. '","product_sku":"'
       .. skus[random(#skus)] .. '","use_unit":"' .. units[random(#units)]
       .. '","used_amount":"' .. amounts[random(#amounts)] .. '"'
-   if with_ids then
+   if ids == "1" then
       counter = counter + 1
       return head .. ',"id":"' .. prefix .. '-' .. tid .. '-' .. counter .. '"}'
+   elseif ids == "random" then
+      local digits = {}
+      for i = 1, 8 do
+         digits[i] = string.format("%04x", random(0, 0xffff))
+      end
+      return head .. ',"id":"' .. table.concat(digits) .. '"}'
    end
    return head .. '}'
 end
