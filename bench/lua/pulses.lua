@@ -5,8 +5,8 @@
 -- random hex digits, as a client making UUIDs sends; PREFIX: random per run,
 -- so ids (PREFIX-thread-counter) are unique across the whole bench run and
 -- the dedup index does real work; TENANTS: how many tenants to spread over.
--- Ids of one client share a prefix and land next to each other in the store's
--- index, as `ingestor.client` makes them; random ones land all over it.
+-- Ids of one client share a prefix, as `ingestor.client` makes them, and
+-- land in one stretch of the store's index; random ones land all over it.
 
 dofile(os.getenv("BENCH_LUA_DIR") .. "/report.lua")
 
