@@ -14,6 +14,8 @@ the tests, never share a series). Two kinds of series live in it:
 
 Open buckets (store.open_buckets(), a count over the partial index of
 uncommitted buckets) are read in the same worker-thread call.
+The store's writers' lock (store.writer_lock(), SQLite's: one process at a
+time writes) is read from counters the store keeps, at scrape time.
 With several worker processes each one answers for itself (its own shards
 and counters); the outbox series are the store's, the same from every worker.
 """
@@ -35,6 +37,7 @@ from prometheus_client.metrics_core import (
 
 from .errors import StoreError
 from .runtime import Runtime
+from .store import WriterLock
 
 __all__ = ["Metrics", "ServiceCollector"]
 
@@ -171,6 +174,9 @@ class ServiceCollector:
             size.add_metric(label, stats.transactions, stats.pulses_written)
             last.add_metric(label, stats.last_group_pulses)
         yield from (depth, capacity, owned, seconds, size, last)
+        lock = self._runtime.store.writer_lock()
+        if lock is not None:
+            yield from _writer_lock_series(lock)
 
     def _outbox_series(self) -> Iterator[Metric]:
         if self._open_buckets is not None:
@@ -193,6 +199,23 @@ class ServiceCollector:
             "Age of the oldest pending batch (0 when none is pending).",
             value=age,
         )
+
+
+def _writer_lock_series(lock: WriterLock) -> Iterator[Metric]:
+    """This process's turns at the store's writers' lock. Several worker processes
+    on one SQLite file write one at a time: a lock the workers together hold
+    nearly all the time is what bounds their writes."""
+    wait = SummaryMetricFamily(
+        "ingestor_store_writer_lock_wait_seconds",
+        "Turns of this process at the store's writers' lock: count and time waited for them.",
+    )
+    wait.add_metric([], lock.turns, lock.wait_seconds)
+    held = SummaryMetricFamily(
+        "ingestor_store_writer_lock_held_seconds",
+        "Turns of this process at the store's writers' lock: count and time held.",
+    )
+    held.add_metric([], lock.turns, lock.held_seconds)
+    yield from (wait, held)
 
 
 class Metrics:

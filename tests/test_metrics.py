@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from functools import partial
 from typing import Any
 
 import pytest
@@ -163,3 +166,33 @@ async def test_open_buckets_follow_commits(client: Client) -> None:
     assert value(await scrape(client), "ingestor_open_buckets") == 0
     await client.post("/pulses", json=pulse(tenant_id="t3"))
     assert value(await scrape(client), "ingestor_open_buckets") == 1
+
+
+async def test_the_writers_lock_turns_waited_for_and_held(client: Client, runtime: Runtime) -> None:
+    """Another process holding SQLite's writers' lock makes this one wait for its
+    turn; the metrics say how many turns, and how long waited and held."""
+    lock = "ingestor_store_writer_lock"
+    before = await scrape(client)  # a scrape takes a turn too: it folds before counting
+    # As another process sharing the store takes it.
+    fd = os.open(runtime.settings.data_path / "store" / "writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.post, "/pulses", json=pulse()))
+            await trio.sleep(0.3)
+            waiting = runtime.store.writer_lock()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    after = await scrape(client)
+    assert waiting is not None
+    assert waiting.turns == value(before, f"{lock}_wait_seconds_count")  # none while held
+    for samples in (before, after):
+        turns = value(samples, f"{lock}_wait_seconds_count")
+        assert value(samples, f"{lock}_held_seconds_count") == turns
+    # The write's turn, and the second scrape's.
+    turns = value(after, f"{lock}_wait_seconds_count") - value(before, f"{lock}_wait_seconds_count")
+    assert turns == 2
+    waited = value(after, f"{lock}_wait_seconds_sum") - value(before, f"{lock}_wait_seconds_sum")
+    assert 0.25 < waited < 5
+    assert value(after, f"{lock}_held_seconds_sum") > value(before, f"{lock}_held_seconds_sum")

@@ -23,6 +23,7 @@ __all__ = [
     "DueBatch",
     "PulseQuery",
     "Store",
+    "WriterLock",
     "open_store",
 ]
 
@@ -52,6 +53,17 @@ class BatchQuery(msgspec.Struct, frozen=True, kw_only=True):
     status: str | None = None
     after: tuple[str, str] | None = None  # (day, batch_id)
     limit: int = 100
+
+
+class WriterLock(msgspec.Struct, frozen=True):
+    """This process's turns at a store's writers' lock, which one process at a
+    time holds: how many it took, and the seconds it waited for them and held
+    them. Held nearly all the time, by all processes together, the lock is
+    what bounds their writes."""
+
+    turns: int
+    wait_seconds: float
+    held_seconds: float
 
 
 class DueBatch(msgspec.Struct, frozen=True):
@@ -161,6 +173,11 @@ class Store(Protocol):
 
     def outbox_statistics(self) -> tuple[int, int | None]:
         """(pending batches, created_at of the oldest pending one in µs)."""
+        ...
+
+    def writer_lock(self) -> WriterLock | None:
+        """This process's turns at the store's writers' lock so far; None for a
+        store whose writers take no turns (each holds the rows it writes)."""
         ...
 
     def close(self) -> None: ...

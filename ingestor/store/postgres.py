@@ -54,7 +54,7 @@ from ..model import (
 )
 from ..money import format_nanos
 from ..partition import partition_of
-from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
 from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["PostgresStore"]
@@ -733,6 +733,9 @@ class PostgresStore:
                 "SELECT count(*) FROM buckets WHERE pulse_count > committed_count"
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def writer_lock(self) -> WriterLock | None:
+        return None  # writers lock the rows they write, not the store
 
     def outbox_statistics(self) -> tuple[int, int | None]:
         with self._reading("read") as conn:

@@ -154,7 +154,7 @@ from ..model import (
 )
 from ..money import format_nanos, parse_nanos
 from ..partition import partition_of
-from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery
+from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
 from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["SQLiteStore"]
@@ -349,6 +349,10 @@ class _File:
         self._written: set[_Partition] = set()
         self._round: int | None = None  # the thread running writes together
         self.serial = 0  # counts transactions: what ran in the open one
+        # This process's turns at the writers' lock (`SQLiteStore.writer_lock`).
+        self.turns = 0
+        self.wait_seconds = self.held_seconds = 0.0
+        self._turn_since = 0.0
         self._version = (-1, 0)  # (serial, data_version) of a write transaction
 
     def on_commit(self, update: Callable[[], None]) -> None:
@@ -432,6 +436,7 @@ class _File:
             raise _translate(exc, what) from exc
         finally:
             fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+            self.held_seconds += time.perf_counter() - self._turn_since
         try:
             self._sync(what)
         except BaseException:
@@ -462,10 +467,14 @@ class _File:
 
     def _lock_writers(self, what: str) -> None:
         """Wait for this process's turn to write (see the module docstring)."""
+        started = time.perf_counter()
         deadline = time.monotonic() + self._busy_timeout
         while True:
             try:
                 fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._turn_since = time.perf_counter()
+                self.turns += 1
+                self.wait_seconds += self._turn_since - started
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -1284,6 +1293,10 @@ class SQLiteStore:
             ).fetchone()[0]
         )
         return count
+
+    def writer_lock(self) -> WriterLock:
+        file = self._file
+        return WriterLock(file.turns, file.wait_seconds, file.held_seconds)
 
     def outbox_statistics(self) -> tuple[int, int | None]:
         pending, oldest = self._file.read(

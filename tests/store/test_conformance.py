@@ -119,6 +119,26 @@ def test_fresh_store(store: Store) -> None:
     assert store.commit_day(0, D1, T0, 10) == []
 
 
+def test_writers_take_turns_at_a_lock_in_sqlite_alone(backend: Backend) -> None:
+    """SQLite's writers, one process at a time, count their turns at its lock;
+    PostgreSQL's lock the rows they write, and have no such turns."""
+    store = backend.open()
+    before = store.writer_lock()
+    write(store, [pulse("a", "1", id="x")])
+    with store.writing_together():
+        write(store, [pulse("a", "2", id="y")])
+        write(store, [pulse("b", "2")])
+    after = store.writer_lock()
+    if backend.kind == "postgres":
+        assert before is after is None
+        return
+    assert before is not None
+    assert after is not None
+    assert after.turns == before.turns + 2  # one a transaction, a round's writes together
+    assert after.held_seconds > before.held_seconds
+    assert after.wait_seconds >= before.wait_seconds
+
+
 # -- write_pulses: dedup, conflicts, id-less pulses, exact sums ------------
 
 
