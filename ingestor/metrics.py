@@ -110,6 +110,9 @@ class ServiceCollector:
             value=int(runtime.ready and not runtime.draining),
         )
         yield from self._shards()
+        lock = runtime.store.writer_lock()
+        if lock is not None:
+            yield from _writer_lock_series(lock)
         committer = runtime.committer
         yield CounterMetricFamily(
             "ingestor_commits",
@@ -174,9 +177,6 @@ class ServiceCollector:
             size.add_metric(label, stats.transactions, stats.pulses_written)
             last.add_metric(label, stats.last_group_pulses)
         yield from (depth, capacity, owned, seconds, size, last)
-        lock = self._runtime.store.writer_lock()
-        if lock is not None:
-            yield from _writer_lock_series(lock)
 
     def _outbox_series(self) -> Iterator[Metric]:
         if self._open_buckets is not None:
