@@ -170,6 +170,23 @@ def failing_before_commit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+def test_a_purge_that_rolls_back_after_merging_leaves_every_id_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Purge merges memory's ids into the index before it removes any, moving
+    memory's mark at once; undone, the mark in the file is behind memory's, and
+    memory reads the ids after it again."""
+    store = open_store(tmp_path / "s")
+    try:
+        store.write_pulses(0, [pulse("a"), pulse("b")], 0)
+        with failing_before_commit(monkeypatch), pytest.raises(StoreError):
+            store.purge(0, before_us=0)
+        assert (merged_watermark(store), rows(store, "pulse_ids")) == (0, 0)
+        assert store.write_pulses(0, [pulse("a"), pulse("b")], 0) == ["duplicate"] * 2
+    finally:
+        store.close()
+
+
 @pytest.mark.usefixtures("small_merges")
 def test_a_merge_that_rolls_back_leaves_memory_rebuilt(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
@@ -814,6 +831,35 @@ def test_a_merge_inserts_a_slice_per_transaction_and_forgets_no_id(
     assert sorted(a._parts[0].recent) == [f"t\x1fn{i}" for i in range(4)]
     again = [*FIRST, *(pulse(f"n{i}") for i in range(4))]
     assert b.write_pulses(0, again, 0) == ["duplicate"] * 12
+
+
+@pytest.mark.usefixtures("slices_of_3")
+def test_another_process_merging_makes_memory_drop_ids_not_read_the_log_again(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    """`b` has read every row up to its own when `a`'s merge moves the mark: it
+    drops the ids up to the mark and reads on from where it was, not from the
+    mark, and still knows every id."""
+    a, b = stores
+    a.write_pulses(0, FIRST, 0)
+    a.write_pulses(0, [pulse("n0")], 0)  # plans a merge of FIRST, and runs a slice
+    b.write_pulses(0, [pulse("b0")], 0)  # reads FIRST's and n0's rows
+    a.write_pulses(0, [pulse("n1")], 0)
+    a.write_pulses(0, [pulse("n2")], 0)  # the last slice: the mark moves
+    mark, seen = merged_watermark(a), b._parts[0].seen_seq
+    assert 0 < mark < seen
+    executed: list[str] = []
+    b._file.writer.set_trace_callback(executed.append)
+    again = [pulse("m3"), pulse("n0"), pulse("b0"), pulse("n2"), pulse("b1")]
+    assert b.write_pulses(0, again, 0) == ["duplicate"] * 4 + ["accepted"]
+    bounds = [
+        int(sql.rsplit("seq > ", 1)[1].split()[0])
+        for sql in executed
+        if "FROM pulse_log WHERE part = 0 AND seq >" in sql
+    ]
+    assert bounds == [seen]
+    assert sorted(b._parts[0].recent) == [f"t\x1f{i}" for i in ("b0", "b1", "n0", "n1", "n2")]
+    assert sorted(a._parts[0].recent) == [f"t\x1f{i}" for i in ("b0", "n0", "n1", "n2")]
 
 
 @pytest.mark.usefixtures("slices_of_3")

@@ -1322,7 +1322,16 @@ def _catch_up(conn: sqlite3.Connection, part: _Partition, version: int) -> None:
     deltas_after = part.seen_seq if part.keeps else _ALL  # see `_Partition.keeps`
     # Rows of ours already in memory (see `_Partition.ahead`), unless it was cleared.
     ids_ahead = deltas_ahead = part.ahead
-    if merged != part.merged_seq:  # another process merged, or our merge rolled back
+    if merged > part.merged_seq:
+        # Another process merged: the ids of rows up to its mark are in the
+        # index, and memory holds those after it. Of two workers taking new
+        # ids, reading the rows after the mark again, at each of the other's
+        # merges, was most of the time a worker spent catching up, all of it
+        # in the lock the other waits on.
+        part.merged_seq = merged
+        _forget_merged(part)
+        ids_after = max(ids_after, merged)
+    elif merged != part.merged_seq:  # our merge rolled back: memory lost ids the log has
         part.recent.clear()
         part.digests.clear()
         part.merged_seq = ids_after = merged
