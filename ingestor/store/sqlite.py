@@ -1676,12 +1676,12 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [(part.merged_key, str(part.seen_seq)) for part in parts],
+        [(part.merged_key, str(mark)) for part, mark in plan.marks.items()],
     )
-    for part in parts:
+    for part, mark in plan.marks.items():
         part.recent.clear()
         part.digests.clear()
-        part.merged_seq = part.seen_seq
+        part.merged_seq = mark
 
 
 def _known_ids(
