@@ -178,9 +178,10 @@ def test_a_purge_that_rolls_back_after_merging_leaves_every_id_known(
     memory reads the ids after it again."""
     store = open_store(tmp_path / "s")
     try:
-        store.write_pulses(0, [pulse("a"), pulse("b")], 0)
+        store.write_pulses(0, [pulse("a"), pulse("b")], 10)
+        store.write_pulses(0, [plain("old")], 0)  # gives purge a row to remove
         with failing_before_commit(monkeypatch), pytest.raises(StoreError):
-            store.purge(0, before_us=0)
+            store.purge(0, before_us=5)
         assert (merged_watermark(store), rows(store, "pulse_ids")) == (0, 0)
         assert store.write_pulses(0, [pulse("a"), pulse("b")], 0) == ["duplicate"] * 2
     finally:
@@ -398,7 +399,10 @@ def test_writes_without_ids_that_skip_reading_the_log_count_once(
         elif action < 0.9:
             committed += sum(parse_nanos(b.used_amount) for b in store.commit_day(0, DAY, 0, 10))
         else:
-            store.purge(0, 0)  # nothing is that old: folds and merges everything
+            old = plain(f"old-{step}")  # one row to remove: purge merges every id first
+            assert store.write_pulses(0, [old], -1) == ["accepted"]
+            accepted[old.pulse_id] = old.nanos
+            assert store.purge(0, 0) == 1  # and folds: its amount stays counted
     committed += sum(parse_nanos(b.used_amount) for b in stores[0].commit_day(0, DAY, 0, 10))
     assert committed == sum(accepted.values())
     for store in stores:
@@ -754,6 +758,19 @@ def test_purge_forgets_the_ids_of_the_rows_it_removes_and_no_other(tmp_path: Pat
         store.close()
 
 
+def test_a_purge_that_finds_nothing_old_leaves_the_ids_in_memory(tmp_path: Path) -> None:
+    """Merging is the writers' job, in slices of all partitions together; purge
+    merges only before it removes rows."""
+    store = open_store(tmp_path / "s")
+    try:
+        store.write_pulses(0, [pulse("a"), pulse("b")], 10)
+        assert store.purge(0, 10) == 0
+        assert (merged_watermark(store), rows(store, "pulse_ids")) == (0, 0)
+        assert store.write_pulses(0, [pulse("a"), pulse("c")], 10) == ["duplicate", "accepted"]
+    finally:
+        store.close()
+
+
 def test_a_span_lists_its_log_rows_in_log_order_when_memory_took_them_out_of_it(
     stores: tuple[SQLiteStore, SQLiteStore],
 ) -> None:
@@ -888,7 +905,8 @@ def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
     a.write_pulses(0, FIRST, 0)
     a.write_pulses(0, [pulse("x0")], 0)  # a plans the merge of FIRST, runs a slice
     b.write_pulses(0, [pulse("y0")], 0)
-    b.purge(0, 0)  # removes nothing, but merges every id first, x0 and y0 too
+    b.write_pulses(0, [plain("old")], -1)
+    b.purge(0, 0)  # removes that row, but merges every id first, x0 and y0 too
     theirs = merged_watermark(b)
     assert indexed(b) == 10
     for step in range(3):  # a's remaining slices, and more

@@ -229,7 +229,7 @@ def indexed_digests(path: Path) -> dict[str, bytes]:
 
 
 def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = tmp_path / "store"
     store = open_store(directory)
@@ -240,8 +240,10 @@ def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
         for amount, pulse_id in ((10, "merged"), (20, "recent"))
     ]
     store.write_pulses(partition, replayed[:1], 7)
-    store.purge(partition, 0)  # merges the ids into `pulse_ids`, and removes nothing
-    store.write_pulses(partition, replayed[1:], 7)
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "_MERGE_AT", 1)
+        # Merges the ids in memory into `pulse_ids`, then adds its own to memory.
+        store.write_pulses(partition, replayed[1:], 7)
     store.close()
     path = directory / "store.sqlite"
     as_version_3(path)
@@ -255,12 +257,17 @@ def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
         assert outcomes == ["duplicate", "duplicate", "conflict", "conflict"]
         new = msgspec.structs.replace(replayed[0], pulse_id="new")
         assert store.write_pulses(partition, [new], 9) == ["accepted"]
-        store.purge(partition, 0)
+        with monkeypatch.context() as patch:
+            patch.setattr(sqlite_store, "_MERGE_AT", 1)
+            # Any write merges every id in memory into `pulse_ids` first.
+            store.write_pulses(sqlite_store.partition_of("u", 2), [pulse("u", 5)], 9)
         digests = indexed_digests(path)
         assert digests["t\x1fnew"] == b""  # compared with its log row's pulse
         assert digests["t\x1frecent"] == payload_digest(replayed[1])
+        # Found in `pulse_ids`, each compared with its digest or its log row.
         assert store.write_pulses(partition, [new, *replayed], 9) == ["duplicate"] * 3
-        assert totals(store) == {"t": (format_nanos(10 + 20 + 10), 3)}
+        assert store.write_pulses(partition, other[:1], 9) == ["conflict"]
+        assert totals(store) == {"t": (format_nanos(10 + 20 + 10), 3), "u": (format_nanos(5), 1)}
     finally:
         store.close()
 

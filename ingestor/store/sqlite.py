@@ -1058,9 +1058,7 @@ class SQLiteStore:
         while True:
             with part.transaction("purge") as conn:
                 _catch_up(conn, part, self._file.data_version())
-                if part.recent:
-                    _merge_ids(conn, [part])  # every id is in pulse_ids before any goes
-                _fold(conn, part)  # and every amount in buckets
+                _fold(conn, part)  # every amount is in buckets before any row goes
                 # The log is appended in about time order, so the old rows are
                 # at its head: look only there, never scan the table. Only rows
                 # that are old themselves go, even if a newer one sits among
@@ -1074,7 +1072,13 @@ class SQLiteStore:
                     )
                 ]
                 if not old:
+                    # Most purges find nothing old. Merging memory's ids anyway,
+                    # a partition at a time, was a burst of sixteen small merges
+                    # every commit interval, each writing more index pages an id
+                    # than the writers' merges of all partitions together.
                     return removed
+                if part.recent:
+                    _merge_ids(conn, [part])  # and every id in pulse_ids
                 marks = ",".join("?" * len(old))
                 # Their ids, found in the rows themselves: an index of
                 # `pulse_ids` by log row, which only this used, made the
