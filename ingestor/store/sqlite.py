@@ -1564,13 +1564,11 @@ def _add_ids(
 ) -> None:
     """The client ids of log row `seq`, whose `_id_key`s are `keys` if the caller
     has them, into memory (see `_Partition.recent`)."""
-    if keys is not None:
-        # A write of this process: intake's pulses carry no digest (see `Pulse`).
-        part.recent.update(zip(keys, itertools.repeat(seq)))
-        return
-    keys = [_id_key(p.tenant_id, p.pulse_id) for p in pulses if p.client_id]
+    read_back = keys is None  # else a write of this process, whose pulses have no digest
+    if keys is None:
+        keys = [_id_key(p.tenant_id, p.pulse_id) for p in pulses if p.client_id]
     part.recent.update(zip(keys, itertools.repeat(seq)))
-    if any(p.fingerprint for p in pulses):  # stored by an earlier version
+    if read_back and any(p.fingerprint for p in pulses):  # stored by an earlier version
         part.digests.update(
             (_id_key(p.tenant_id, p.pulse_id), p.fingerprint) for p in pulses if p.fingerprint
         )
