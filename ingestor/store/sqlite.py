@@ -1710,21 +1710,15 @@ def _known_ids(
     ]
     in_memory = cast(Callable[[str | None], int | None], part.recent.get)  # no key is None
     seqs = list(map(in_memory, keys))
-    missing: list[str]
-    if seqs.count(None) == len(seqs):  # none in memory
-        if None in keys:
-            missing = [key for key in keys if key is not None]
-        else:
-            missing = cast(list[str], keys)
-    else:
-        missing = []
+    missing = [
+        key for key, seq in zip(keys, seqs, strict=True) if seq is None and key is not None
+    ]
+    if seqs.count(None) < len(seqs):  # some are in memory: where to compare them
         digests = part.digests
         for p, key, seq in zip(pulses, keys, seqs, strict=True):
-            if key is None:
-                continue
             if seq is None:
-                missing.append(key)
-            elif digests and key in digests:
+                continue
+            if digests and key in digests:
                 known[(p.tenant_id, p.pulse_id)] = digests[key]
             else:
                 rows.setdefault(seq, set()).add((p.tenant_id, p.pulse_id))
