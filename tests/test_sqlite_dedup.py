@@ -851,6 +851,32 @@ def test_a_merge_inserts_a_slice_per_transaction_and_forgets_no_id(
 
 
 @pytest.mark.usefixtures("slices_of_3")
+def test_memory_stays_bounded_when_each_write_brings_more_ids_than_a_slice(
+    tmp_path: Path,
+) -> None:
+    """Writes of 10 new ids each, slices of 3: merges keep pace with the writes,
+    so the ids waiting in memory stop growing, and every id stays known."""
+    store = open_store(tmp_path / "s")
+    try:
+        waiting, plans = [], []
+        for n in range(120):
+            batch = [pulse(f"w{n}-{i}") for i in range(10)]
+            assert store.write_pulses(0, batch, 0) == ["accepted"] * 10
+            waiting.append(len(store._parts[0].recent))
+            if store._merging is not None:
+                plans.append(len(store._merging.rows))
+        # A plan is done by the time half as many new ids wait: it holds at most
+        # about two writes' ids, and memory what it plans plus what has joined.
+        assert max(plans[len(plans) // 2 :]) <= 2 * 10 + 10
+        assert max(waiting[60:]) <= max(waiting[:60]) <= 50
+        everything = [pulse(f"w{n}-{i}") for n in range(120) for i in range(10)]
+        assert store.write_pulses(0, everything, 0) == ["duplicate"] * 1200
+        assert indexed(store) + len(store._parts[0].recent) >= 1200
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("slices_of_3")
 def test_another_process_merging_makes_memory_drop_ids_not_read_the_log_again(
     stores: tuple[SQLiteStore, SQLiteStore],
 ) -> None:
