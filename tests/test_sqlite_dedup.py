@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -72,7 +72,9 @@ SHARES = {
 
 @pytest.fixture
 def small_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges of 7 ids, however many the index holds."""
     monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
+    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", 7)
 
 
 @pytest.fixture(params=list(SHARES))
@@ -876,6 +878,100 @@ def test_memory_stays_bounded_when_each_write_brings_more_ids_than_a_slice(
         store.close()
 
 
+def counted(store: SQLiteStore) -> int:
+    """The meta key `ids_indexed`: what the store holds `pulse_ids` to count."""
+    row = store._file.read(
+        lambda c: c.execute("SELECT value FROM meta WHERE key = 'ids_indexed'").fetchone()
+    )
+    return int(row[0])
+
+
+def test_merges_grow_with_the_index_up_to_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge starts once a quarter of the index's ids wait (`_MERGE_SHARE`
+    4 here), never fewer than 7, never more than 20: each plan takes every id
+    waiting, from that many to that many plus the ids of one write."""
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
+    monkeypatch.setattr(sqlite_store, "_MERGE_SHARE", 4)
+    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", 20)
+    plans: list[int] = []  # the size of each plan made
+
+    class Plan(sqlite_store._MergePlan):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            plans.append(len(self.rows))
+
+    monkeypatch.setattr(sqlite_store, "_MergePlan", Plan)
+    store = open_store(tmp_path / "s")
+    try:
+        starts = []
+        for n in range(150):
+            before, made = indexed(store), len(plans)
+            assert counted(store) == before
+            assert store.write_pulses(0, [pulse(f"g{n}-{i}") for i in range(3)], 0)
+            if len(plans) > made:
+                start = min(max(before // 4, 7), 20)
+                assert start <= plans[-1] < start + 3, n
+                starts.append(start)
+        assert starts == sorted(starts)  # the index only grows here
+        assert starts[0] == 7
+        assert starts[-1] == 20
+        assert any(7 < start < 20 for start in starts)  # in between, with the index
+        assert store.write_pulses(0, [pulse(f"g{n}-0") for n in range(150)], 0) == [
+            "duplicate"
+        ] * 150
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("slices_of_3")
+def test_the_count_of_indexed_ids_follows_every_merge_and_purge(
+    stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever process merges or purges, `ids_indexed` is the count of
+    `pulse_ids`: an id both processes insert (each merging alone) counts once,
+    and an id that goes with its log row stops counting."""
+    monkeypatch.setattr(sqlite_store, "_MERGE_ALONE_AT", 9)  # both merge, the same ids
+    rng = random.Random(7)
+    purged = 0
+    for step in range(200):
+        store = rng.choice(stores)
+        if rng.random() < 0.9:
+            batch = [pulse(f"id{rng.randrange(400)}") for _ in range(rng.randrange(1, 6))]
+            store.write_pulses(0, batch, -1 if rng.random() < 0.3 else 1)
+        else:
+            purged += store.purge(0, 0)  # the rows written at -1, and their ids
+        assert counted(store) == indexed(store), step
+    assert purged
+    assert indexed(stores[0]) > 50
+
+
+@pytest.mark.usefixtures("slices_of_3")
+@pytest.mark.parametrize("purger", [0, 1], ids=["the merging process", "another"])
+def test_a_purge_during_a_sliced_merge_never_puts_back_the_ids_it_removed(
+    stores: tuple[SQLiteStore, SQLiteStore], purger: int
+) -> None:
+    """The plan holds ids of a row that a purge removes before its later slices
+    run: they must not go back into the index, whose entry would name a log
+    row that is gone (each later write of the id then failed)."""
+    a, _ = stores
+    old = [pulse(f"old{i}") for i in range(8)]
+    a.write_pulses(0, old, -1)
+    a.write_pulses(0, [pulse("n0")], 1)  # plans the merge of `old`, inserts 3
+    assert a._merging is not None
+    assert indexed(a) == 3
+    assert stores[purger].purge(0, 0) == 1
+    assert indexed(a) == counted(a) == 1  # n0, merged by the purge
+    for step in range(3):  # the plan's slices would have run here
+        assert a.write_pulses(0, [pulse(f"n{step + 1}")], 1) == ["accepted"]
+    assert indexed(a) == counted(a)
+    # Forgotten with their row, as the dedup window says: new again, once.
+    assert stores[purger].write_pulses(0, old, 1) == ["accepted"] * 8
+    assert stores[1 - purger].write_pulses(0, old, 1) == ["duplicate"] * 8
+    assert stores[1].write_pulses(0, [pulse(f"n{i}") for i in range(4)], 1) == ["duplicate"] * 4
+
+
 @pytest.mark.usefixtures("slices_of_3")
 def test_another_process_merging_makes_memory_drop_ids_not_read_the_log_again(
     stores: tuple[SQLiteStore, SQLiteStore],
@@ -977,6 +1073,28 @@ def test_one_process_merges_at_a_time_unless_it_falls_far_behind(
 
 
 # -- a restart after a checkpoint that died midway ---------------------------------
+
+
+def test_a_store_made_before_the_count_of_indexed_ids_counts_them_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 1)
+    store = open_store(tmp_path / "s")
+    store.write_pulses(0, [pulse(f"c{i}") for i in range(5)], 0)
+    store.write_pulses(0, [pulse("c5")], 0)  # merges the first five
+    assert counted(store) == indexed(store) == 5
+    store.close()
+    conn = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+    with conn:
+        conn.execute("DELETE FROM meta WHERE key = 'ids_indexed'")
+    conn.close()
+    store = open_store(tmp_path / "s")
+    try:
+        assert counted(store) == 5
+        store.write_pulses(0, [pulse("c6")], 0)  # merges c5
+        assert counted(store) == indexed(store) == 6
+    finally:
+        store.close()
 
 
 def test_a_store_whose_checkpoint_died_midway_opens_with_its_wal(tmp_path: Path) -> None:

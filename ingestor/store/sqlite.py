@@ -57,15 +57,17 @@ pages than the merge has ids, that is still about a page per id: into an
 index of 1,000,000 ids, merges of 5,000 cost ~23 µs an id here, of 80,000
 ~6.5, and a merge holds up every write while it runs (at 20,000 the soak's
 p99 was 155 ms instead of 72). So a merge is planned big and run in
-slices: `_MergePlan` takes a sorted snapshot of the 20,000 or more ids
-waiting and inserts `_MERGE_CHUNK` of them per transaction, in key order,
-or more where rounds bring more new ids (see `_merge_slice`). Each slice lands on
-its own stretch of the index, as densely as the whole merge would, each
-transaction paying for 5,000 ids as before. Into 1,000,000 ids
-(`bench/id_index.py`): 12.6 µs an id CPU in plans of 20,000, 11.0 in
-plans of 80,000, against 22.6 for merges of 5,000. 20,000 keeps the
-memory and the sort that plans a merge small. Until the last slice commits, with the
-watermarks, the snapshot's ids stay in memory too. One process merges at
+slices: `_MergePlan` takes a sorted snapshot of the ids waiting, once
+there are 20,000 of them, or a sixteenth of the index's if that is more, up
+to 160,000 (`_merge_at`; the meta key `ids_indexed` counts the index), and
+inserts `_MERGE_CHUNK` of them per transaction, in key order, or more where
+rounds bring more new ids (see `_merge_slice`). Each slice lands on its own
+stretch of the index, as densely as the whole merge would. Into 1,000,000
+ids (`bench/id_index.py`): 12.6 µs an id CPU in plans of 20,000, 11.0 in
+plans of 80,000, against 22.6 for merges of 5,000. Until the last slice
+commits, with the watermarks, the snapshot's ids stay in memory too; a
+purge that removes ids meanwhile ends the plan (the meta key `ids_purged`
+tells every process), so no slice puts back an id whose row is gone. One process merges at
 a time, the one holding an flock of `merge.lock`: every process holds the
 others' recent ids too (read from the `ids` of their log rows, see
 `_id_keys`), and with two workers both merged the same ids,
@@ -172,7 +174,9 @@ _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~2 MB)
-_MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction
+_MERGE_SHARE = 16  # ... or the index's ids over this, if more (see `_merge_at`)
+_MERGE_MAX = 160_000  # ... but never more than this (~30 MB)
+_MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction, at least
 _MERGE_ALONE_AT = 4 * _MERGE_AT  # ... that start a merge even while another process merges
 # How long logged deltas may wait before the writer folds them. Partitions
 # start waiting together, and one round folding all of them held up every
@@ -683,6 +687,21 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     log.info("store upgraded", extra={"fields": {"path": str(path), "schema": SCHEMA_VERSION}})
 
 
+def _count_ids(path: Path, busy_timeout: float) -> None:
+    """Count the ids `pulse_ids` holds into the meta key `ids_indexed`, for a
+    store made before that key (see `_merge_at`): once, a scan of the index."""
+    conn = _connect(path, busy_timeout, _READER_CACHE_KIB)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO meta (key, value) SELECT 'ids_indexed', CAST(count(*) AS TEXT)"
+            " FROM pulse_ids WHERE true ON CONFLICT (key) DO NOTHING"
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 def _fsync(path: Path) -> None:
     """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
@@ -761,6 +780,8 @@ class SQLiteStore:
         try:
             if version != SCHEMA_VERSION:
                 _upgrade(path, busy_timeout)
+            if "ids_indexed" not in meta:
+                _count_ids(path, busy_timeout)
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, "open") from exc
@@ -785,6 +806,7 @@ class SQLiteStore:
                     "schema_version": str(SCHEMA_VERSION),
                     "partitions": str(partitions),
                     "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                    "ids_indexed": "0",
                 }
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
             finally:
@@ -940,15 +962,26 @@ class SQLiteStore:
             return  # a round's partitions each ask; the recent ids stand till it commits
         self._merge_checked = self._file.serial
         plan = self._merging
+        if plan is not None and _meta_count(conn, "ids_purged") != plan.purged:
+            # A purge has removed ids since the plan was made, maybe some of its
+            # own: its next slices would put them back, with the seq of a log
+            # row that is gone, and every later write of such an id would fail.
+            # What it has not merged is still in memory: a new plan takes it.
+            self._merging = plan = None
+            fcntl.flock(self._merge_fd, fcntl.LOCK_UN)
         if plan is None:
             waiting = sum(len(p.recent) for p in self._parts)
-            if waiting < _MERGE_AT or (waiting < _MERGE_ALONE_AT and not self._lock_merges()):
+            if waiting < _MERGE_AT:
+                return
+            start = _merge_at(conn)
+            alone = start * _MERGE_ALONE_AT // _MERGE_AT
+            if waiting < start or (waiting < alone and not self._lock_merges()):
                 return
             # All partitions at once: their ids share one index.
             for other in self._parts:
                 self._file.touch(other)
                 _catch_up(conn, other, self._file.data_version())
-            plan = self._merging = _MergePlan(self._parts)
+            plan = self._merging = _MergePlan(self._parts, _meta_count(conn, "ids_purged"))
         # A slice takes `_MERGE_CHUNK` ids, or twice as many as have joined
         # memory since the plan was made if that is more: the plan is done by
         # the time half as many new ids wait as it holds, so plans settle near
@@ -961,7 +994,7 @@ class SQLiteStore:
         # 343,000 ids in that minute).
         joined = sum(len(p.recent) for p in self._parts) - len(plan.rows)
         end = min(max(plan.done + _MERGE_CHUNK, 2 * joined), len(plan.rows))
-        conn.executemany(_INSERT_IDS, plan.rows[plan.done : end])
+        _count_indexed(conn, conn.executemany(_INSERT_IDS, plan.rows[plan.done : end]).rowcount)
         if end < len(plan.rows):
             self._file.on_commit(lambda: setattr(plan, "done", end))
             return
@@ -1108,7 +1141,16 @@ class SQLiteStore:
                             for p in _decode_pulses(body)
                             if p.client_id
                         )
-                conn.executemany("DELETE FROM pulse_ids WHERE id_key = ? AND seq = ?", ids)
+                deleted = conn.executemany(
+                    "DELETE FROM pulse_ids WHERE id_key = ? AND seq = ?", ids
+                ).rowcount
+                _count_indexed(conn, -deleted)
+                if ids:  # see `_merge_slice`
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('ids_purged', '1')"
+                        " ON CONFLICT (key) DO UPDATE"
+                        " SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+                    )
                 conn.execute(f"DELETE FROM pulse_log WHERE seq IN ({marks})", old)
                 # A span goes once every log row it lists has: once they are
                 # all older than the oldest row left, of any partition.
@@ -1669,11 +1711,12 @@ class _MergePlan:
     `rows` is every partition's recent ids when it was planned, sorted:
     (id_key, seq), as `_INSERT_IDS` takes them; `digests`, the payload
     digests among them, as `_SET_DIGESTS` takes them; `marks`, how far each
-    partition's log they cover. The ids stay in memory until the last slice
-    has committed, so a lookup finds each of them somewhere all along.
+    partition's log they cover; `purged`, the meta count `ids_purged` then.
+    The ids stay in memory until the last slice has committed, so a lookup
+    finds each of them somewhere all along.
     """
 
-    def __init__(self, parts: Sequence[_Partition]) -> None:
+    def __init__(self, parts: Sequence[_Partition], purged: int = 0) -> None:
         # Keys are unique across partitions (a tenant has one): sorted by key
         # alone, all in C, which compares strings faster than pairs (5.4
         # against 8.9 ms for 20,000).
@@ -1682,7 +1725,44 @@ class _MergePlan:
         )
         self.digests = [(digest, key) for p in parts for key, digest in p.digests.items()]
         self.marks = {part: part.seen_seq for part in parts}
+        self.purged = purged
         self.done = 0  # rows inserted by committed transactions
+
+
+def _merge_at(conn: sqlite3.Connection) -> int:
+    """How many recent ids start a merge: `_MERGE_AT`, or a `_MERGE_SHARE`th of
+    the ids `pulse_ids` holds if that is more, up to `_MERGE_MAX`.
+
+    Once the index has many more pages than a merge has ids, each id costs
+    about a page written, wherever the ids land: merging 20,000 random ids
+    (as clients making UUIDs send) into 4,000,000 cost ~24 µs an id, 80,000
+    ~15, 320,000 ~8 (wall, `bench/id_index.py`). With 4,000,000 random ids
+    indexed, the server took 26,789 pulses/s of 1,000-pulse arrays of new
+    random ids with merges of 20,000, and 47,407 with merges of 160,000, at
+    33 MiB more RSS. Ids of a prefix and a counter land on a few pages
+    whatever the merge, and a small index is in the page cache: there,
+    plans stay at `_MERGE_AT`.
+    """
+    indexed = _meta_count(conn, "ids_indexed")
+    return min(max(indexed // _MERGE_SHARE, _MERGE_AT), _MERGE_MAX)
+
+
+def _meta_count(conn: sqlite3.Connection, key: str) -> int:
+    """A count the meta table keeps: `ids_indexed`, or `ids_purged` (purges
+    that removed ids); 0 if the store has never set it."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _count_indexed(conn: sqlite3.Connection, change: int) -> None:
+    """Add `change` to the meta key `ids_indexed`, the ids `pulse_ids` holds,
+    which sizes the merges (`_merge_at`); every write to that table moves it."""
+    if change:
+        conn.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+            " WHERE key = 'ids_indexed'",
+            (change,),
+        )
 
 
 def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
@@ -1693,7 +1773,7 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     and the next `_catch_up` rebuilds memory from the log.
     """
     plan = _MergePlan(parts)
-    conn.executemany(_INSERT_IDS, plan.rows)
+    _count_indexed(conn, conn.executemany(_INSERT_IDS, plan.rows).rowcount)
     conn.executemany(_SET_DIGESTS, plan.digests)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
