@@ -17,6 +17,7 @@ from ingestor.config import Settings, load_settings
 from ingestor.runtime import Runtime
 from ingestor.service import open_service
 from ingestor.sinks.memory import MemorySink
+from ingestor.store import sqlite as sqlite_store
 
 
 class FakeClock:
@@ -34,6 +35,14 @@ class FakeClock:
     @property
     def now(self) -> dt.datetime:
         return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=self.now_us)
+
+
+@pytest.fixture(autouse=True)
+def merges_of_the_size_a_test_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's merges of recent ids keep the size a test sets: a merge of a few
+    ids costs far more CPU an id than one of 20,000, and would double the next
+    (`_next_merge_at`). The tests of that sizing set their own bounds."""
+    monkeypatch.setattr(sqlite_store, "_MERGE_DEAR", float("inf"))
 
 
 @pytest.fixture

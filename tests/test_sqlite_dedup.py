@@ -878,23 +878,16 @@ def test_memory_stays_bounded_when_each_write_brings_more_ids_than_a_slice(
         store.close()
 
 
-def counted(store: SQLiteStore) -> int:
-    """The meta key `ids_indexed`: what the store holds `pulse_ids` to count."""
-    row = store._file.read(
-        lambda c: c.execute("SELECT value FROM meta WHERE key = 'ids_indexed'").fetchone()
-    )
-    return int(row[0])
-
-
-def test_merges_grow_with_the_index_up_to_a_bound(
+def test_merges_grow_while_each_id_costs_much_and_shrink_once_it_costs_little(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A merge starts once a quarter of the index's ids wait (`_MERGE_SHARE`
-    4 here), never fewer than 7, never more than 20: each plan takes every id
-    waiting, from that many to that many plus the ids of one write."""
+    """Each plan that cost more than `_MERGE_DEAR` CPU seconds an id doubles the
+    ids waiting that start the next, up to `_MERGE_MAX`; each that cost less
+    than `_MERGE_CHEAP` halves it, down to `_MERGE_AT`. Every process reads
+    it from the file: a plan takes every id waiting, from that many to that
+    many plus the ids of one write."""
     monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
-    monkeypatch.setattr(sqlite_store, "_MERGE_SHARE", 4)
-    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", 20)
+    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", 28)
     plans: list[int] = []  # the size of each plan made
 
     class Plan(sqlite_store._MergePlan):
@@ -903,35 +896,54 @@ def test_merges_grow_with_the_index_up_to_a_bound(
             plans.append(len(self.rows))
 
     monkeypatch.setattr(sqlite_store, "_MergePlan", Plan)
-    store = open_store(tmp_path / "s")
+    stores = [open_store(tmp_path / "s"), open_store(tmp_path / "s")]
     try:
-        starts = []
-        for n in range(150):
-            before, made = indexed(store), len(plans)
-            assert counted(store) == before
-            assert store.write_pulses(0, [pulse(f"g{n}-{i}") for i in range(3)], 0)
-            if len(plans) > made:
-                start = min(max(before // 4, 7), 20)
-                assert start <= plans[-1] < start + 3, n
-                starts.append(start)
-        assert starts == sorted(starts)  # the index only grows here
-        assert starts[0] == 7
-        assert starts[-1] == 20
-        assert any(7 < start < 20 for start in starts)  # in between, with the index
-        assert store.write_pulses(0, [pulse(f"g{n}-0") for n in range(150)], 0) == [
-            "duplicate"
-        ] * 150
+        written = 0
+
+        def plan_sizes(count: int) -> list[int]:
+            nonlocal written
+            del plans[:]
+            while len(plans) < count:
+                store = stores[written % 2]
+                batch = [pulse(f"g{written}-{i}") for i in range(3)]
+                assert store.write_pulses(0, batch, 0) == ["accepted"] * 3
+                written += 1
+            return plans[:count]
+
+        monkeypatch.setattr(sqlite_store, "_MERGE_DEAR", 0.0)  # every merge costs much
+        sizes = plan_sizes(5)
+        starts = [7, 14, 28, 28, 28]
+        assert all(s <= n < s + 3 for s, n in zip(starts, sizes, strict=True)), sizes
+        monkeypatch.setattr(sqlite_store, "_MERGE_DEAR", 1.0)
+        monkeypatch.setattr(sqlite_store, "_MERGE_CHEAP", 1.0)  # ... and now little
+        sizes = plan_sizes(4)
+        starts = [28, 14, 7, 7]
+        assert all(s <= n < s + 3 for s, n in zip(starts, sizes, strict=True)), sizes
+        everything = [pulse(f"g{n}-{i}") for n in range(written) for i in range(3)]
+        for store in stores:
+            assert store.write_pulses(0, everything, 0) == ["duplicate"] * len(everything)
     finally:
-        store.close()
+        for store in stores:
+            store.close()
+
+
+def orphans(store: SQLiteStore) -> int:
+    """Ids the index holds whose log row is gone."""
+    count: int = store._file.read(
+        lambda c: c.execute(
+            "SELECT count(*) FROM pulse_ids WHERE seq NOT IN (SELECT seq FROM pulse_log)"
+        ).fetchone()[0]
+    )
+    return count
 
 
 @pytest.mark.usefixtures("slices_of_3")
-def test_the_count_of_indexed_ids_follows_every_merge_and_purge(
+def test_every_id_the_index_holds_names_a_log_row_whoever_merges_or_purges(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whichever process merges or purges, `ids_indexed` is the count of
-    `pulse_ids`: an id both processes insert (each merging alone) counts once,
-    and an id that goes with its log row stops counting."""
+    """Random writes, some of rows old enough to purge, and purges, from two
+    processes that both merge: no id the index holds outlives its log row,
+    and every write finds what it looks up."""
     monkeypatch.setattr(sqlite_store, "_MERGE_ALONE_AT", 9)  # both merge, the same ids
     rng = random.Random(7)
     purged = 0
@@ -942,7 +954,7 @@ def test_the_count_of_indexed_ids_follows_every_merge_and_purge(
             store.write_pulses(0, batch, -1 if rng.random() < 0.3 else 1)
         else:
             purged += store.purge(0, 0)  # the rows written at -1, and their ids
-        assert counted(store) == indexed(store), step
+        assert orphans(store) == 0, step
     assert purged
     assert indexed(stores[0]) > 50
 
@@ -962,10 +974,10 @@ def test_a_purge_during_a_sliced_merge_never_puts_back_the_ids_it_removed(
     assert a._merging is not None
     assert indexed(a) == 3
     assert stores[purger].purge(0, 0) == 1
-    assert indexed(a) == counted(a) == 1  # n0, merged by the purge
+    assert indexed(a) == 1  # n0, merged by the purge
     for step in range(3):  # the plan's slices would have run here
         assert a.write_pulses(0, [pulse(f"n{step + 1}")], 1) == ["accepted"]
-    assert indexed(a) == counted(a)
+    assert orphans(a) == 0
     # Forgotten with their row, as the dedup window says: new again, once.
     assert stores[purger].write_pulses(0, old, 1) == ["accepted"] * 8
     assert stores[1 - purger].write_pulses(0, old, 1) == ["duplicate"] * 8
@@ -1073,28 +1085,6 @@ def test_one_process_merges_at_a_time_unless_it_falls_far_behind(
 
 
 # -- a restart after a checkpoint that died midway ---------------------------------
-
-
-def test_a_store_made_before_the_count_of_indexed_ids_counts_them_at_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 1)
-    store = open_store(tmp_path / "s")
-    store.write_pulses(0, [pulse(f"c{i}") for i in range(5)], 0)
-    store.write_pulses(0, [pulse("c5")], 0)  # merges the first five
-    assert counted(store) == indexed(store) == 5
-    store.close()
-    conn = sqlite3.connect(tmp_path / "s" / "store.sqlite")
-    with conn:
-        conn.execute("DELETE FROM meta WHERE key = 'ids_indexed'")
-    conn.close()
-    store = open_store(tmp_path / "s")
-    try:
-        assert counted(store) == 5
-        store.write_pulses(0, [pulse("c6")], 0)  # merges c5
-        assert counted(store) == indexed(store) == 6
-    finally:
-        store.close()
 
 
 def test_a_store_whose_checkpoint_died_midway_opens_with_its_wal(tmp_path: Path) -> None:

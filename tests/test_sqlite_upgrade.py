@@ -71,7 +71,6 @@ def as_version_2(path: Path) -> int:
         )
         conn.execute("DROP TABLE pulse_spans")
         conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
-        conn.execute("DELETE FROM meta WHERE key = 'ids_indexed'")  # counted since version 4
         conn.execute("PRAGMA user_version = 2")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
@@ -112,8 +111,6 @@ def test_a_version_2_store_is_read_whole_and_upgraded(tmp_path: Path, workers: i
     opened = [open_store(directory, (index, workers)) for index in range(workers)]
     try:
         assert schema(path)[:2] == (4, "4")
-        counted, held = indexed_count(path)
-        assert counted == held
         for store in opened:
             assert totals(store) == {
                 tenant: (format_nanos(10 + i + 100 + 1000), 3) for i, tenant in enumerate(tenants)
@@ -216,23 +213,11 @@ def as_version_3(path: Path) -> None:
                 ],
             )
         conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
-        conn.execute("DELETE FROM meta WHERE key = 'ids_indexed'")  # counted since version 4
         conn.execute("PRAGMA user_version = 3")
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         conn.execute("COMMIT")
     finally:
         conn.close()
-
-
-def indexed_count(path: Path) -> tuple[int, int]:
-    """The meta key `ids_indexed`, and the ids `pulse_ids` holds."""
-    conn = sqlite3.connect(path)
-    try:
-        (counted,) = conn.execute("SELECT value FROM meta WHERE key = 'ids_indexed'").fetchone()
-        (held,) = conn.execute("SELECT count(*) FROM pulse_ids").fetchone()
-    finally:
-        conn.close()
-    return int(counted), held
 
 
 def indexed_digests(path: Path) -> dict[str, bytes]:
@@ -267,7 +252,6 @@ def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
     store = open_store(directory)
     try:
         assert schema(path)[:2] == (4, "4")
-        assert indexed_count(path) == (1, 1)  # counted at open
         other = [msgspec.structs.replace(p, nanos=p.nanos + 1) for p in replayed]
         outcomes = store.write_pulses(partition, replayed + other, 9)
         assert outcomes == ["duplicate", "duplicate", "conflict", "conflict"]
@@ -278,7 +262,6 @@ def test_a_version_3_store_compares_replays_of_its_ids_with_their_digests(
             # Any write merges every id in memory into `pulse_ids` first.
             store.write_pulses(sqlite_store.partition_of("u", 2), [pulse("u", 5)], 9)
         digests = indexed_digests(path)
-        assert indexed_count(path) == (3, 3)
         assert digests["t\x1fnew"] == b""  # compared with its log row's pulse
         assert digests["t\x1frecent"] == payload_digest(replayed[1])
         # Found in `pulse_ids`, each compared with its digest or its log row.

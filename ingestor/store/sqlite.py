@@ -58,8 +58,8 @@ index of 1,000,000 ids, merges of 5,000 cost ~23 µs an id here, of 80,000
 ~6.5, and a merge holds up every write while it runs (at 20,000 the soak's
 p99 was 155 ms instead of 72). So a merge is planned big and run in
 slices: `_MergePlan` takes a sorted snapshot of the ids waiting, once
-there are 20,000 of them, or a sixteenth of the index's if that is more, up
-to 160,000 (`_merge_at`; the meta key `ids_indexed` counts the index), and
+there are 20,000 of them, or up to 160,000 while merging costs much an id
+(`_next_merge_at`; the meta key `merge_at` holds it), and
 inserts `_MERGE_CHUNK` of them per transaction, in key order, or more where
 rounds bring more new ids (see `_merge_slice`). Each slice lands on its own
 stretch of the index, as densely as the whole merge would. Into 1,000,000
@@ -174,8 +174,9 @@ _FILE = "store.sqlite"
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~2 MB)
-_MERGE_SHARE = 16  # ... or the index's ids over this, if more (see `_merge_at`)
-_MERGE_MAX = 160_000  # ... but never more than this (~30 MB)
+_MERGE_MAX = 160_000  # ... or up to this many while merging costs much (`_next_merge_at`)
+_MERGE_DEAR = 6e-6  # CPU seconds an id merged above which the next merges double
+_MERGE_CHEAP = 3e-6  # ... and below which they halve
 _MERGE_CHUNK = 5_000  # ids of a merge inserted per transaction, at least
 _MERGE_ALONE_AT = 4 * _MERGE_AT  # ... that start a merge even while another process merges
 # How long logged deltas may wait before the writer folds them. Partitions
@@ -687,21 +688,6 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     log.info("store upgraded", extra={"fields": {"path": str(path), "schema": SCHEMA_VERSION}})
 
 
-def _count_ids(path: Path, busy_timeout: float) -> None:
-    """Count the ids `pulse_ids` holds into the meta key `ids_indexed`, for a
-    store made before that key (see `_merge_at`): once, a scan of the index."""
-    conn = _connect(path, busy_timeout, _READER_CACHE_KIB)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "INSERT INTO meta (key, value) SELECT 'ids_indexed', CAST(count(*) AS TEXT)"
-            " FROM pulse_ids WHERE true ON CONFLICT (key) DO NOTHING"
-        )
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
 def _fsync(path: Path) -> None:
     """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
@@ -780,8 +766,6 @@ class SQLiteStore:
         try:
             if version != SCHEMA_VERSION:
                 _upgrade(path, busy_timeout)
-            if "ids_indexed" not in meta:
-                _count_ids(path, busy_timeout)
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, "open") from exc
@@ -806,7 +790,6 @@ class SQLiteStore:
                     "schema_version": str(SCHEMA_VERSION),
                     "partitions": str(partitions),
                     "created_at": dt.datetime.now(dt.UTC).isoformat(),
-                    "ids_indexed": "0",
                 }
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
             finally:
@@ -973,7 +956,7 @@ class SQLiteStore:
             waiting = sum(len(p.recent) for p in self._parts)
             if waiting < _MERGE_AT:
                 return
-            start = _merge_at(conn)
+            start = min(max(_meta_count(conn, "merge_at"), _MERGE_AT), _MERGE_MAX)
             alone = start * _MERGE_ALONE_AT // _MERGE_AT
             if waiting < start or (waiting < alone and not self._lock_merges()):
                 return
@@ -981,20 +964,23 @@ class SQLiteStore:
             for other in self._parts:
                 self._file.touch(other)
                 _catch_up(conn, other, self._file.data_version())
-            plan = self._merging = _MergePlan(self._parts, _meta_count(conn, "ids_purged"))
+            plan = self._merging = _MergePlan(self._parts, _meta_count(conn, "ids_purged"), start)
         # A slice takes `_MERGE_CHUNK` ids, or twice as many as have joined
         # memory since the plan was made if that is more: the plan is done by
         # the time half as many new ids wait as it holds, so plans settle near
-        # two rounds' ids, and memory stays bounded however many new ids each
-        # round brings. Slices of `_MERGE_CHUNK` alone fell behind rounds that
-        # bring more: under 1,000-pulse arrays of new ids at 16 connections,
-        # the server's RSS grew from 190 to 687 MiB in a minute. Twice, not
-        # once: each plan also takes the ids of the round that finished the
-        # one before, and at once as many, plans grew by a round each (to
-        # 343,000 ids in that minute).
+        # the larger of `merge_at` and two rounds' ids, and memory stays
+        # bounded however many new ids each round brings. Slices of
+        # `_MERGE_CHUNK` alone fell behind rounds that bring more: under
+        # 1,000-pulse arrays of new ids at 16 connections, the server's RSS
+        # grew from 190 to 687 MiB in a minute. Twice, not once: each plan
+        # also takes the ids of the round that finished the one before, and
+        # at once as many, plans grew by a round each (to 343,000 ids in that
+        # minute).
         joined = sum(len(p.recent) for p in self._parts) - len(plan.rows)
         end = min(max(plan.done + _MERGE_CHUNK, 2 * joined), len(plan.rows))
-        _count_indexed(conn, conn.executemany(_INSERT_IDS, plan.rows[plan.done : end]).rowcount)
+        started = time.thread_time()
+        conn.executemany(_INSERT_IDS, plan.rows[plan.done : end])
+        plan.cpu += time.thread_time() - started
         if end < len(plan.rows):
             self._file.on_commit(lambda: setattr(plan, "done", end))
             return
@@ -1006,6 +992,11 @@ class SQLiteStore:
             " SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))"
             " AS TEXT)",
             [(part.merged_key, str(mark)) for part, mark in plan.marks.items()],
+        )
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('merge_at', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(_next_merge_at(plan.merge_at, plan.cpu / len(plan.rows))),),
         )
         for part in self._parts:
             self._file.touch(part)
@@ -1141,10 +1132,7 @@ class SQLiteStore:
                             for p in _decode_pulses(body)
                             if p.client_id
                         )
-                deleted = conn.executemany(
-                    "DELETE FROM pulse_ids WHERE id_key = ? AND seq = ?", ids
-                ).rowcount
-                _count_indexed(conn, -deleted)
+                conn.executemany("DELETE FROM pulse_ids WHERE id_key = ? AND seq = ?", ids)
                 if ids:  # see `_merge_slice`
                     conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('ids_purged', '1')"
@@ -1711,12 +1699,15 @@ class _MergePlan:
     `rows` is every partition's recent ids when it was planned, sorted:
     (id_key, seq), as `_INSERT_IDS` takes them; `digests`, the payload
     digests among them, as `_SET_DIGESTS` takes them; `marks`, how far each
-    partition's log they cover; `purged`, the meta count `ids_purged` then.
-    The ids stay in memory until the last slice has committed, so a lookup
-    finds each of them somewhere all along.
+    partition's log they cover; `purged`, the meta count `ids_purged` then;
+    `merge_at`, how many ids waiting made it (see `_next_merge_at`). The ids
+    stay in memory until the last slice has committed, so a lookup finds
+    each of them somewhere all along.
     """
 
-    def __init__(self, parts: Sequence[_Partition], purged: int = 0) -> None:
+    def __init__(
+        self, parts: Sequence[_Partition], purged: int = 0, merge_at: int = _MERGE_AT
+    ) -> None:
         # Keys are unique across partitions (a tenant has one): sorted by key
         # alone, all in C, which compares strings faster than pairs (5.4
         # against 8.9 ms for 20,000).
@@ -1726,43 +1717,44 @@ class _MergePlan:
         self.digests = [(digest, key) for p in parts for key, digest in p.digests.items()]
         self.marks = {part: part.seen_seq for part in parts}
         self.purged = purged
+        self.merge_at = merge_at
+        self.cpu = 0.0  # CPU seconds its slices' inserts took, in this thread
         self.done = 0  # rows inserted by committed transactions
 
 
-def _merge_at(conn: sqlite3.Connection) -> int:
-    """How many recent ids start a merge: `_MERGE_AT`, or a `_MERGE_SHARE`th of
-    the ids `pulse_ids` holds if that is more, up to `_MERGE_MAX`.
+def _next_merge_at(merge_at: int, cost: float) -> int:
+    """How many recent ids start the next merge, after one planned at `merge_at`
+    whose inserts cost `cost` CPU seconds an id: twice as many while that is
+    more than `_MERGE_DEAR`, up to `_MERGE_MAX`; half as many, down to
+    `_MERGE_AT`, once it is less than `_MERGE_CHEAP`.
 
-    Once the index has many more pages than a merge has ids, each id costs
-    about a page written, wherever the ids land: merging 20,000 random ids
-    (as clients making UUIDs send) into 4,000,000 cost ~24 µs an id, 80,000
-    ~15, 320,000 ~8 (wall, `bench/id_index.py`). With 4,000,000 random ids
-    indexed, the server took 26,789 pulses/s of 1,000-pulse arrays of new
-    random ids with merges of 20,000, and 47,407 with merges of 160,000, at
-    33 MiB more RSS. Ids of a prefix and a counter land on a few pages
-    whatever the merge, and a small index is in the page cache: there,
-    plans stay at `_MERGE_AT`.
+    Once the index has far more pages than a merge has ids, each id costs
+    about a page written, wherever the ids land. Merging random ids (as
+    clients making UUIDs send) into 4,000,000 cost 17.5 µs of CPU an id in
+    plans of 20,000, 12.0 in plans of 80,000, 7.2 in plans of 320,000
+    (24 / 15 / 8 wall); into 1,000,000, 9.4 / 5.9 / 5.1. With 4,000,000
+    random ids indexed, the server took 26,789 pulses/s of 1,000-pulse
+    arrays of new random ids with plans of 20,000, 47,407 with plans of
+    160,000, at ~35 MiB more RSS. Ids of a prefix and a counter land on a
+    few pages whatever the plan, and cost 1.5-3 µs: there, bigger plans
+    only cost memory, and each round that plans or ends one a longer pause
+    (sorting, dropping the merged ids), so they stay at `_MERGE_AT`. Sized
+    by the index's count instead, plans grew to 160,000 in every store past
+    2,560,000 ids: in `make soak` (ids of a counter), RSS +24% and p99 66 ->
+    148 ms.
     """
-    indexed = _meta_count(conn, "ids_indexed")
-    return min(max(indexed // _MERGE_SHARE, _MERGE_AT), _MERGE_MAX)
+    if cost > _MERGE_DEAR:
+        return min(2 * merge_at, _MERGE_MAX)
+    if cost < _MERGE_CHEAP:
+        return max(merge_at // 2, _MERGE_AT)
+    return merge_at
 
 
 def _meta_count(conn: sqlite3.Connection, key: str) -> int:
-    """A count the meta table keeps: `ids_indexed`, or `ids_purged` (purges
-    that removed ids); 0 if the store has never set it."""
+    """A count the meta table keeps: `merge_at`, or `ids_purged` (purges that
+    removed ids); 0 if the store has never set it."""
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
-
-
-def _count_indexed(conn: sqlite3.Connection, change: int) -> None:
-    """Add `change` to the meta key `ids_indexed`, the ids `pulse_ids` holds,
-    which sizes the merges (`_merge_at`); every write to that table moves it."""
-    if change:
-        conn.execute(
-            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-            " WHERE key = 'ids_indexed'",
-            (change,),
-        )
 
 
 def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
@@ -1773,7 +1765,7 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     and the next `_catch_up` rebuilds memory from the log.
     """
     plan = _MergePlan(parts)
-    _count_indexed(conn, conn.executemany(_INSERT_IDS, plan.rows).rowcount)
+    conn.executemany(_INSERT_IDS, plan.rows)
     conn.executemany(_SET_DIGESTS, plan.digests)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
