@@ -1055,6 +1055,24 @@ def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
 
 
 @pytest.mark.usefixtures("small_merges")
+def test_a_plan_that_finds_every_id_merged_meanwhile_ends_with_nothing_to_insert(
+    stores: tuple[SQLiteStore, SQLiteStore],
+) -> None:
+    """`a` counts enough ids in memory to plan a merge, but catching up it finds
+    that `b` has merged them all: its plan is empty, and ends at once."""
+    a, b = stores
+    first = [pulse(f"e{i}") for i in range(8)]
+    a.write_pulses(0, first, 0)
+    assert b.write_pulses(0, first[:1], 0) == ["duplicate"]  # b merges a's 8 ids
+    assert b._merging is None
+    assert indexed(b) == 8
+    # Without an id, a's write catches up only once it has planned the merge.
+    assert a.write_pulses(0, [plain("e8")], 0) == ["accepted"]
+    assert a._merging is None
+    assert a.write_pulses(0, first, 0) == ["duplicate"] * 8
+
+
+@pytest.mark.usefixtures("small_merges")
 def test_one_process_merges_at_a_time_unless_it_falls_far_behind(
     stores: tuple[SQLiteStore, SQLiteStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,22 +59,22 @@ index of 1,000,000 ids, merges of 5,000 cost ~23 µs an id here, of 80,000
 p99 was 155 ms instead of 72). So a merge is planned big and run in
 slices: `_MergePlan` takes a sorted snapshot of the ids waiting, once
 there are 20,000 of them, or up to 160,000 while merging costs much an id
-(`_next_merge_at`; the meta key `merge_at` holds it), and
-inserts `_MERGE_CHUNK` of them per transaction, in key order, or more where
-rounds bring more new ids (see `_merge_slice`). Each slice lands on its own
+(`_next_merge_at`; the meta key `merge_at` holds it), and inserts
+`_MERGE_CHUNK` of them per transaction, in key order, or more where rounds
+bring more new ids (see `_merge_slice`). Each slice lands on its own
 stretch of the index, as densely as the whole merge would. Into 1,000,000
 ids (`bench/id_index.py`): 12.6 µs an id CPU in plans of 20,000, 11.0 in
 plans of 80,000, against 22.6 for merges of 5,000. Until the last slice
 commits, with the watermarks, the snapshot's ids stay in memory too; a
 purge that removes ids meanwhile ends the plan (the meta key `ids_purged`
-tells every process), so no slice puts back an id whose row is gone. One process merges at
-a time, the one holding an flock of `merge.lock`: every process holds the
-others' recent ids too (read from the `ids` of their log rows, see
-`_id_keys`), and with two workers both merged the same ids,
-the second finding each one already there. The others wait for the marks
-to move, unless their memory reaches `_MERGE_ALONE_AT` ids (the merging
-process is stuck): they merge then anyway, which INSERT OR IGNORE makes
-harmless. Each transaction first
+tells every process), so no slice puts back an id whose row is gone. One
+process merges at a time, the one holding an flock of `merge.lock`: every
+process holds the others' recent ids too (read from the `ids` of their log
+rows, see `_id_keys`), and with two workers both merged the same ids, the
+second finding each one already there. The others wait for the marks to
+move, unless their memory reaches four times as many ids
+(`_MERGE_ALONE_AT`: the merging process is stuck): they merge then
+anyway, which INSERT OR IGNORE makes harmless. Each transaction first
 asks SQLite whether another connection has committed since (`PRAGMA
 data_version`). If one has (another process wrote, or merged), or a
 write of ours rolled back, memory is brought up from the watermark and the
@@ -996,7 +996,8 @@ class SQLiteStore:
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('merge_at', ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(_next_merge_at(plan.merge_at, plan.cpu / len(plan.rows))),),
+            # A plan can find nothing left to merge: another process merged it.
+            (str(_next_merge_at(plan.merge_at, plan.cpu / max(len(plan.rows), 1))),),
         )
         for part in self._parts:
             self._file.touch(part)
@@ -1733,15 +1734,15 @@ def _next_merge_at(merge_at: int, cost: float) -> int:
     clients making UUIDs send) into 4,000,000 cost 17.5 µs of CPU an id in
     plans of 20,000, 12.0 in plans of 80,000, 7.2 in plans of 320,000
     (24 / 15 / 8 wall); into 1,000,000, 9.4 / 5.9 / 5.1. With 4,000,000
-    random ids indexed, the server took 26,789 pulses/s of 1,000-pulse
-    arrays of new random ids with plans of 20,000, 47,407 with plans of
-    160,000, at ~35 MiB more RSS. Ids of a prefix and a counter land on a
-    few pages whatever the plan, and cost 1.5-3 µs: there, bigger plans
-    only cost memory, and each round that plans or ends one a longer pause
-    (sorting, dropping the merged ids), so they stay at `_MERGE_AT`. Sized
-    by the index's count instead, plans grew to 160,000 in every store past
-    2,560,000 ids: in `make soak` (ids of a counter), RSS +24% and p99 66 ->
-    148 ms.
+    random ids indexed (`bench/big_index.py`), the server took 26,789
+    pulses/s of 1,000-pulse arrays of new random ids with plans of 20,000,
+    and 50,872 this way, at ~35 MiB more RSS. Ids of a prefix and a counter
+    land on a few pages whatever the plan, and cost 1.5-3 µs: there, bigger
+    plans would only cost memory, and a longer pause in each round that
+    plans or ends one (sorting, dropping the merged ids), so they stay at
+    `_MERGE_AT`. Sized by the index's count instead, plans grew to 160,000
+    in every store past 2,560,000 ids: in `make soak` (ids of a counter),
+    RSS +24%.
     """
     if cost > _MERGE_DEAR:
         return min(2 * merge_at, _MERGE_MAX)
