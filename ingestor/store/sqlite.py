@@ -945,7 +945,7 @@ class SQLiteStore:
             return  # a round's partitions each ask; the recent ids stand till it commits
         self._merge_checked = self._file.serial
         plan = self._merging
-        if plan is not None and _meta_count(conn, "ids_purged") != plan.purged:
+        if plan is not None and _meta_int(conn, "ids_purged") != plan.purged:
             # A purge has removed ids since the plan was made, maybe some of its
             # own: its next slices would put them back, with the seq of a log
             # row that is gone, and every later write of such an id would fail.
@@ -956,7 +956,7 @@ class SQLiteStore:
             waiting = sum(len(p.recent) for p in self._parts)
             if waiting < _MERGE_AT:
                 return
-            start = min(max(_meta_count(conn, "merge_at"), _MERGE_AT), _MERGE_MAX)
+            start = min(max(_meta_int(conn, "merge_at"), _MERGE_AT), _MERGE_MAX)
             alone = start * _MERGE_ALONE_AT // _MERGE_AT
             if waiting < start or (waiting < alone and not self._lock_merges()):
                 return
@@ -964,7 +964,7 @@ class SQLiteStore:
             for other in self._parts:
                 self._file.touch(other)
                 _catch_up(conn, other, self._file.data_version())
-            plan = self._merging = _MergePlan(self._parts, _meta_count(conn, "ids_purged"), start)
+            plan = self._merging = _MergePlan(self._parts, _meta_int(conn, "ids_purged"), start)
         # A slice takes `_MERGE_CHUNK` ids, or twice as many as have joined
         # memory since the plan was made if that is more: the plan is done by
         # the time half as many new ids wait as it holds, so plans settle near
@@ -1228,7 +1228,7 @@ class SQLiteStore:
 
         def scan(conn: sqlite3.Connection) -> list[tuple[int, StoredPulse]]:
             found: list[tuple[int, StoredPulse]] = []
-            folded = _watermark(conn, part.folded_key)
+            folded = _meta_int(conn, part.folded_key)
             spanned = _spanned(conn, query.tenant_id, query.day, after_seq)
             tail = conn.execute(
                 "SELECT seq, received_at, body FROM pulse_log"
@@ -1511,8 +1511,10 @@ def _spanned(
                 yield row
 
 
-def _watermark(conn: sqlite3.Connection, key: str) -> int:
-    """The log row a meta watermark (`buckets_seq/<n>`, ...) stands at; 0 if never set."""
+def _meta_int(conn: sqlite3.Connection, key: str) -> int:
+    """A number the meta table keeps: the log row a watermark (`buckets_seq/<n>`,
+    ...) stands at, or a merge's size (`merge_at`), or a count (`ids_purged`);
+    0 if never set."""
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
 
@@ -1548,7 +1550,7 @@ def _unfolded_buckets(
         for part in parts:
             for (body,) in conn.execute(
                 "SELECT body FROM pulse_log WHERE part = ? AND seq > ?",
-                (part.index, _watermark(conn, part.folded_key)),
+                (part.index, _meta_int(conn, part.folded_key)),
             ):
                 add_pulses(tail, _decode_pulses(body))
         rows = {
@@ -1749,13 +1751,6 @@ def _next_merge_at(merge_at: int, cost: float) -> int:
     if cost < _MERGE_CHEAP:
         return max(merge_at // 2, _MERGE_AT)
     return merge_at
-
-
-def _meta_count(conn: sqlite3.Connection, key: str) -> int:
-    """A count the meta table keeps: `merge_at`, or `ids_purged` (purges that
-    removed ids); 0 if the store has never set it."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
