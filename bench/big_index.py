@@ -39,13 +39,6 @@ import harness as h
 BATCH = 200_000
 
 
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return 0
-
-
 def make_store(directory: Path, ids: int) -> None:
     """A store made by the server, its `pulse_ids` then filled with `ids` random
     ids of the bench's tenants (as lua/pulses.lua makes them with IDS=random)."""
@@ -91,10 +84,10 @@ def run(template: Path, scratch: Path, options: argparse.Namespace) -> dict[str,
             target=lambda: found.update(h.measure(server, wrk, load, options.duration))
         )
         loading.start()
-        rss = [_rss_mib(server.pid)]
+        rss = [h.rss_kib(server.pid) // 1024]
         while loading.is_alive():
             loading.join(5)
-            rss.append(_rss_mib(server.pid))
+            rss.append(h.rss_kib(server.pid) // 1024)
     found["rss_mib"] = rss
     return found
 

@@ -427,6 +427,14 @@ def measure(server: Server, wrk: str | None, load: Load, duration: int) -> dict[
 # -- small helpers for the scenarios ---------------------------------------------
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process `pid`, in KiB (0 if /proc does not say)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def warm_up(port: int, ids: bool) -> None:
     """A few requests of each kind, so lazy imports and caches are not timed."""
     tag = secrets.token_hex(4)

@@ -119,13 +119,6 @@ def percentile(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def slope_per_minute(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, MiB) points, in MiB per minute."""
     if len(points) < 2:
@@ -248,7 +241,7 @@ class Soak:
             self.samples.append(
                 {
                     "t_s": round(t, 2),
-                    "rss_mib": round(rss_kib(self.server.pid) / 1024, 2),
+                    "rss_mib": round(h.rss_kib(self.server.pid) / 1024, 2),
                     "cpu_s": round(self.server.cpu_seconds() - cpu_before, 2),
                     "acknowledged": self.acknowledged,
                 }
