@@ -927,6 +927,45 @@ def test_merges_grow_while_each_id_costs_much_and_shrink_once_it_costs_little(
             store.close()
 
 
+def test_a_process_merges_alone_only_past_four_times_the_merge_size_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merges have grown to 28 ids (from 7): while `a` merges, `b` merges alone
+    once `_MERGE_ALONE_AT` / `_MERGE_AT` times that wait in its memory (twice
+    here: 56), not twice 7."""
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", 7)
+    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", 28)
+    monkeypatch.setattr(sqlite_store, "_MERGE_ALONE_AT", 14)
+    monkeypatch.setattr(sqlite_store, "_MERGE_DEAR", 0.0)  # every merge costs much
+    a, b = open_store(tmp_path / "s"), open_store(tmp_path / "s")
+    try:
+        n = 0
+        while a._file.read(lambda c: sqlite_store._meta_int(c, "merge_at")) < 28:
+            a.write_pulses(0, [pulse(f"a{n}-{i}") for i in range(3)], 0)
+            n += 1
+        monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 2)  # a's next plan spans writes
+        while a._merging is None:
+            a.write_pulses(0, [pulse(f"a{n}-{i}") for i in range(3)], 0)
+            n += 1
+        waiting: list[int] = []
+        while b._merging is None:
+            b.write_pulses(0, [pulse(f"b{len(waiting)}-{i}") for i in range(3)], 0)
+            waiting.append(len(b._parts[0].recent))
+        # Each write asks with the ids waiting before its own join.
+        assert waiting[0] > 14  # twice 7: unscaled, b would have merged at once
+        assert max(waiting[:-2]) < 56 <= waiting[-2]
+        everything = [pulse(f"a{k}-{i}") for k in range(n) for i in range(3)]
+        everything += [pulse(f"b{k}-{i}") for k in range(len(waiting)) for i in range(3)]
+        while a._merging is not None or b._merging is not None:
+            for store in (a, b):
+                store.write_pulses(0, everything[:1], 0)
+        for store in (a, b):
+            assert store.write_pulses(0, everything, 0) == ["duplicate"] * len(everything)
+    finally:
+        a.close()
+        b.close()
+
+
 def orphans(store: SQLiteStore) -> int:
     """Ids the index holds whose log row is gone."""
     count: int = store._file.read(
