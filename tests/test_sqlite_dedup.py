@@ -852,6 +852,41 @@ def test_a_merge_inserts_a_slice_per_transaction_and_forgets_no_id(
     assert b.write_pulses(0, again, 0) == ["duplicate"] * 12
 
 
+def test_a_merge_indexes_each_id_with_its_log_row_however_many_a_statement_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids are inserted `_INSERT_ROWS` a statement and the rest one by one: a merge
+    of two such statements and 7 more indexes every id, each with the log row
+    that holds it, and none else."""
+    count = 2 * sqlite_store._INSERT_ROWS + 7
+    monkeypatch.setattr(sqlite_store, "_MERGE_AT", count)
+    monkeypatch.setattr(sqlite_store, "_MERGE_MAX", count)
+    monkeypatch.setattr(sqlite_store, "_MERGE_CHUNK", 10 * count)
+    first = [pulse(f"a{i}") for i in range(300)]
+    second = [pulse(f"b{i}", tenant="u") for i in range(count - 300)]
+    store, other = open_store(tmp_path / "s"), open_store(tmp_path / "s")
+    try:
+        assert store.write_pulses(0, first, 0) == ["accepted"] * len(first)
+        assert store.write_pulses(0, second, 0) == ["accepted"] * len(second)
+        assert indexed(store) == 0
+        assert store.write_pulses(0, [pulse("c")], 0) == ["accepted"]  # runs the merge
+        seq_a, seq_b, _ = store._file.read(
+            lambda c: [seq for (seq,) in c.execute("SELECT seq FROM pulse_log ORDER BY seq")]
+        )
+        found = dict(store._file.read(lambda c: c.execute("SELECT id_key, seq FROM pulse_ids")))
+        assert found == {
+            **{f"t\x1fa{i}": seq_a for i in range(len(first))},
+            **{f"u\x1fb{i}": seq_b for i in range(len(second))},
+        }
+        assert sorted(store._parts[0].recent) == ["t\x1fc"]
+        changed = [pulse(p.pulse_id, 2, p.tenant_id) for p in (*first[-1:], *second[-1:])]
+        assert other.write_pulses(0, [*first, *second], 0) == ["duplicate"] * count
+        assert other.write_pulses(0, changed, 0) == ["conflict"] * 2
+    finally:
+        store.close()
+        other.close()
+
+
 @pytest.mark.usefixtures("slices_of_3")
 def test_memory_stays_bounded_when_each_write_brings_more_ids_than_a_slice(
     tmp_path: Path,
@@ -866,7 +901,7 @@ def test_memory_stays_bounded_when_each_write_brings_more_ids_than_a_slice(
             assert store.write_pulses(0, batch, 0) == ["accepted"] * 10
             waiting.append(len(store._parts[0].recent))
             if store._merging is not None:
-                plans.append(len(store._merging.rows))
+                plans.append(store._merging.size)
         # A plan is done by the time half as many new ids wait: it holds at most
         # about two writes' ids, and memory what it plans plus what has joined.
         assert max(plans[len(plans) // 2 :]) <= 2 * 10 + 10
@@ -893,7 +928,7 @@ def test_merges_grow_while_each_id_costs_much_and_shrink_once_it_costs_little(
     class Plan(sqlite_store._MergePlan):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
-            plans.append(len(self.rows))
+            plans.append(self.size)
 
     monkeypatch.setattr(sqlite_store, "_MergePlan", Plan)
     stores = [open_store(tmp_path / "s"), open_store(tmp_path / "s")]

@@ -270,7 +270,16 @@ FROM json_each(?) AS j JOIN pulse_ids AS i ON i.id_key = j.value
 """
 
 # A merge: the recent ids, then the digests among them (see `_MergePlan`).
-_INSERT_IDS = "INSERT OR IGNORE INTO pulse_ids (id_key, seq, fingerprint) VALUES (?, ?, x'')"
+# `_INSERT_ROWS` ids a statement, each bound as (id_key, seq): sqlite3's
+# `executemany` costs about 0.45 µs a row of its own, as much as SQLite's
+# insert of a key next to the last. Merging 20,000 ids of a prefix and a
+# counter into 2,000,000 cost 1.05 µs of CPU an id that way, 0.61 in
+# statements of 100 or 400 rows, 0.72 of 1,000, 0.77 of 4,000.
+_INSERT_ROWS = 250
+_INSERT_IDS = "INSERT OR IGNORE INTO pulse_ids (id_key, seq, fingerprint) VALUES " + ", ".join(
+    ["(?, ?, x'')"] * _INSERT_ROWS
+)
+_INSERT_ID = "INSERT OR IGNORE INTO pulse_ids (id_key, seq, fingerprint) VALUES (?, ?, x'')"
 _SET_DIGESTS = "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?"
 
 _BUCKET_COLUMNS = (
@@ -976,12 +985,12 @@ class SQLiteStore:
         # also takes the ids of the round that finished the one before, and
         # at once as many, plans grew by a round each (to 343,000 ids in that
         # minute).
-        joined = sum(len(p.recent) for p in self._parts) - len(plan.rows)
-        end = min(max(plan.done + _MERGE_CHUNK, 2 * joined), len(plan.rows))
+        joined = sum(len(p.recent) for p in self._parts) - plan.size
+        end = min(max(plan.done + _MERGE_CHUNK, 2 * joined), plan.size)
         started = time.thread_time()
-        conn.executemany(_INSERT_IDS, plan.rows[plan.done : end])
+        _insert_ids(conn, plan.params[2 * plan.done : 2 * end])
         plan.cpu += time.thread_time() - started
-        if end < len(plan.rows):
+        if end < plan.size:
             self._file.on_commit(lambda: setattr(plan, "done", end))
             return
         # The last slice: every id up to the marks is in the index. Another
@@ -997,7 +1006,7 @@ class SQLiteStore:
             "INSERT INTO meta (key, value) VALUES ('merge_at', ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             # A plan can find nothing left to merge: another process merged it.
-            (str(_next_merge_at(plan.merge_at, plan.cpu / max(len(plan.rows), 1))),),
+            (str(_next_merge_at(plan.merge_at, plan.cpu / max(plan.size, 1))),),
         )
         for part in self._parts:
             self._file.touch(part)
@@ -1699,8 +1708,9 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
 class _MergePlan:
     """A merge of recent ids into `pulse_ids`, run a slice per transaction.
 
-    `rows` is every partition's recent ids when it was planned, sorted:
-    (id_key, seq), as `_INSERT_IDS` takes them; `digests`, the payload
+    `params` is every partition's recent ids when it was planned, `size`
+    of them, sorted, flat: id_key, seq, id_key, seq, ..., as `_insert_ids`
+    takes them (a tuple an id cost 48 bytes more); `digests`, the payload
     digests among them, as `_SET_DIGESTS` takes them; `marks`, how far each
     partition's log they cover; `purged`, the meta count `ids_purged` then;
     `merge_at`, how many ids waiting made it (see `_next_merge_at`). The ids
@@ -1714,9 +1724,9 @@ class _MergePlan:
         # Keys are unique across partitions (a tenant has one): sorted by key
         # alone, all in C, which compares strings faster than pairs (5.4
         # against 8.9 ms for 20,000).
-        self.rows = sorted(
-            itertools.chain.from_iterable(p.recent.items() for p in parts), key=_first
-        )
+        rows = sorted(itertools.chain.from_iterable(p.recent.items() for p in parts), key=_first)
+        self.size = len(rows)
+        self.params: list[str | int] = list(itertools.chain.from_iterable(rows))
         self.digests = [(digest, key) for p in parts for key, digest in p.digests.items()]
         self.marks = {part: part.seen_seq for part in parts}
         self.purged = purged
@@ -1761,7 +1771,7 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     and the next `_catch_up` rebuilds memory from the log.
     """
     plan = _MergePlan(parts)
-    conn.executemany(_INSERT_IDS, plan.rows)
+    _insert_ids(conn, plan.params)
     conn.executemany(_SET_DIGESTS, plan.digests)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -1772,6 +1782,17 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
         part.recent.clear()
         part.digests.clear()
         part.merged_seq = mark
+
+
+def _insert_ids(conn: sqlite3.Connection, params: list[str | int]) -> None:
+    """Insert into `pulse_ids` the ids `params` (id_key, seq, id_key, seq, ...), those
+    it holds already left as they are, `_INSERT_ROWS` a statement."""
+    step = 2 * _INSERT_ROWS
+    whole = len(params) - len(params) % step
+    for start in range(0, whole, step):
+        conn.execute(_INSERT_IDS, params[start : start + step])
+    rest = params[whole:]
+    conn.executemany(_INSERT_ID, zip(rest[::2], rest[1::2], strict=True))
 
 
 def _known_ids(
