@@ -4,6 +4,7 @@
     python bench/profile.py single-ids --durability os --duration 20
     python bench/profile.py aggregates                # GET /aggregates pages
     python bench/profile.py svc-fsync-ndjson1000-noids --top 40
+    python bench/profile.py array1000-ids --workers 2 --connections 16
 
 SCENARIO is a body shape and ids (`single-ids`, `array100-noids`,
 `array1000-ids`, `ndjson1000-ids`, ...; a `svc-<durability>-` prefix as in
@@ -136,6 +137,12 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
+        "--connections",
+        type=int,
+        help="wrk's connections (default: the bench's for the shape; two workers need 16,"
+        " see bench/stores.py)",
+    )
+    parser.add_argument(
         "--output",
         help="where to keep the raw stacks (default bench/results/profile-<scenario>-<time>.txt)",
     )
@@ -182,6 +189,7 @@ def main() -> int:
                 load = h.Load.pages(scratch / "paths.txt", connections=4)
             else:
                 kind, count, connections = bench.SHAPES[shape]
+                connections = opts.connections or connections
                 h.warm_up(server.port, ids_text == "ids")
                 load = h.Load.pulses(kind, count, ids_text == "ids", connections)
             argv = h.pinned(
