@@ -873,7 +873,9 @@ def test_a_merge_indexes_each_id_with_its_log_row_however_many_a_statement_takes
         seq_a, seq_b, _ = store._file.read(
             lambda c: [seq for (seq,) in c.execute("SELECT seq FROM pulse_log ORDER BY seq")]
         )
-        found = dict(store._file.read(lambda c: c.execute("SELECT id_key, seq FROM pulse_ids")))
+        found = dict(
+            store._file.read(lambda c: c.execute("SELECT id_key, seq FROM pulse_ids").fetchall())
+        )
         assert found == {
             **{f"t\x1fa{i}": seq_a for i in range(len(first))},
             **{f"u\x1fb{i}": seq_b for i in range(len(second))},
