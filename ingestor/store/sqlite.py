@@ -280,6 +280,12 @@ _INSERT_ID = "INSERT OR IGNORE INTO pulse_ids (id_key, seq, fingerprint) VALUES 
 _INSERT_IDS = _INSERT_ID + ", (?, ?, x'')" * (_INSERT_ROWS - 1)
 _SET_DIGESTS = "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?"
 
+# A meta key set to a value (a watermark, the merge size), whatever it held.
+_SET_META = (
+    "INSERT INTO meta (key, value) VALUES (?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
 _BUCKET_COLUMNS = (
     "day, tenant_id, product_sku, use_unit, used_amount, pulse_count,"
     " committed_amount, committed_count, revision"
@@ -1001,10 +1007,9 @@ class SQLiteStore:
             [(part.merged_key, str(mark)) for part, mark in plan.marks.items()],
         )
         conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('merge_at', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            _SET_META,
             # A plan can find nothing left to merge: another process merged it.
-            (str(_next_merge_at(plan.merge_at, plan.cpu / max(plan.size, 1))),),
+            ("merge_at", str(_next_merge_at(plan.merge_at, plan.cpu / max(plan.size, 1)))),
         )
         for part in self._parts:
             self._file.touch(part)
@@ -1688,11 +1693,7 @@ def _fold(conn: sqlite3.Connection, part: _Partition) -> None:
         "INSERT INTO pulse_spans (tenant_id, day, seq, last_seq, seqs) VALUES (?, ?, ?, ?, ?)",
         sorted(row for key, rows in days.items() for row in _span_rows(key, sorted(rows))),
     )
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (part.folded_key, str(seq)),
-    )
+    conn.execute(_SET_META, (part.folded_key, str(seq)))
 
     def folded() -> None:
         part.pending.clear()
@@ -1772,9 +1773,7 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     _insert_ids(conn, plan.params)
     conn.executemany(_SET_DIGESTS, plan.digests)
     conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [(part.merged_key, str(mark)) for part, mark in plan.marks.items()],
+        _SET_META, [(part.merged_key, str(mark)) for part, mark in plan.marks.items()]
     )
     for part, mark in plan.marks.items():
         part.recent.clear()
