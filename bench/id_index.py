@@ -17,6 +17,15 @@ Then the store's way: plans of --slices sorted ids (20,000), each
 inserted 5,000 at a time, a transaction per slice: each slice lands on its
 own stretch of the index, as densely as the whole plan.
 
+Then the layout that would replace it, sorted runs (`--run`, 20,000): one
+table keyed by (run, id_key), so that each run, written in key order under
+a run number above every other, appends to the B-tree instead of landing
+all over it. The --ids random ids are written as one run, then 400,000 new
+ones as runs of --run ids; 8 of those runs are compacted into one (copied
+in key order under a new number, the old ones deleted); and 1,000 absent
+keys are looked up in 1, 4 and 16 runs, a statement a run and a seek a
+run a key, as a layout without filters would.
+
 Prints µs per id, wall and CPU, per merge size, and per lookup form.
 """
 
@@ -32,6 +41,8 @@ import time
 from pathlib import Path
 
 import msgspec
+
+from ingestor.store.sqlite import _insert_ids
 
 TENANTS = 100
 _encode = msgspec.json.Encoder().encode
@@ -50,11 +61,9 @@ def _keys(count: int) -> list[str]:
 
 
 def _merge(conn: sqlite3.Connection, keys: list[str], seq: int) -> None:
+    """Insert `keys`, sorted, with log row `seq`, as the store's merge does."""
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(
-        "INSERT OR IGNORE INTO pulse_ids (id_key, fingerprint, seq) VALUES (?, ?, ?)",
-        [(key, b"f" * 16, seq) for key in keys],
-    )
+    _insert_ids(conn, [value for key in keys for value in (key, seq)])
     conn.execute("COMMIT")
 
 
@@ -137,6 +146,85 @@ def lookups(directory: Path, ids: int) -> None:
             print(f"lookup  {name:<18} among {ids:,}: {spent / 100_000 * 1e6:5.2f} µs/id")
 
 
+def _write_run(conn: sqlite3.Connection, run: int, keys: list[str]) -> None:
+    """Run `run`: `keys`, sorted, in one transaction, 250 rows a statement."""
+    one = "INSERT INTO id_runs (run, id_key, seq) VALUES (?, ?, ?)"
+    many = one + ", (?, ?, ?)" * 249
+    whole = len(keys) - len(keys) % 250
+    conn.execute("BEGIN IMMEDIATE")
+    for start in range(0, whole, 250):
+        batch = keys[start : start + 250]
+        conn.execute(many, [value for key in batch for value in (run, key, run)])
+    conn.executemany(one, [(run, key, run) for key in keys[whole:]])
+    conn.execute("COMMIT")
+
+
+def sorted_runs(path: Path, ids: int, run_size: int) -> None:
+    conn = _connect(path)
+    conn.execute(
+        "CREATE TABLE id_runs (run INTEGER NOT NULL, id_key TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " PRIMARY KEY (run, id_key)) STRICT, WITHOUT ROWID"
+    )
+    every = sorted(_keys(ids))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, ids, 100_000):  # one run, written in key order
+        _write_run(conn, 0, every[start : start + 100_000])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(
+        f"runs    {ids:,} ids as one run: "
+        f"{wall / ids * 1e6:5.1f} µs/id wall, {cpu / ids * 1e6:5.1f} µs/id CPU"
+    )
+    batches = [sorted(_keys(run_size)) for _ in range(max(1, 400_000 // run_size))]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for run, batch in enumerate(batches, start=1):
+        _write_run(conn, run, batch)
+    count = sum(len(b) for b in batches)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(
+        f"runs    {run_size:>7,} new ids a run, beside {ids:,}: "
+        f"{wall / count * 1e6:5.1f} µs/id wall, {cpu / count * 1e6:5.1f} µs/id CPU"
+    )
+    fanin = min(8, len(batches))
+    wall, cpu = time.perf_counter(), time.process_time()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "INSERT INTO id_runs (run, id_key, seq) SELECT ?, id_key, seq FROM id_runs"
+        " WHERE run BETWEEN 1 AND ? ORDER BY id_key",
+        (len(batches) + 1, fanin),
+    )
+    conn.execute("DELETE FROM id_runs WHERE run BETWEEN 1 AND ?", (fanin,))
+    conn.execute("COMMIT")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    moved = fanin * run_size
+    print(
+        f"runs    {fanin} runs of {run_size:,} compacted into one: "
+        f"{wall / moved * 1e6:5.1f} µs/id wall, {cpu / moved * 1e6:5.1f} µs/id CPU"
+    )
+    live = [run for (run,) in conn.execute("SELECT DISTINCT run FROM id_runs ORDER BY run")]
+    for count_of in (1, 4, 16):
+        runs = live[:count_of]
+        spent = 0.0
+        for _ in range(2):  # the second round is the one to read: caches are warm
+            spent = 0.0
+            for _ in range(100):
+                keys = _keys(1_000)
+                started = time.perf_counter()
+                found = [
+                    row
+                    for run in runs
+                    for row in conn.execute(
+                        # CROSS: keys outside, each a seek; SQLite would scan the run
+                        "SELECT i.id_key FROM json_each(?) AS k"
+                        " CROSS JOIN id_runs AS i ON i.run = ? AND i.id_key = k.value",
+                        (_encode(keys), run),
+                    )
+                ]
+                spent += time.perf_counter() - started
+                assert not found
+        print(f"lookup  in {len(runs):>2} runs: {spent / 100_000 * 1e6:5.2f} µs/id")
+    conn.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ids", type=int, default=1_000_000)
@@ -144,6 +232,7 @@ def main() -> int:
     parser.add_argument(
         "--slices", type=int, default=20_000, help="the store's planned merge, run in slices"
     )
+    parser.add_argument("--run", type=int, default=20_000, help="ids a sorted run")
     parser.add_argument("--dir", help="where the scratch files go (default: a temp dir)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=options.dir) as scratch:
@@ -152,6 +241,7 @@ def main() -> int:
         merges(directory / "merges.sqlite", options.ids, sizes)
         merges(directory / "merges.sqlite", options.ids, [5_000], options.slices)
         lookups(directory, options.ids)
+        sorted_runs(directory / "runs.sqlite", options.ids, options.run)
     return 0
 
 
