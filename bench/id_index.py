@@ -203,7 +203,6 @@ def sorted_runs(path: Path, ids: int, run_size: int) -> None:
     live = [run for (run,) in conn.execute("SELECT DISTINCT run FROM id_runs ORDER BY run")]
     for count_of in (1, 4, 16):
         runs = live[:count_of]
-        spent = 0.0
         for _ in range(2):  # the second round is the one to read: caches are warm
             spent = 0.0
             for _ in range(100):
