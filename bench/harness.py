@@ -459,7 +459,7 @@ def stored_pulses(port: int) -> int:
         if status != 200:
             raise RuntimeError(f"GET /aggregates answered {status}: {page}")
         total += sum(
-            row["pulse_count"] for row in page["aggregates"] if row["tenant_id"] != "warmup"
+            int(row["pulse_count"]) for row in page["aggregates"] if row["tenant_id"] != "warmup"
         )
         cursor = page.get("next_cursor")
         if not cursor:

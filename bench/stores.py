@@ -21,20 +21,28 @@ each pulse cost them what it costs one worker: (2 - wrk's CPU) / (one
 worker's CPU). A local PostgreSQL shares the cores too: its processes' CPU
 a pulse is reported beside the server's. Every run starts on a fresh data
 dir or a fresh PostgreSQL database.
+
+`sqlite-apart` measures what the machine itself allows two workers: two
+single-worker servers, each on a store of its own and free to run on
+either core, each loaded by a wrk of its own with half the connections, at
+the same time. Nothing is shared but the machine, so its ratio to one
+worker is the most two workers sharing one store could reach here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import secrets
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -49,7 +57,13 @@ SCENARIOS = [
     ("array1000-randomids", "array", 1000, "random", 16),
 ]
 DEFAULT_SCENARIOS = ["array1000-ids", "array1000-noids", "single-ids"]
-CONFIGS = [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
+CONFIGS = [
+    ("sqlite", 1),
+    ("sqlite", 2),
+    ("sqlite-apart", 2),
+    ("postgresql", 1),
+    ("postgresql", 2),
+]
 
 
 class Row(NamedTuple):
@@ -124,6 +138,8 @@ def one_run(
     connections = options.connections or connections
     logs = Path(options.logs)
     logs.mkdir(parents=True, exist_ok=True)
+    if store == "sqlite-apart":
+        return apart_run(scenario, connections, logs, options)
     with h.scratch_dir(None, name) as scratch, store_env(store, options.postgres) as env:
         server = h.service_server(
             scratch / "data",
@@ -140,7 +156,7 @@ def one_run(
             )
             result = h.measure(server, options.wrk, load, options.duration)
             database = (postgres_cpu_seconds() - before) / (time.perf_counter() - started)
-    if result["non_2xx"] or result["socket_errors"]:
+    if result["non_2xx"] or _socket_errors(result["socket_errors"]):
         print(f"  {store}/{workers} {name}: {result['statuses']} {result['first_error']}")
     rate = float(result["pulses_per_s"])
     server_cpu, load_cpu = float(result["server_cpu"]), float(result["load_cpu"])
@@ -150,13 +166,70 @@ def one_run(
     return Run(rate, server_cpu / rate * 1e6, database / rate * 1e6, server_cpu, load_cpu)
 
 
+def _socket_errors(errors: dict[str, int]) -> int:
+    """wrk's count of connections that failed (its "status" errors are non-2xx answers)."""
+    return sum(count for kind, count in errors.items() if kind != "status")
+
+
+def apart_run(
+    scenario: tuple[str, str, int, str | None, int],
+    connections: int,
+    logs: Path,
+    options: argparse.Namespace,
+) -> Run:
+    """Two single-worker servers on stores of their own, loaded at once (see the
+    module docstring); their rates and CPU added up."""
+    name, kind, count, ids, _ = scenario
+    with ExitStack() as stack:
+        servers = []
+        for n in range(2):
+            scratch = stack.enter_context(h.scratch_dir(None, f"{name}-apart{n}"))
+            server = h.service_server(
+                scratch / "data", logs / f"stores-sqlite-apart{n}-{name}.log", cpus="0,1"
+            )
+            servers.append(stack.enter_context(h.running(server)))
+        for server in servers:
+            h.warm_up(server.port, True)
+        load = h.Load.pulses(
+            kind, count, ids is not None, connections // 2, random_ids=ids == "random"
+        )
+        results: list[dict[str, Any]] = [{}, {}]
+
+        def drive(n: int) -> None:
+            results[n] = h.run_load(options.wrk, servers[n].port, load, options.duration)
+
+        cpu_before = [server.cpu_seconds() for server in servers]
+        load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        threads = [threading.Thread(target=drive, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = sum(s.cpu_seconds() - before for s, before in zip(servers, cpu_before, strict=True))
+    rate = 0.0
+    seconds = max(result["duration_us"] for result in results) / 1e6
+    for result in results:
+        ok = sum(int(v) for k, v in result["statuses"].items() if k.startswith("2"))
+        if ok < result["requests"] or _socket_errors(result["errors"]):
+            print(f"  sqlite-apart {name}: {result['statuses']} {result.get('first_error')}")
+        rate += ok * count / (result["duration_us"] / 1e6)
+    load_cpu = (
+        load_after.ru_utime + load_after.ru_stime - load_before.ru_utime - load_before.ru_stime
+    ) / seconds
+    server_cpu = cpu / seconds
+    return Run(rate, server_cpu / rate * 1e6 if rate else float("nan"), 0.0, server_cpu, load_cpu)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--logs", default=str(h.ROOT / "bench" / "results" / "stores-logs"))
-    parser.add_argument("--stores", default="sqlite,postgresql", help="which stores to run")
+    parser.add_argument(
+        "--stores", default="sqlite,sqlite-apart,postgresql", help="which stores to run"
+    )
     parser.add_argument(
         "--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"of {[s[0] for s in SCENARIOS]}"
     )
@@ -202,7 +275,7 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     single = {(row.name, row.store): row for row in rows if row.workers == 1}
     for row in rows:
-        one = single.get((row.name, row.store))
+        one = single.get((row.name, row.store.removesuffix("-apart")))
         ratio = f"{row.rate / one.rate:.2f}x" if one else "-"
         # What wrk leaves of the two cores, over what one worker used.
         ceiling = f"{(2 - row.load_cpu) / one.server_cpu:.2f}x" if one and row.workers == 2 else "-"
