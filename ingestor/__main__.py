@@ -1,7 +1,7 @@
 """The command line (also `python -m ingestor ...`).
 
-    billing-ingestor serve [--bind HOST:PORT] [--data-dir DIR] [--config FILE]
-    billing-ingestor keys new --role ingest|read|admin [--tenant T ...]
+billing-ingestor serve [--bind HOST:PORT] [--data-dir DIR] [--config FILE]
+billing-ingestor keys new --role ingest|read|admin [--tenant T ...]
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     new.add_argument("--role", required=True, choices=["ingest", "read", "admin"])
     new.add_argument(
-        "--tenant", action="append", default=[], dest="tenants",
+        "--tenant",
+        action="append",
+        default=[],
+        dest="tenants",
         help="a tenant the key acts for; repeat for more, or '*' for every tenant"
         " (admin keys always act for every tenant)",
     )

@@ -145,7 +145,10 @@ async def ingest(
     if runtime.draining:
         raise Draining("the service is shutting down")
     intake = decode_pulses(
-        body, content_type, runtime.rules, runtime.clock(),
+        body,
+        content_type,
+        runtime.rules,
+        runtime.clock(),
         max_line_bytes=runtime.settings.max_line_bytes,
     )
     items = list(intake.items)
@@ -185,9 +188,7 @@ async def ingest(
         waiting.append(reply)
     await replies.wait()
     written = {
-        partition: outcomes
-        for reply in waiting
-        for partition, outcomes in reply.result().items()
+        partition: outcomes for reply in waiting for partition, outcomes in reply.result().items()
     }
 
     accepted = duplicates = conflicts = 0
@@ -197,8 +198,12 @@ async def ingest(
         if isinstance(outcomes, StoreError):
             failure = outcomes
             items.extend(
-                IngestItem(i, "rejected", p.pulse_id if p.client_id else None,
-                           f"not stored, retry: {outcomes}")
+                IngestItem(
+                    i,
+                    "rejected",
+                    p.pulse_id if p.client_id else None,
+                    f"not stored, retry: {outcomes}",
+                )
                 for i, p in zip(indexes, pulses, strict=True)
             )
             continue
@@ -256,12 +261,19 @@ def create_app(runtime: Runtime) -> Quart:
     runtime.edge = edge
     metrics = Metrics(runtime, lambda: edge.in_flight)
     edge.routes[("POST", "/pulses")] = PulseRoute(
-        runtime, keyring, metrics, ingest=ingest, error_parts=error_parts,
-        new_request_id=_request_id, limit=lambda: edge.limit,
+        runtime,
+        keyring,
+        metrics,
+        ingest=ingest,
+        error_parts=error_parts,
+        new_request_id=_request_id,
+        limit=lambda: edge.limit,
     )
     openapi_body = _encode(
         document(
-            OPERATIONS, title="billing-ingestor", version=__version__,
+            OPERATIONS,
+            title="billing-ingestor",
+            version=__version__,
             description="Usage metering: pulses in, exact daily totals out, each billed once.",
         )
     )
@@ -301,8 +313,10 @@ def create_app(runtime: Runtime) -> Quart:
         rule = request.url_rule
         started = g.get("started", time.perf_counter())
         metrics.observe(
-            request.method, rule.rule if rule is not None else "unmatched",
-            response.status_code, time.perf_counter() - started,
+            request.method,
+            rule.rule if rule is not None else "unmatched",
+            response.status_code,
+            time.perf_counter() - started,
         )
         return response
 
@@ -386,12 +400,12 @@ def create_app(runtime: Runtime) -> Quart:
             raise RequestError(404, "not_found", f"no batch {batch_id!r}")
         if not done:
             raise RequestError(
-                409, "not_failed",
+                409,
+                "not_failed",
                 f"batch {batch_id!r} is {batch.status}; only a failed batch is redelivered",
             )
         runtime.deliverer.wake()
-        log.info("redeliver", extra={"fields": {"batch_id": batch_id,
-                                                "key": principal().label}})
+        log.info("redeliver", extra={"fields": {"batch_id": batch_id, "key": principal().label}})
         return ok(batch)
 
     async def healthz() -> Response:
@@ -412,13 +426,18 @@ def create_app(runtime: Runtime) -> Quart:
         return Response(openapi_body, content_type=_JSON)
 
     views: dict[str, Callable[..., Awaitable[Response]]] = {
-        "post_pulses": post_pulses, "get_pulses": get_pulses,
-        "get_aggregates": get_aggregates, "post_commit": post_commit,
-        "get_batches": get_batches, "get_batch": get_batch,
-        "post_redeliver": post_redeliver, "healthz": healthz, "readyz": readyz,
-        "metrics": metrics_text, "openapi": openapi,
+        "post_pulses": post_pulses,
+        "get_pulses": get_pulses,
+        "get_aggregates": get_aggregates,
+        "post_commit": post_commit,
+        "get_batches": get_batches,
+        "get_batch": get_batch,
+        "post_redeliver": post_redeliver,
+        "healthz": healthz,
+        "readyz": readyz,
+        "metrics": metrics_text,
+        "openapi": openapi,
     }
     for op in OPERATIONS:
         app.add_url_rule(op.rule, op.name, views[op.name], methods=[op.method])
     return app
-

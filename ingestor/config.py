@@ -97,11 +97,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 _DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_DURATIONS = frozenset(
-    name
-    for name, kind in Settings.__annotations__.items()
-    if kind == "Seconds"
-)
+_DURATIONS = frozenset(name for name, kind in Settings.__annotations__.items() if kind == "Seconds")
 
 
 def parse_duration(value: object) -> float:

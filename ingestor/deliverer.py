@@ -87,8 +87,14 @@ class Deliverer:
                 self.retried += 1
                 log.warning(
                     "delivery failed, will retry",
-                    extra={"fields": {"batch_id": batch.batch_id, "attempt": attempt,
-                                      "retry_in_s": round(delay, 1), "error": error}},
+                    extra={
+                        "fields": {
+                            "batch_id": batch.batch_id,
+                            "attempt": attempt,
+                            "retry_in_s": round(delay, 1),
+                            "error": error,
+                        }
+                    },
                 )
             except SinkRejected as exc:
                 status, error = "failed", str(exc)
@@ -102,8 +108,12 @@ class Deliverer:
             try:
                 await trio.to_thread.run_sync(
                     lambda: self._store.record_delivery(
-                        batch.partition, batch.batch_id, status=status, error=error,
-                        next_attempt_us=next_at, now_us=self._clock(),
+                        batch.partition,
+                        batch.batch_id,
+                        status=status,
+                        error=error,
+                        next_attempt_us=next_at,
+                        now_us=self._clock(),
                     )
                 )
             except StoreError as exc:

@@ -99,9 +99,7 @@ class PulseRoute:
                 principal = self._keyring.authenticate(authorization)
                 self._keyring.require(principal, self._need, "POST /pulses")
                 body = await self._read_body(receive, length)
-                status, payload = await self._ingest(
-                    self._runtime, body, content_type, principal
-                )
+                status, payload = await self._ingest(self._runtime, body, content_type, principal)
             except _Gone:
                 return
             except IngestorError as exc:
@@ -144,7 +142,8 @@ class PulseRoute:
                     break
         if timer.cancelled_caught:
             raise RequestError(
-                408, "request_timeout",
+                408,
+                "request_timeout",
                 f"the request body did not arrive within {self._body_timeout:g} s (body_timeout)",
             )
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -158,4 +157,3 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(
         413, "body_too_large", f"the request body exceeds {limit} bytes (max_body_bytes)"
     )
-

@@ -301,7 +301,8 @@ def decode_pulses(
         return _decode_ndjson(body, rules, now_us, max_line_bytes)
     if kind != JSON and not kind.endswith("+json"):
         raise RequestError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"Content-Type must be {JSON} or {NDJSON}, got {kind or 'none'}",
         )
     strict = _may_hide_controls(body)
@@ -367,7 +368,7 @@ def _require_json(body: bytes) -> None:
 def _limit(count: int, rules: Rules) -> None:
     if count > rules.max_batch:
         raise RequestError(
-            413, "too_many_pulses",
+            413,
+            "too_many_pulses",
             f"a request may carry at most {rules.max_batch} pulses, this one has {count}",
         )
-

@@ -1,15 +1,15 @@
 """The supervision tree: start everything in order, stop it in reverse.
 
-    open_service(settings)
-      store            opened in a thread; closed last
-      shards           one actor per write lane of the store, owning its
-                       partitions' writes; drained after HTTP stops
-      committer        timer; cancelled after the shards drained
-      deliverer        outbox -> sink; cancelled with the committer
-    serve(settings)
-      open_service + hypercorn (trio worker) until SIGTERM/SIGINT, then:
-      readyz 503 -> hypercorn stops accepting and finishes in-flight
-      requests -> shards finish their queues -> store closes -> exit 0
+open_service(settings)
+  store            opened in a thread; closed last
+  shards           one actor per write lane of the store, owning its
+                   partitions' writes; drained after HTTP stops
+  committer        timer; cancelled after the shards drained
+  deliverer        outbox -> sink; cancelled with the committer
+serve(settings)
+  open_service + hypercorn (trio worker) until SIGTERM/SIGINT, then:
+  readyz 503 -> hypercorn stops accepting and finishes in-flight
+  requests -> shards finish their queues -> store closes -> exit 0
 """
 
 from __future__ import annotations
@@ -67,24 +67,42 @@ async def open_service(
         lanes = max(1, min(store.write_lanes, store.partitions))
         shards = [
             Shard(
-                lane, range(lane, store.partitions, lanes), store,
-                queue_size=settings.shard_queue, group_max_pulses=settings.group_max_pulses,
+                lane,
+                range(lane, store.partitions, lanes),
+                store,
+                queue_size=settings.shard_queue,
+                group_max_pulses=settings.group_max_pulses,
                 clock=clock,
             )
             for lane in range(lanes)
         ]
         deliverer = Deliverer(
-            store, sink, concurrency=settings.delivery_concurrency,
-            retry_initial=settings.retry_initial, retry_max=settings.retry_max, clock=clock,
+            store,
+            sink,
+            concurrency=settings.delivery_concurrency,
+            retry_initial=settings.retry_initial,
+            retry_max=settings.retry_max,
+            clock=clock,
         )
         committer = Committer(
-            shards, store, zones=rules.zones(), interval=settings.commit_interval,
-            grace=settings.commit_grace, max_records=settings.batch_max_records,
-            dedup_window=settings.dedup_window, on_commit=deliverer.wake, clock=clock,
+            shards,
+            store,
+            zones=rules.zones(),
+            interval=settings.commit_interval,
+            grace=settings.commit_grace,
+            max_records=settings.batch_max_records,
+            dedup_window=settings.dedup_window,
+            on_commit=deliverer.wake,
+            clock=clock,
         )
         runtime = Runtime(
-            settings=settings, store=store, shards=shards, committer=committer,
-            deliverer=deliverer, rules=rules, clock=clock,
+            settings=settings,
+            store=store,
+            shards=shards,
+            committer=committer,
+            deliverer=deliverer,
+            rules=rules,
+            clock=clock,
         )
         async with trio.open_nursery() as actors:
             for shard in shards:

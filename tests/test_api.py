@@ -48,7 +48,11 @@ async def test_single_pulse_is_accepted_and_counted(client: Client) -> None:
     assert response.status_code == 202
     assert response.content_type == "application/json"
     assert await response.get_json() == {
-        "accepted": 1, "duplicates": 0, "rejected": 0, "conflicts": 0, "items": [],
+        "accepted": 1,
+        "duplicates": 0,
+        "rejected": 0,
+        "conflicts": 0,
+        "items": [],
     }
     [bucket] = await aggregates(client)
     assert bucket["used_amount"] == "2.5"
@@ -94,10 +98,10 @@ async def test_mixed_array_stores_valid_and_reports_every_other(
     await post(client, pulse(id="seen"))
     body = [
         pulse(id="new", used_amount="0.000000001"),
-        pulse(id="seen"),                          # duplicate
-        pulse(id="seen", used_amount="9"),         # conflict
-        pulse(used_amount="-1", id="neg"),         # rejected
-        pulse(colour="blue"),                      # unknown field: rejected
+        pulse(id="seen"),  # duplicate
+        pulse(id="seen", used_amount="9"),  # conflict
+        pulse(used_amount="-1", id="neg"),  # rejected
+        pulse(colour="blue"),  # unknown field: rejected
         pulse(id="new", used_amount="0.000000001"),  # duplicate within the request
         pulse(used_amount=3),
     ]
@@ -183,19 +187,20 @@ async def test_body_too_large_is_413(client: Client) -> None:
     assert await aggregates(client) == []
 
 
-async def test_timestamp_sets_billing_day_and_windows(
-    client: Client, clock: FakeClock
-) -> None:
+async def test_timestamp_sets_billing_day_and_windows(client: Client, clock: FakeClock) -> None:
     yesterday = (clock.now - dt.timedelta(hours=13)).isoformat()
     too_old = (clock.now - dt.timedelta(days=35, seconds=1)).isoformat()
     future = (clock.now + dt.timedelta(minutes=6)).isoformat()
     report = await (
-        await post(client, [
-            pulse(timestamp=yesterday),
-            pulse(timestamp=too_old),
-            pulse(timestamp=future),
-            pulse(timestamp="2026-11-28T10:00:00"),  # no offset
-        ])
+        await post(
+            client,
+            [
+                pulse(timestamp=yesterday),
+                pulse(timestamp=too_old),
+                pulse(timestamp=future),
+                pulse(timestamp="2026-11-28T10:00:00"),  # no offset
+            ],
+        )
     ).get_json()
     assert report["accepted"] == 1
     errors = [item["error"] for item in report["items"]]
@@ -212,8 +217,10 @@ async def test_timestamp_sets_billing_day_and_windows(
 )
 async def test_billing_day_in_configured_zones(client: Client) -> None:
     moment = "2026-11-28T03:30:00Z"  # 22:30 the day before in New York, 12:30 in Tokyo
-    await post(client, [pulse(tenant_id="ny", timestamp=moment),
-                        pulse(tenant_id="tokyo", timestamp=moment)])
+    await post(
+        client,
+        [pulse(tenant_id="ny", timestamp=moment), pulse(tenant_id="tokyo", timestamp=moment)],
+    )
     days = {(b["tenant_id"], b["date"]) for b in await aggregates(client)}
     assert days == {("ny", "2026-11-27"), ("tokyo", "2026-11-28")}
 
@@ -252,17 +259,16 @@ async def test_get_pulses_requires_tenant_and_date(client: Client) -> None:
 # -- GET /aggregates --------------------------------------------------------
 
 
-async def test_aggregates_filters_order_and_cursor(
-    client: Client, clock: FakeClock
-) -> None:
+async def test_aggregates_filters_order_and_cursor(client: Client, clock: FakeClock) -> None:
     day_before = (clock.now - dt.timedelta(days=1)).isoformat()
     expected: dict[tuple[str, str, str, str], Decimal] = {}
     batch = []
     for tenant in ("t3", "t1", "t2"):
         for sku in ("b", "a"):
             for stamp, day in ((None, "2026-11-28"), (day_before, "2026-11-27")):
-                batch.append(pulse(tenant_id=tenant, product_sku=sku, used_amount="1.25",
-                                   timestamp=stamp))
+                batch.append(
+                    pulse(tenant_id=tenant, product_sku=sku, used_amount="1.25", timestamp=stamp)
+                )
                 expected[(day, tenant, sku, "api_call")] = Decimal("1.25")
     await post(client, batch)
 
@@ -346,9 +352,7 @@ async def test_commit_by_query_parameter(client: Client) -> None:
     assert len((await response.get_json())["batches"]) == 1
 
 
-async def test_late_pulse_becomes_correction(
-    client: Client, clock: FakeClock
-) -> None:
+async def test_late_pulse_becomes_correction(client: Client, clock: FakeClock) -> None:
     await post(client, pulse(used_amount="10"))
     await commit(client, "2026-11-28")
     clock.advance(3600)
@@ -357,10 +361,18 @@ async def test_late_pulse_becomes_correction(
     [batch] = (await commit(client, "2026-11-28"))["batches"]
     assert batch["kind"] == "correction"
     view = await (await client.get(f"/batches/{batch['batch_id']}")).get_json()
-    assert view["records"] == [{
-        "tenant_id": "t1", "product_sku": "sku1", "use_unit": "api_call", "revision": 2,
-        "used_amount": "2.5", "pulse_count": 1, "total_amount": "12.5", "total_count": 2,
-    }]
+    assert view["records"] == [
+        {
+            "tenant_id": "t1",
+            "product_sku": "sku1",
+            "use_unit": "api_call",
+            "revision": 2,
+            "used_amount": "2.5",
+            "pulse_count": 1,
+            "total_amount": "12.5",
+            "total_count": 2,
+        }
+    ]
     [bucket] = await aggregates(client)
     assert (bucket["revision"], bucket["committed_amount"]) == (2, "12.5")
 

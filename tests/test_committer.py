@@ -139,5 +139,8 @@ async def test_pulses_that_arrive_during_a_commit_are_written_between_partitions
     assert len(runtime.shards) == 1
     commits = [partition for kind, partition in calls if kind == "commit"]
     assert commits == list(range(store.partitions))
-    assert calls[:3] == [("commit", 0), ("write", partition_of("a", store.partitions)),
-                         ("commit", 1)]
+    assert calls[:3] == [
+        ("commit", 0),
+        ("write", partition_of("a", store.partitions)),
+        ("commit", 1),
+    ]

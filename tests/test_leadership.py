@@ -60,11 +60,21 @@ async def test_a_follower_committer_does_not_commit(
     leader_store, follower_store = open_store(tmp_path / "s"), open_store(tmp_path / "s")
     try:
         follower = Committer(
-            [], follower_store, zones=set(), interval=60, grace=0, max_records=10,
+            [],
+            follower_store,
+            zones=set(),
+            interval=60,
+            grace=0,
+            max_records=10,
             dedup_window=3600,
         )
         leader = Committer(
-            [], leader_store, zones=set(), interval=60, grace=0, max_records=10,
+            [],
+            leader_store,
+            zones=set(),
+            interval=60,
+            grace=0,
+            max_records=10,
             dedup_window=3600,
         )
         async with trio.open_nursery() as nursery:

@@ -21,8 +21,15 @@ NOW = 1_795_000_000_000_000
 
 def make_pulse(n: int, *, tenant: str = "t1", pulse_id: str | None = None) -> Pulse:
     return Pulse(
-        tenant, "sku", "unit", n * 1_000_000_000, pulse_id or f"id{n}", pulse_id is not None,
-        NOW, "2026-11-28", b"fp%d" % n,
+        tenant,
+        "sku",
+        "unit",
+        n * 1_000_000_000,
+        pulse_id or f"id{n}",
+        pulse_id is not None,
+        NOW,
+        "2026-11-28",
+        b"fp%d" % n,
     )
 
 

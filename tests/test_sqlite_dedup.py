@@ -566,8 +566,15 @@ def test_reads_that_cannot_fold_add_the_log_tail_themselves(
     def some(count: int, prefix: str) -> list[Pulse]:
         return [
             Pulse(
-                f"t{rng.randrange(3)}", f"s{rng.randrange(2)}", "u", rng.randrange(1, 10**12),
-                f"{prefix}{n}", True, 0, rng.choice(days), b"f",
+                f"t{rng.randrange(3)}",
+                f"s{rng.randrange(2)}",
+                "u",
+                rng.randrange(1, 10**12),
+                f"{prefix}{n}",
+                True,
+                0,
+                rng.choice(days),
+                b"f",
             )
             for n in range(count)
         ]
@@ -1121,7 +1128,8 @@ def test_a_merge_by_another_process_meanwhile_never_moves_a_mark_back(
     assert indexed(b) == 10
     for step in range(3):  # a's remaining slices, and more
         assert a.write_pulses(0, [pulse("x0"), pulse(f"z{step}")], 0) == [
-            "duplicate", "accepted",
+            "duplicate",
+            "accepted",
         ]
     assert merged_watermark(a) == theirs  # a's plan ended below b's mark
     assert a._merging is None

@@ -278,9 +278,7 @@ def test_digests_of_a_version_3_store_go_into_the_index_with_a_sliced_merge(
     directory = tmp_path / "store"
     store = open_store(directory)
     partition = sqlite_store.partition_of("t", 2)
-    old = [
-        msgspec.structs.replace(pulse("t", n, f"old{n}"), fingerprint=b"") for n in range(1, 6)
-    ]
+    old = [msgspec.structs.replace(pulse("t", n, f"old{n}"), fingerprint=b"") for n in range(1, 6)]
     store.write_pulses(partition, old, 7)
     store.close()
     as_version_3(directory / "store.sqlite")

@@ -1045,16 +1045,31 @@ class SQLiteStore:
             created = _moment(now_us)
             assert created is not None
             made = new_batches(
-                self.store_id, day, partition, last_seq, states,
-                max_records=max_records, created=created,
+                self.store_id,
+                day,
+                partition,
+                last_seq,
+                states,
+                max_records=max_records,
+                created=created,
             )
             conn.executemany(
                 "INSERT INTO batches (batch_id, part, day, seq, kind, created_at, record_count,"
                 " used_amount, body, status, attempts, next_attempt_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
                 [
-                    (b.batch_id, partition, day, seq, b.kind, now_us, b.record_count,
-                     b.used_amount, _encode(b), now_us)
+                    (
+                        b.batch_id,
+                        partition,
+                        day,
+                        seq,
+                        b.kind,
+                        now_us,
+                        b.record_count,
+                        b.used_amount,
+                        _encode(b),
+                        now_us,
+                    )
                     for seq, b in made
                 ],
             )
@@ -1287,8 +1302,7 @@ class SQLiteStore:
         clauses, args = batch_filter(query, "?")
         args.append(query.limit)
         sql = (
-            f"SELECT {_BATCH_COLUMNS} FROM batches {where(clauses)}"
-            " ORDER BY day, batch_id LIMIT ?"
+            f"SELECT {_BATCH_COLUMNS} FROM batches {where(clauses)} ORDER BY day, batch_id LIMIT ?"
         )
         rows = self._file.read(lambda conn: conn.execute(sql, args).fetchall())
         return [self._batch_view(row, None) for row in rows]
@@ -1484,9 +1498,7 @@ def _may_hold_ids(body: bytes) -> bool:
     return body[:1] != _NO_IDS
 
 
-def _span_rows(
-    key: tuple[str, str], seqs: list[int]
-) -> Iterator[tuple[str, str, int, int, bytes]]:
+def _span_rows(key: tuple[str, str], seqs: list[int]) -> Iterator[tuple[str, str, int, int, bytes]]:
     """The `pulse_spans` rows of (tenant, day) `key` listing log rows `seqs`, ascending."""
     for start in range(0, len(seqs), _SPAN_MAX):
         chunk = seqs[start : start + _SPAN_MAX]
@@ -1773,9 +1785,7 @@ def _merge_ids(conn: sqlite3.Connection, parts: Sequence[_Partition]) -> None:
     plan = _MergePlan(parts)
     _insert_ids(conn, plan.params)
     conn.executemany(_SET_DIGESTS, plan.digests)
-    conn.executemany(
-        _SET_META, [(part.merged_key, str(mark)) for part, mark in plan.marks.items()]
-    )
+    conn.executemany(_SET_META, [(part.merged_key, str(mark)) for part, mark in plan.marks.items()])
     for part, mark in plan.marks.items():
         part.recent.clear()
         part.digests.clear()
@@ -1845,12 +1855,15 @@ def _known_ids(
 def _bucket_state(row: tuple[Any, ...]) -> BucketState:
     day, tenant, sku, unit, used, count, committed, committed_count, revision = row
     return BucketState(
-        (day, tenant, sku, unit), parse_nanos(used), count, parse_nanos(committed),
-        committed_count, revision,
+        (day, tenant, sku, unit),
+        parse_nanos(used),
+        count,
+        parse_nanos(committed),
+        committed_count,
+        revision,
     )
 
 
 def _aggregate(row: tuple[Any, ...]) -> Aggregate:
     day, tenant, sku, unit, used, count, committed, committed_count, revision = row
     return Aggregate(tenant, sku, unit, day, used, count, committed, committed_count, revision)
-

@@ -34,6 +34,7 @@ Report = Callable[[str], None]
 TINY_DISK_BYTES = 6 * 1024 * 1024
 _REPORT: list[str] = []
 
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults: fault injection against real server processes")
 

@@ -84,8 +84,16 @@ async def test_success_and_409_are_delivered(receiver: Receiver, status: int) ->
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(500, SinkRetryable), (503, SinkRetryable), (429, SinkRetryable), (408, SinkRetryable),
-     (400, SinkRejected), (401, SinkRejected), (404, SinkRejected), (422, SinkRejected)],
+    [
+        (500, SinkRetryable),
+        (503, SinkRetryable),
+        (429, SinkRetryable),
+        (408, SinkRetryable),
+        (400, SinkRejected),
+        (401, SinkRejected),
+        (404, SinkRejected),
+        (422, SinkRejected),
+    ],
 )
 async def test_failures_are_classified(
     receiver: Receiver, status: int, error: type[Exception]

@@ -220,9 +220,7 @@ def test_ids_stored_with_the_digest_of_their_payload_are_compared_by_it(
     store = backend.open(partitions=PARTITIONS)
     old = pulse("a", "1", id="x")
     stamped = msgspec.structs.replace(pulse("a", "2", id="y"), ts_given=True)
-    digested = [
-        msgspec.structs.replace(p, fingerprint=payload_digest(p)) for p in (old, stamped)
-    ]
+    digested = [msgspec.structs.replace(p, fingerprint=payload_digest(p)) for p in (old, stamped)]
     assert write(store, digested) == ["accepted"] * 2
     replays = [
         pulse("a", "1", id="x", ts=T0 + HOUR),

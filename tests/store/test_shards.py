@@ -39,6 +39,4 @@ async def test_each_partition_is_written_by_the_one_shard_that_owns_it(
         assert (status, report["accepted"], report["duplicates"]) == (202, 80, 40)
         assert [item["index"] for item in report["items"]] == list(range(2, 120, 3))
         rows = store.aggregates(AggregateQuery(limit=100))
-        assert sorted((a.tenant_id, a.pulse_count) for a in rows) == sorted(
-            (t, 2) for t in tenants
-        )
+        assert sorted((a.tenant_id, a.pulse_count) for a in rows) == sorted((t, 2) for t in tenants)
