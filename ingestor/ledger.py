@@ -7,12 +7,12 @@ each rule is tested alone, with hypothesis, and shared by every store.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
-from .model import Batch, BatchRecord, Outcome, Pulse, same_payload
+from .clock import moment
+from .model import Batch, BatchRecord, BatchSummary, Outcome, Pulse, same_payload
 from .money import format_nanos, parse_nanos
 
 __all__ = [
@@ -111,6 +111,13 @@ def partition_of_batch(batch_id: str, store_id: str, partitions: int) -> int | N
     return partition if 0 <= partition < partitions else None
 
 
+# An outbox row as both stores insert it: batch_id, partition, day, seq,
+# kind, created_at, record_count, used_amount, body (the Batch as JSON),
+# next_attempt_at (µs since the epoch: due at once).
+OutboxRow = tuple[str, int, str, int, str, int, int, str, bytes, int]
+_encode = msgspec.json.Encoder().encode
+
+
 def new_batches(
     store_id: str,
     day: str,
@@ -119,10 +126,13 @@ def new_batches(
     buckets: Iterable[BucketState],
     *,
     max_records: int,
-    created: dt.datetime,
-) -> list[tuple[int, Batch]]:
-    """The outbox batches (with their seq) that commit `buckets` after batch `last_seq`."""
-    made = []
+    now_us: int,
+) -> tuple[list[OutboxRow], list[BatchSummary]]:
+    """The outbox rows of the batches that commit `buckets` after batch `last_seq`,
+    made at `now_us`, and the summaries the commit answers with."""
+    created = moment(now_us)
+    rows: list[OutboxRow] = []
+    summaries: list[BatchSummary] = []
     for offset, (kind, records) in enumerate(commit_batches(buckets, max_records), 1):
         seq = last_seq + offset
         batch = Batch(
@@ -136,8 +146,25 @@ def new_batches(
             used_amount=format_nanos(sum(parse_nanos(r.used_amount) for r in records)),
             records=records,
         )
-        made.append((seq, batch))
-    return made
+        rows.append(
+            (
+                batch.batch_id,
+                partition,
+                day,
+                seq,
+                kind,
+                now_us,
+                batch.record_count,
+                batch.used_amount,
+                _encode(batch),
+                now_us,
+            )
+        )
+        summary = BatchSummary(
+            batch.batch_id, batch.kind, partition, batch.record_count, batch.used_amount
+        )
+        summaries.append(summary)
+    return rows, summaries
 
 
 def commit_batches(

@@ -553,36 +553,15 @@ class PostgresStore:
                 (partition, day),
             ).fetchone()
             last_seq = int(found[0]) if found else 0
-            created = _moment(now_us)
-            assert created is not None
-            made = new_batches(
+            inserts, summaries = new_batches(
                 self.store_id,
                 day,
                 partition,
                 last_seq,
                 states,
                 max_records=max_records,
-                created=created,
+                now_us=now_us,
             )
-            inserts = [
-                (
-                    b.batch_id,
-                    partition,
-                    day,
-                    seq,
-                    b.kind,
-                    now_us,
-                    b.record_count,
-                    b.used_amount,
-                    _encode(b),
-                    now_us,
-                )
-                for seq, b in made
-            ]
-            summaries = [
-                BatchSummary(b.batch_id, b.kind, partition, b.record_count, b.used_amount)
-                for _, b in made
-            ]
             with conn.cursor() as cursor:
                 cursor.executemany(_INSERT_BATCH, inserts)
             # Same transaction as the outbox rows above: a bucket is marked

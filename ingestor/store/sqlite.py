@@ -1042,41 +1042,21 @@ class SQLiteStore:
                 "SELECT coalesce(max(seq), 0) FROM batches WHERE part = ? AND day = ?",
                 (partition, day),
             ).fetchone()
-            created = _moment(now_us)
-            assert created is not None
-            made = new_batches(
+            rows, summaries = new_batches(
                 self.store_id,
                 day,
                 partition,
                 last_seq,
                 states,
                 max_records=max_records,
-                created=created,
+                now_us=now_us,
             )
             conn.executemany(
                 "INSERT INTO batches (batch_id, part, day, seq, kind, created_at, record_count,"
                 " used_amount, body, status, attempts, next_attempt_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
-                [
-                    (
-                        b.batch_id,
-                        partition,
-                        day,
-                        seq,
-                        b.kind,
-                        now_us,
-                        b.record_count,
-                        b.used_amount,
-                        _encode(b),
-                        now_us,
-                    )
-                    for seq, b in made
-                ],
+                rows,
             )
-            summaries = [
-                BatchSummary(b.batch_id, b.kind, partition, b.record_count, b.used_amount)
-                for _, b in made
-            ]
             # Same transaction as the outbox rows above: a bucket is marked
             # committed if and only if its delta is in a batch.
             conn.execute(
