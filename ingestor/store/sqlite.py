@@ -1042,7 +1042,7 @@ class SQLiteStore:
                 "SELECT coalesce(max(seq), 0) FROM batches WHERE part = ? AND day = ?",
                 (partition, day),
             ).fetchone()
-            rows, summaries = new_batches(
+            inserts, summaries = new_batches(
                 self.store_id,
                 day,
                 partition,
@@ -1055,7 +1055,7 @@ class SQLiteStore:
                 "INSERT INTO batches (batch_id, part, day, seq, kind, created_at, record_count,"
                 " used_amount, body, status, attempts, next_attempt_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
-                rows,
+                inserts,
             )
             # Same transaction as the outbox rows above: a bucket is marked
             # committed if and only if its delta is in a batch.
