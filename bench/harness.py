@@ -52,6 +52,18 @@ def free_port() -> int:
         return port
 
 
+def apt_tool(command: str, package: str) -> str | None:
+    """`command`'s path; installs Debian's `package` with apt-get when it is
+    missing and that is possible (root, apt-get there). None if it is not."""
+    found = shutil.which(command)
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        print(f"bench: {command} not found; installing {package} with apt-get", file=sys.stderr)
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+            subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        found = shutil.which(command)
+    return found
+
+
 def ensure_wrk() -> str | None:
     """wrk's path; installs it with apt-get when missing and possible.
 
@@ -59,12 +71,7 @@ def ensure_wrk() -> str | None:
     """
     if os.environ.get("BENCH_NO_WRK"):
         return None
-    found = shutil.which("wrk")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        print("bench: wrk not found; installing it with apt-get", file=sys.stderr)
-        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
-            subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        found = shutil.which("wrk")
+    found = apt_tool("wrk", "wrk")
     if found is None:
         print(
             "bench: wrk unavailable; using the Python load generator (slower, "
@@ -158,13 +165,17 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The server process and its worker processes (`--workers`), its children."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def cpu_seconds(self) -> float:
         """User + system CPU time so far of the server process (all its threads)
-        and of its worker processes (`--workers`), which are its children."""
+        and of its worker processes."""
         try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
             total = 0
-            for pid in [self.pid, *map(int, children)]:
+            for pid in self.pids():
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += int(fields[11]) + int(fields[12])
         except OSError:

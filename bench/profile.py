@@ -5,6 +5,7 @@
     python bench/profile.py aggregates                # GET /aggregates pages
     python bench/profile.py svc-fsync-ndjson1000-noids --top 40
     python bench/profile.py array1000-ids --workers 2 --connections 16
+    python bench/profile.py array1000-noids --native  # perf: C code and the kernel
 
 SCENARIO is a body shape and ids (`single-ids`, `array100-noids`,
 `array1000-ids`, `ndjson1000-ids`, ...; a `svc-<durability>-` prefix as in
@@ -14,6 +15,13 @@ process is not paused) from core 0, next to wrk. Prints the top functions by
 own time (the leaf frame of each sample) and by total time (anywhere on the
 stack), and keeps the raw collapsed stacks, which speedscope.app and
 flamegraph.pl open as they are.
+
+py-spy sees Python frames only: the C a function calls (msgspec, SQLite,
+the interpreter itself) and the kernel's work for its system calls count as
+that function's own time. `--native` samples with Linux perf instead
+(installed with apt-get if missing) and prints the CPU by shared object
+(the interpreter, msgspec, SQLite, libc, the kernel), the top C symbols,
+and the system calls' share with all they run in the kernel.
 """
 
 from __future__ import annotations
@@ -115,6 +123,91 @@ def summarize(raw: Path, top: int) -> str:
     )
 
 
+def ensure_perf() -> str:
+    found = h.apt_tool("perf", "linux-perf")
+    if found is None:
+        raise SystemExit("profile: --native needs Linux perf (Debian's linux-perf)")
+    return found
+
+
+_PERCENT = re.compile(r"^\s*(?P<pct>[\d.]+)%\s+(?:[\d.]+%\s+)?(?P<what>\S.*?)\s*$")
+
+
+def _perf_rows(perf: str, data: Path, *args: str) -> list[tuple[float, str]]:
+    """(percent, name) rows of a `perf report` of `data`, sorted as `args` say."""
+    out = subprocess.run(
+        [perf, "report", "-i", str(data), "--stdio", "-g", "none", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        if not line.startswith("#") and (match := _PERCENT.match(line)):
+            rows.append((float(match["pct"]), " ".join(match["what"].split())))
+    return rows
+
+
+def native_summary(perf: str, data: Path, top: int) -> str:
+    """The CPU by shared object and by symbol, and the system calls' share."""
+    objects = _perf_rows(perf, data, "--no-children", "--sort", "dso")
+    symbols = _perf_rows(perf, data, "--no-children", "--sort", "dso,sym")
+    # With children: a system call's entry point holds all the kernel did for it.
+    calls = [
+        (pct, name.removeprefix("[k] "))
+        for pct, name in _perf_rows(perf, data, "--children", "--sort", "sym")
+        if re.match(r"\[k\] __(x64|do)_sys_", name)
+    ]
+    if not objects:
+        return "no samples (did perf attach? is the server busy?)"
+
+    def table(title: str, rows: list[tuple[float, str]], n: int) -> list[str]:
+        return [title, *(f"{pct:6.2f}%  {name[:110]}" for pct, name in rows[:n])]
+
+    return "\n".join(
+        [
+            "Percentages are of the server's CPU samples, every thread (perf -F 999).",
+            "",
+            *table("by shared object (libpython: the interpreter running Python code)", objects, 8),
+            "",
+            *table(f"top {top} symbols by own time", symbols, top),
+            "",
+            *table("system calls, with what the kernel runs for them", calls, 10),
+        ]
+    )
+
+
+def sampler(opts: argparse.Namespace, tool: str, server: h.Server, raw: Path) -> list[str]:
+    """The command that samples `server` into `raw` for `opts.duration` s with
+    `tool`: perf with `--native`, else py-spy."""
+    if opts.native:
+        pids = ",".join(map(str, server.pids()))
+        return [
+            *[tool, "record", "-F", "999", "-g", "-p", pids, "-o", str(raw), "--quiet"],
+            *["--", "sleep", str(opts.duration)],
+        ]
+    return [
+        tool,
+        "record",
+        "--pid",
+        str(server.pid),
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--rate",
+        str(opts.rate),
+        "--duration",
+        str(opts.duration),
+        "--nonblocking",
+        *([] if opts.lines else ["--function"]),
+        "--threads",
+        *(["--idle"] if opts.idle else []),
+        *(["--subprocesses"] if opts.workers > 1 else []),
+        *(["--gil"] if opts.gil else []),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", help="e.g. array1000-ids, single-noids, aggregates")
@@ -134,6 +227,11 @@ def main() -> int:
         "--lines",
         action="store_true",
         help="attribute samples to the line running, not to the function's first line",
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="sample with Linux perf: C code and the kernel, not Python frames",
     )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
@@ -162,11 +260,16 @@ def main() -> int:
                 f"{', '.join(bench.SHAPES)}, each -ids or -noids; or aggregates"
             )
     wrk = h.ensure_wrk()
-    spy = ensure_py_spy()
+    tool = ensure_perf() if opts.native else ensure_py_spy()
     results = h.BENCH / "results"
     results.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    raw = Path(opts.output) if opts.output else results / f"profile-{opts.scenario}-{stamp}.txt"
+    name = (
+        f"perf-{opts.scenario}-{stamp}.data"
+        if opts.native
+        else f"profile-{opts.scenario}-{stamp}.txt"
+    )
+    raw = Path(opts.output) if opts.output else results / name
 
     with h.scratch_dir(None, "profile") as scratch:
         quiet = {"INGESTOR_COMMIT_INTERVAL": "1d", "INGESTOR_COMMIT_GRACE": "7d"}
@@ -192,37 +295,14 @@ def main() -> int:
                 connections = opts.connections or connections
                 h.warm_up(server.port, ids_text == "ids")
                 load = h.Load.pulses(kind, count, ids_text == "ids", connections)
-            argv = h.pinned(
-                h.LOAD_CPU,
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(raw),
-                    "--rate",
-                    str(opts.rate),
-                    "--duration",
-                    str(opts.duration),
-                    "--nonblocking",
-                    *([] if opts.lines else ["--function"]),
-                    "--threads",
-                    *(["--idle"] if opts.idle else []),
-                    *(["--subprocesses"] if opts.workers > 1 else []),
-                    *(["--gil"] if opts.gil else []),
-                ],
-            )
+            argv = h.pinned(h.LOAD_CPU, sampler(opts, tool, server, raw))
             spying = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.5)  # let py-spy attach; the load outlasts its sampling
+            time.sleep(0.5)  # let the sampler attach; the load outlasts its sampling
             measured = h.measure(server, wrk, load, opts.duration + 1)
             _, err = spying.communicate(timeout=opts.duration + 60)
             if spying.returncode != 0:
-                print(
-                    f"py-spy failed ({spying.returncode}): {err.decode()[-2000:]}", file=sys.stderr
-                )
+                failure = err.decode()[-2000:]
+                print(f"{tool} failed ({spying.returncode}): {failure}", file=sys.stderr)
                 return 1
         problems = server.log_problems()
     print(
@@ -232,13 +312,17 @@ def main() -> int:
     print(
         f"load: {measured.get('pulses_per_s')} pulses/s, {measured.get('requests_per_s')} "
         f"req/s, latency {measured.get('latency_ms')}, statuses {measured.get('statuses')}, "
-        f"server CPU {measured.get('server_cpu')} (py-spy slows the server somewhat)"
+        f"server CPU {measured.get('server_cpu')} (sampling slows the server somewhat)"
     )
     if problems.get("errors") or problems.get("warnings"):
         print(f"server log: {problems}")
     print()
-    print(summarize(raw, opts.top))
-    print(f"\nraw stacks: {raw} (open in https://www.speedscope.app or flamegraph.pl)")
+    if opts.native:
+        print(native_summary(tool, raw, opts.top))
+        print(f"\nperf data: {raw} (perf report -i {raw})")
+    else:
+        print(summarize(raw, opts.top))
+        print(f"\nraw stacks: {raw} (open in https://www.speedscope.app or flamegraph.pl)")
     return 0
 
 
