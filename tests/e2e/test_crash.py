@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections import deque
-from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,15 +21,13 @@ import trio
 
 from tests.e2e.conftest import ABORTED_UPLOADS, StartServer
 from tests.support.server import (
-    BucketKey,
     Form,
     Ledger,
     Payload,
     ServerProcess,
-    Total,
+    check_bounds,
     check_pulses_stored_once,
     collect_pages,
-    exact_sum,
     send_pulses,
     totals_of,
     wait_until,
@@ -126,32 +123,6 @@ async def run_client(number: int, load: Load) -> None:
                     await trio.sleep(0.05)
 
 
-async def check_no_acknowledged_pulse_lost(server: ServerProcess, ledger: Ledger) -> None:
-    """Right after a restart, before any retry: each bucket holds at least every
-    acknowledged pulse, and at most those plus the ones still without an answer."""
-    lower = ledger.expected_totals()
-    maybe: dict[BucketKey, list[Decimal]] = {}
-    seen: set[tuple[str, str] | None] = set()
-    for attempt in ledger.unresolved():
-        if attempt.identity in seen:
-            continue
-        seen.add(attempt.identity)
-        assert isinstance(attempt.payload, Mapping)
-        amount = Decimal(str(attempt.payload["used_amount"]))
-        maybe.setdefault(ledger.bucket_of(attempt), []).append(amount)
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        rows = await collect_pages(http, f"{server.url}/aggregates", "aggregates", limit=1000)
-    held = totals_of(rows)
-    zero = Total(Decimal(0), 0)
-    for key in lower.keys() | maybe.keys() | held.keys():
-        low = lower.get(key, zero)
-        extra = maybe.get(key, [])
-        high = Total(exact_sum([low.amount, *extra]), low.count + len(extra))
-        got = held.get(key, zero)
-        assert low.amount <= got.amount <= high.amount, (key, low, got, high)
-        assert low.count <= got.count <= high.count, (key, low, got, high)
-
-
 def accepted_count(ledger: Ledger) -> int:
     return sum(1 for a in ledger.attempts if a.answer == "accepted")
 
@@ -187,7 +158,7 @@ async def test_kill_9_under_load_loses_nothing_and_counts_once(
                 load.in_flight_at_kill.append(load.in_flight)
                 exit_codes.append(await server.kill())
                 await server.start()
-                await check_no_acknowledged_pulse_lost(server, ledger)
+                await check_bounds(server, ledger)
                 load.up.set()
             load.stopping = True
 

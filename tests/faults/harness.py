@@ -49,6 +49,7 @@ from tests.support.server import (
     Payload,
     ServerProcess,
     Total,
+    check_bounds,
     collect_pages,
     exact_sum,
     send_pulses,
@@ -614,32 +615,6 @@ def delivered_sums(bodies: Mapping[str, bytes]) -> dict[BucketKey, Total]:
             )
         sums[key] = Total(amount, count)
     return sums
-
-
-async def check_bounds(server: ServerProcess, ledger: Ledger) -> None:
-    """Right after a restart, before any resend: every bucket holds at least what was
-    acknowledged, and at most that plus the pulses whose answer was lost."""
-    lower = ledger.expected_totals()
-    maybe: dict[BucketKey, list[Decimal]] = defaultdict(list)
-    seen: set[object] = set()
-    for attempt in ledger.unresolved():
-        key = attempt.identity or id(attempt.payload)
-        if key in seen:
-            continue
-        seen.add(key)
-        maybe[ledger.bucket_of(attempt)].append(Decimal(str(_fields(attempt)["used_amount"])))
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        rows = await collect_pages(http, f"{server.url}/aggregates", "aggregates", limit=1000)
-    held = totals_of(rows)
-    zero = Total(Decimal(0), 0)
-    for key in lower.keys() | maybe.keys() | held.keys():
-        low = lower.get(key, zero)
-        extra = maybe.get(key, [])
-        high = Total(exact_sum([low.amount, *extra]), low.count + len(extra))
-        got = held.get(key, zero)
-        where = ("acknowledged pulse lost, or one counted twice?", key, low, got, high)
-        assert low.count <= got.count <= high.count, where
-        assert low.amount <= got.amount <= high.amount, where
 
 
 async def ingest(

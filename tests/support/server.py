@@ -50,6 +50,7 @@ __all__ = [
     "ServerError",
     "ServerProcess",
     "Total",
+    "check_bounds",
     "check_pulses_stored_once",
     "collect_pages",
     "encode_body",
@@ -763,6 +764,33 @@ async def check_pulses_stored_once(
         counts = Counter(row["id"] for row in listed)
         assert [i for i, n in counts.items() if n > 1] == [], f"{tenant} {day}: stored twice"
         assert set(counts) == ids, f"{tenant} {day}: stored ids differ from acknowledged"
+
+
+async def check_bounds(server: ServerProcess, ledger: Ledger) -> None:
+    """Right after a restart, before any resend: every bucket holds at least what was
+    acknowledged, and at most that plus the pulses whose answer was lost."""
+    lower = ledger.expected_totals()
+    maybe: dict[BucketKey, list[Decimal]] = defaultdict(list)
+    seen: set[object] = set()
+    for attempt in ledger.unresolved():
+        key = attempt.identity or id(attempt.payload)  # a resend reuses its payload
+        if key in seen:
+            continue
+        seen.add(key)
+        assert not isinstance(attempt.payload, bytes)
+        maybe[ledger.bucket_of(attempt)].append(_amount(attempt.payload["used_amount"]))
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        rows = await collect_pages(http, f"{server.url}/aggregates", "aggregates", limit=1000)
+    held = totals_of(rows)
+    zero = Total(Decimal(0), 0)
+    for key in lower.keys() | maybe.keys() | held.keys():
+        low = lower.get(key, zero)
+        extra = maybe.get(key, [])
+        high = Total(exact_sum([low.amount, *extra]), low.count + len(extra))
+        got = held.get(key, zero)
+        where = ("acknowledged pulse lost, or one counted twice?", key, low, got, high)
+        assert low.count <= got.count <= high.count, where
+        assert low.amount <= got.amount <= high.amount, where
 
 
 def totals_of(aggregates: Sequence[Mapping[str, Any]]) -> dict[BucketKey, Total]:
