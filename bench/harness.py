@@ -13,6 +13,7 @@ import http.client
 import json
 import math
 import os
+import platform
 import resource
 import secrets
 import shutil
@@ -79,6 +80,35 @@ def ensure_wrk() -> str | None:
             file=sys.stderr,
         )
     return found
+
+
+def command_output(argv: list[str]) -> str:
+    """What `argv` prints, stripped; "" if it cannot run."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
+def machine() -> dict[str, Any]:
+    """What a result was measured with and on: the commit, Python, the CPU, the pinning."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "git": command_output(["git", "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(command_output(["git", "status", "--porcelain", "--", "ingestor"])),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "pinned": pinning_available(),
+    }
 
 
 # -- HTTP calls of the harness itself (setup and checks, never timed load) -----
@@ -475,11 +505,3 @@ def stored_pulses(port: int) -> int:
         cursor = page.get("next_cursor")
         if not cursor:
             return total
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2

@@ -15,19 +15,12 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 Record = dict[str, Any]
 X = "\u00d7"  # multiplication sign
 DASH = "\u2013"  # en dash, for ranges
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def load(path: Path) -> tuple[Record, list[Record], list[Record]]:

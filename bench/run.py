@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -453,22 +451,6 @@ def run_startup(rec: Recorder, options: Options, logs: Path) -> None:
 
 
 def _meta(options: Options, started: str) -> dict[str, Any]:
-    def out(argv: list[str]) -> str:
-        try:
-            return subprocess.run(
-                argv, capture_output=True, text=True, cwd=h.ROOT, check=False
-            ).stdout.strip()
-        except OSError:
-            return ""
-
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "kind": "meta",
         "started": started,
@@ -479,15 +461,10 @@ def _meta(options: Options, started: str) -> dict[str, Any]:
         "workers": options.workers,
         "buckets": options.buckets,
         "startup_pulses": options.startup_pulses,
-        "git": out(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(out(["git", "status", "--porcelain", "--", "ingestor"])),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "pinned": h.pinning_available(),
+        **h.machine(),
         "server_cpu": h.SERVER_CPU,
         "load_cpu": h.LOAD_CPU,
-        "load_tool": out([options.wrk, "--version"]).splitlines()[0]
+        "load_tool": h.command_output([options.wrk, "--version"]).splitlines()[0]
         if options.wrk
         else "pyload (Python fallback)",
         "data_root": options.data_root or "(system temp dir)",

@@ -34,14 +34,11 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import secrets
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import harness as h
@@ -325,31 +322,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def meta(started: str) -> dict[str, Any]:
-    def out(argv: list[str]) -> str:
-        try:
-            return subprocess.run(
-                argv, capture_output=True, text=True, cwd=h.ROOT, check=False
-            ).stdout.strip()
-        except OSError:
-            return ""
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "",
-    )
-    return {
-        "started": started,
-        "git": out(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(out(["git", "status", "--porcelain", "--", "ingestor"])),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "pinned": h.pinning_available(),
-    }
+    return {"started": started, **h.machine()}
 
 
 def run(options: Options) -> int:
