@@ -349,9 +349,22 @@ def decode_pulses(
 def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None) -> Intake:
     # Each line is decoded alone: joining lines into one array would let a
     # line holding two values make up for two broken half-lines.
-    lines = [line for line in body.splitlines() if line.strip()]
+    lines = list(filter(bytes.strip, body.splitlines()))  # the non-blank ones
     _limit(len(lines), rules)
-    one = _one if _may_hide_controls(body) else _one_fast
+    strict = _may_hide_controls(body)
+    if max_line is None or max(map(len, lines), default=0) <= max_line:
+        # Where every line decodes, in one loop in C, each type in turn as
+        # `_text_first` tries them: a Python loop over the lines
+        # (`_one_by_one`) cost 0.2 µs a pulse more than an array's body.
+        decoders: tuple[Decode[Decoded], ...] = (_one,) if strict else (_one_text, _one_plain)
+        for decode in decoders:
+            try:
+                many = list(map(decode, lines))
+            except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+                continue
+            return _build(enumerate(many), rules, now_us, single=False, total=len(many))
+    # Which lines, and why: each is decoded alone.
+    one = _one if strict else _one_fast
     decoded, rejected = _one_by_one(lines, one, max_line)
     return _build(decoded, rules, now_us, single=False, total=len(lines), rejected=rejected)
 
