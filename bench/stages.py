@@ -3,12 +3,14 @@
     .venv/bin/python bench/stages.py                     # this checkout
     .venv/bin/python bench/stages.py --src . --src ../wt # two checkouts, alternated
     .venv/bin/python bench/stages.py --ids --durability os
+    .venv/bin/python bench/stages.py --ndjson           # the same pulses as NDJSON
 
 wrk's figures can move by half from one minute to the next on a shared VM
 (CPU steal, fsyncs taking 1.5 to 16 ms): too much to see a 20% change. The
 CPU time of one process doing one thing in a loop is steadier, and its
 minimum over repeats steadier still. Two stages, on bodies like the bench's
-1,000-pulse arrays (bench/lua/pulses.lua: 100 tenants, 10 SKUs, 2 units):
+1,000-pulse arrays (bench/lua/pulses.lua: 100 tenants, 10 SKUs, 2 units),
+or 1,000-line NDJSON bodies of the same pulses with --ndjson:
 
     decode   the event loop's part: decode_pulses (bytes to validated
              pulses), then the pulses split by partition into the shards'
@@ -50,7 +52,7 @@ AMOUNTS = ["1", "2.5", "0.000000001", "100", "17.25", "3"]
 BODIES = 100
 
 
-def bodies(ids: bool, seed: int) -> list[bytes]:
+def bodies(ids: bool, seed: int, ndjson: bool = False) -> list[bytes]:
     rng = random.Random(seed)
     made = []
     for b in range(BODIES):
@@ -65,7 +67,10 @@ def bodies(ids: bool, seed: int) -> list[bytes]:
             if ids:
                 pulse["id"] = f"stage-{seed}-{b}-{n}"
             pulses.append(pulse)
-        made.append(json.dumps(pulses).encode())
+        if ndjson:
+            made.append("".join(json.dumps(pulse) + "\n" for pulse in pulses).encode())
+        else:
+            made.append(json.dumps(pulses).encode())
     return made
 
 
@@ -83,7 +88,8 @@ def child(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 10, 10)  # as the service runs (service.py)
     rules = Rules(late_window_s=35 * 86_400, future_skew_s=300, max_batch=10_000)
     now = wall_clock_us()
-    raw = bodies(args.ids, args.seed)
+    raw = bodies(args.ids, args.seed, args.ndjson)
+    content_type = "application/x-ndjson" if args.ndjson else "application/json"
     partition_of = functools.lru_cache(maxsize=1 << 16)(  # as the runtime has it
         functools.partial(partition_of, partitions=16)
     )
@@ -92,7 +98,7 @@ def child(args: argparse.Namespace) -> None:
     says_ids = "ids" in inspect.signature(SQLiteStore.write_pulses).parameters
 
     def route(body: bytes) -> dict[int, tuple[list[Any], bytes | None, bool]]:
-        intake = decode_pulses(body, "application/json", rules, now)
+        intake = decode_pulses(body, content_type, rules, now)
         ids = getattr(intake, "ids", True)
         by_partition = defaultdict(list)
         if hasattr(intake, "tenants"):  # routed a tenant at a time, as the API does
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--src", action="append", help="a checkout (default: this one)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ids", action="store_true", help="every pulse has a new id")
+    parser.add_argument("--ndjson", action="store_true", help="NDJSON bodies, not arrays")
     parser.add_argument("--durability", choices=["fsync", "os"], default="fsync")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -182,6 +189,7 @@ def main() -> None:
                 "--seed",
                 str(args.seed + repeat),
                 *(["--ids"] if args.ids else []),
+                *(["--ndjson"] if args.ndjson else []),
             ]
             env = {**os.environ, "PYTHONPATH": source}  # its `ingestor` before any installed
             out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
@@ -192,7 +200,8 @@ def main() -> None:
                 found[source][stage].append(cost)
     ids = "new ids" if args.ids else "no ids"
     print(
-        f"CPU µs per pulse, 1,000-pulse arrays, {ids}, {args.durability},"
+        f"CPU µs per pulse, 1,000-pulse {'NDJSON' if args.ndjson else 'arrays'}, {ids},"
+        f" {args.durability},"
         f" {args.repeats} repeats: min / median"
     )
     for source, stages in found.items():
