@@ -102,7 +102,9 @@ def child(args: argparse.Namespace) -> None:
         ids = getattr(intake, "ids", True)
         by_partition = defaultdict(list)
         if hasattr(intake, "tenants"):  # routed a tenant at a time, as the API does
-            for tenant, (_, pulses) in intake.tenants.items():
+            for tenant, group in intake.tenants.items():
+                # Checkouts from before `Intake.indexes`: (indexes, pulses) a tenant.
+                pulses = group if isinstance(group, list) else group[1]
                 by_partition[partition_of(tenant)].extend(pulses)
         else:  # checkouts from before: a pulse at a time
             for _, pulse in intake.pulses:

@@ -43,7 +43,7 @@ from .errors import (
     StoreFull,
 )
 from .hotpath import PulseRoute
-from .intake import decode_pulses
+from .intake import Intake, decode_pulses
 from .logs import request_id
 from .metrics import Metrics
 from .model import (
@@ -138,6 +138,11 @@ def _for_error(exc: Exception) -> Response:
 # -- the ingest path --------------------------------------------------------
 
 
+def _indexes(intake: Intake, tenants: list[str]) -> list[int]:
+    """Where the pulses of a partition, its `tenants`' in turn, are in the request."""
+    return [index for tenant in tenants for index in intake.indexes(tenant)]
+
+
 async def ingest(
     runtime: Runtime, body: bytes, content_type: str | None, principal: Principal = OPEN
 ) -> tuple[int, bytes]:
@@ -153,12 +158,13 @@ async def ingest(
     )
     items = list(intake.items)
     forbidden: set[int] = set()
-    # Each partition's pulses, and their indexes in the request.
-    by_partition: dict[int, tuple[list[int], list[Pulse]]] = {}
+    # Each partition's tenants, and their pulses.
+    by_partition: dict[int, tuple[list[str], list[Pulse]]] = {}
     partition_of = runtime.partition_of
     scoped = principal.tenants is not None
-    for tenant, (indexes, pulses) in intake.tenants.items():
+    for tenant, pulses in intake.tenants.items():
         if scoped and not principal.sees(tenant):
+            indexes = intake.indexes(tenant)
             forbidden.update(indexes)
             reason = f"forbidden_tenant: this key may not write for tenant {tenant!r}"
             items.extend(
@@ -169,9 +175,9 @@ async def ingest(
         partition = partition_of(tenant)
         part = by_partition.get(partition)
         if part is None:
-            by_partition[partition] = (indexes, pulses)  # the intake's lists: it is ours
+            by_partition[partition] = ([tenant], pulses)  # the intake's list: it is ours
         else:
-            part[0].extend(indexes)
+            part[0].append(tenant)
             part[1].extend(pulses)
     by_shard: dict[Shard, dict[int, list[Pulse]]] = {}
     for partition, (_, pulses) in by_partition.items():
@@ -193,7 +199,7 @@ async def ingest(
 
     accepted = duplicates = conflicts = 0
     failure: StoreError | None = None
-    for partition, (indexes, pulses) in by_partition.items():
+    for partition, (tenants, pulses) in by_partition.items():
         outcomes = written[partition]
         if isinstance(outcomes, StoreError):
             failure = outcomes
@@ -204,14 +210,15 @@ async def ingest(
                     p.pulse_id if p.client_id else None,
                     f"not stored, retry: {outcomes}",
                 )
-                for i, p in zip(indexes, pulses, strict=True)
+                for i, p in zip(_indexes(intake, tenants), pulses, strict=True)
             )
             continue
         stored = outcomes.count("accepted")
         accepted += stored
         if stored == len(outcomes):
             continue
-        for index, pulse, outcome in zip(indexes, pulses, outcomes, strict=True):
+        located = zip(_indexes(intake, tenants), pulses, outcomes, strict=True)
+        for index, pulse, outcome in located:
             if outcome != "accepted":
                 duplicates += outcome == "duplicate"
                 conflicts += outcome == "conflict"

@@ -864,12 +864,37 @@ def test_pulses_are_grouped_by_tenant_in_request_order() -> None:
     )
     intake = decode(body)
     grouped = {
-        tenant: (indexes, [p.nanos // 10**9 for p in pulses])
-        for tenant, (indexes, pulses) in intake.tenants.items()
+        tenant: (intake.indexes(tenant), [p.nanos // 10**9 for p in pulses])
+        for tenant, pulses in intake.tenants.items()
     }
     assert grouped == {"a": ([0, 2], [1, 3]), "b": ([1, 4], [2, 5])}
     assert [index for index, _ in intake.pulses] == [0, 1, 2, 4]
     assert [item.index for item in intake.items] == [3]
+
+
+@pytest.mark.parametrize("kind", [JSON, NDJSON])
+def test_indexes_pass_over_both_kinds_of_rejected_pulse(kind: str) -> None:
+    """Where each valid pulse is in the request, once some pulse did not decode
+    (index 1: no amount) and another decoded but is not valid (index 3)."""
+    pulses = [
+        pulse(tenant_id="a", used_amount=1),
+        pulse(tenant_id="b", used_amount=DROP),
+        pulse(tenant_id="b", used_amount=2),
+        pulse(tenant_id="a", used_amount=-1),
+        pulse(tenant_id="a", used_amount=4),
+    ]
+    body = encode(pulses) if kind == JSON else b"\n".join(encode(p) for p in pulses)
+    intake = decode(body, kind)
+    assert [(item.index, item.status) for item in intake.items] == [
+        (1, "rejected"),
+        (3, "rejected"),
+    ]
+    assert {tenant: intake.indexes(tenant) for tenant in intake.tenants} == {
+        "a": [0, 4],
+        "b": [2],
+    }
+    assert [(i, p.nanos // 10**9) for i, p in intake.pulses] == [(0, 1), (2, 2), (4, 4)]
+    assert intake.indexes("nobody") == []
 
 
 def test_pulses_share_one_str_per_name_across_requests() -> None:
