@@ -213,7 +213,9 @@ def main() -> int:
     parser.add_argument("scenario", help="e.g. array1000-ids, single-noids, aggregates")
     parser.add_argument("--durability", choices=["fsync", "os"], default=None)
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--rate", type=int, default=200, help="samples per second")
+    parser.add_argument(
+        "--rate", type=int, default=200, help="py-spy's samples per second (perf takes 999)"
+    )
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(
         "--idle", action="store_true", help="count idle threads too (e.g. threads waiting in fsync)"
@@ -245,6 +247,8 @@ def main() -> int:
         help="where to keep the raw stacks (default bench/results/profile-<scenario>-<time>.txt)",
     )
     opts = parser.parse_args()
+    if opts.native and (opts.idle or opts.gil or opts.lines):
+        parser.error("--idle, --gil and --lines are py-spy's; perf (--native) has no such view")
 
     name = opts.scenario
     durability = opts.durability or "fsync"
