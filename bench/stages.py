@@ -4,6 +4,7 @@
     .venv/bin/python bench/stages.py --src . --src ../wt # two checkouts, alternated
     .venv/bin/python bench/stages.py --ids --durability os
     .venv/bin/python bench/stages.py --ndjson           # the same pulses as NDJSON
+    .venv/bin/python bench/stages.py --group 6          # rounds of 6 requests, as under load
 
 wrk's figures can move by half from one minute to the next on a shared VM
 (CPU steal, fsyncs taking 1.5 to 16 ms): too much to see a 20% change. The
@@ -21,6 +22,11 @@ or 1,000-line NDJSON bodies of the same pulses with --ndjson:
     both     each request decoded, split and written before the next, as a
              server does: the cache between the stages is that of a server
              taking one request at a time (more of it than under load)
+
+With --group N, a round writes N requests together, each partition's
+pulses and log rows joined as a shard joins what is waiting (`Shard._ingest`):
+under load (16 connections, 1,000-pulse arrays) the server's rounds hold
+about 6 requests (`ingestor_store_transaction_pulses` in /metrics).
 
 Each checkout given with --src runs in its own process, in turn, --repeats
 times; printed are the minimum and median CPU µs per pulse of each.
@@ -40,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +97,16 @@ def child(args: argparse.Namespace) -> None:
     now = wall_clock_us()
     raw = bodies(args.ids, args.seed, args.ndjson)
     content_type = "application/x-ndjson" if args.ndjson else "application/json"
-    partition_of = functools.lru_cache(maxsize=1 << 16)(  # as the runtime has it
-        functools.partial(partition_of, partitions=16)
+    partition: Callable[[str], int] = functools.lru_cache(maxsize=1 << 16)(
+        functools.partial(partition_of, partitions=16)  # as the runtime has it
     )
 
     # Checkouts from before the intake told the store whether there are ids: none.
     says_ids = "ids" in inspect.signature(SQLiteStore.write_pulses).parameters
 
-    def route(body: bytes) -> dict[int, tuple[list[Any], bytes | None, bool]]:
+    Routed = dict[int, tuple[list[Any], bytes | None, bool]]
+
+    def route(body: bytes) -> Routed:
         intake = decode_pulses(body, content_type, rules, now)
         ids = getattr(intake, "ids", True)
         by_partition = defaultdict(list)
@@ -105,22 +114,42 @@ def child(args: argparse.Namespace) -> None:
             for tenant, group in intake.tenants.items():
                 # Checkouts from before `Intake.indexes`: (indexes, pulses) a tenant.
                 pulses = group if isinstance(group, list) else group[1]
-                by_partition[partition_of(tenant)].extend(pulses)
+                by_partition[partition(tenant)].extend(pulses)
         else:  # checkouts from before: a pulse at a time
             for _, pulse in intake.pulses:
-                by_partition[partition_of(pulse.tenant_id)].append(pulse)
+                by_partition[partition(pulse.tenant_id)].append(pulse)
         if "dict" in str(Ingest.__annotations__["pulses"]):  # a message per shard
             message = Ingest(dict(by_partition), Reply())
             return {
                 part: (pulses, message.encoded[part], ids) for part, pulses in by_partition.items()
             }
         # checkouts from before: a message per partition, encoded or not
-        messages = {part: Ingest(pulses, Reply()) for part, pulses in by_partition.items()}
+        older: Any = Ingest
+        messages = {part: older(pulses, Reply()) for part, pulses in by_partition.items()}
         return {part: (m.pulses, getattr(m, "encoded", None), ids) for part, m in messages.items()}
 
-    def write(
-        store: SQLiteStore, by_partition: dict[int, tuple[list[Any], bytes | None, bool]]
-    ) -> None:
+    def grouped(requests: list[Routed]) -> Routed:
+        """`requests` as one round, each partition's writes joined, as a shard does."""
+        if len(requests) == 1:
+            return requests[0]
+        from ingestor.model import join_encoded
+
+        joined: dict[int, list[tuple[list[Any], bytes | None, bool]]] = defaultdict(list)
+        for request in requests:
+            for partition, routed in request.items():
+                joined[partition].append(routed)
+        return {
+            partition: (
+                [p for pulses, _, _ in writes for p in pulses],
+                join_encoded([encoded for _, encoded, _ in writes if encoded is not None])
+                if all(encoded is not None for _, encoded, _ in writes)
+                else None,
+                any(ids for _, _, ids in writes),
+            )
+            for partition, writes in joined.items()
+        }
+
+    def write(store: SQLiteStore, by_partition: Routed) -> None:
         with store.writing_together():
             for partition, (pulses, encoded, ids) in by_partition.items():
                 extra: tuple[Any, ...] = () if encoded is None else (encoded,)
@@ -139,8 +168,8 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = new_store(tmp, "store")
         started = time.process_time()
-        for by_partition in requests:
-            write(store, by_partition)
+        for start in range(0, len(requests), args.group):
+            write(store, grouped(requests[start : start + args.group]))
         written = time.process_time() - started
         store.close()
         del requests
@@ -148,8 +177,8 @@ def child(args: argparse.Namespace) -> None:
         # stages apart find every pulse out of the CPU's cache when writing.
         store = new_store(tmp, "both")
         started = time.process_time()
-        for body in raw:
-            write(store, route(body))
+        for start in range(0, len(raw), args.group):
+            write(store, grouped([route(body) for body in raw[start : start + args.group]]))
         both = time.process_time() - started
         store.close()
     pulses = BODIES * 1000
@@ -172,6 +201,7 @@ def main() -> None:
     parser.add_argument("--ids", action="store_true", help="every pulse has a new id")
     parser.add_argument("--ndjson", action="store_true", help="NDJSON bodies, not arrays")
     parser.add_argument("--durability", choices=["fsync", "os"], default="fsync")
+    parser.add_argument("--group", type=int, default=1, help="requests a round (default 1)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,6 +220,8 @@ def main() -> None:
                 args.durability,
                 "--seed",
                 str(args.seed + repeat),
+                "--group",
+                str(args.group),
                 *(["--ids"] if args.ids else []),
                 *(["--ndjson"] if args.ndjson else []),
             ]
@@ -203,7 +235,7 @@ def main() -> None:
     ids = "new ids" if args.ids else "no ids"
     print(
         f"CPU µs per pulse, 1,000-pulse {'NDJSON' if args.ndjson else 'arrays'}, {ids},"
-        f" {args.durability},"
+        f" {args.durability}, {args.group} request{'s' if args.group > 1 else ''} a round,"
         f" {args.repeats} repeats: min / median"
     )
     for source, stages in found.items():
