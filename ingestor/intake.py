@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import zoneinfo
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from decimal import Decimal
 from typing import Final, TypeVar
 
@@ -31,7 +31,7 @@ __all__ = ["Intake", "Rules", "decode_pulses"]
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 _NDJSON_ALIASES = frozenset({NDJSON, "application/jsonl", "application/x-jsonlines"})
-_SLOT_US: Final = 15 * 60 * 1_000_000  # every modern UTC offset is a multiple of 15 min
+_SLOT_US: Final = 15 * 60 * 1_000_000  # today's UTC offsets, and their changes, fall on these
 _NAMES_MAX: Final = 1 << 16  # tenant, SKU and unit names `_build` shares (see `Rules.names`)
 
 T = TypeVar("T")
@@ -62,12 +62,27 @@ class _IdOnly(msgspec.Struct):
 _id_only = msgspec.json.Decoder(_IdOnly)
 
 
+class _TimestampOnly(msgspec.Struct):
+    timestamp: object = None
+
+
+_timestamp_only = msgspec.json.Decoder(_TimestampOnly)
+# A fraction of a second that decoding rounds up to the next whole second:
+# msgspec keeps six digits and rounds by the seventh, half up.
+_ROUNDS_UP = re.compile(r"\.999999[5-9]")
+
+
 class Rules:
     """What a pulse must satisfy, and how its billing day is found.
 
     Built once from the settings. `day_of` caches the billing day per zone and
-    15-minute slot: offsets and their changes fall on such slots, so the cache
-    is exact and makes the day a dict lookup.
+    15-minute slot, which makes the day a dict lookup: today's offsets are
+    whole quarter hours and change on a slot's boundary, so a slot has one
+    date. Not every slot of the past: Newfoundland fell back at 00:01 local
+    until 2011, and Liberia kept -00:44:30 until 1972. A slot whose first
+    and last microsecond differ in offset or date is not cached: the day of
+    each pulse in it is worked out alone. Only a late window reaching back
+    to such a slot meets one.
     """
 
     def __init__(
@@ -113,10 +128,14 @@ class Rules:
         slot = ts_us // _SLOT_US
         day = days.get(slot)
         if day is None:
+            zone = self.zone_of(tenant_id)
+            first = moment(slot * _SLOT_US).astimezone(zone)
+            last = moment(slot * _SLOT_US + _SLOT_US - 1).astimezone(zone)
+            if first.utcoffset() != last.utcoffset() or first.date() != last.date():
+                return moment(ts_us).astimezone(zone).date().isoformat()
             if len(days) > 100_000:
                 days.clear()
-            zone = self.zone_of(tenant_id)
-            day = days[slot] = moment(slot * _SLOT_US).astimezone(zone).date().isoformat()
+            day = days[slot] = first.date().isoformat()
         return day
 
 
@@ -186,6 +205,34 @@ def _item_id(raw: bytes) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _rounded_up(body: bytes, raws: Callable[[], Sequence[bytes]]) -> Callable[[], set[int]]:
+    """Where (by index in the request, `raws` giving each pulse's bytes) the text
+    of a timestamp is one that decoding rounded up to the next second: asked
+    by `_build` for a pulse whose timestamp is a whole second.
+
+    RFC 3339 takes any number of digits past the second, and Go's clients
+    write nine; a pulse keeps six. Rounded, "23:59:59.9999999" is midnight,
+    the next billing day; `_build` cuts it to the microsecond before, so a
+    timestamp stays in the second, so the day, its client wrote. Only a body
+    holding ".999999", or a backslash escape that could hide it, has one.
+    """
+
+    def found() -> set[int]:
+        if b".999999" not in body and b"\\" not in body:
+            return set()
+        return {index for index, raw in enumerate(raws()) if _rounds_up(raw)}
+
+    return found
+
+
+def _rounds_up(raw: bytes) -> bool:
+    try:
+        text = _timestamp_only.decode(raw).timestamp
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+        return False  # not a pulse: reported as such
+    return isinstance(text, str) and _ROUNDS_UP.search(text) is not None
+
+
 def _build(
     decoded: Sequence[Decoded],
     rules: Rules,
@@ -195,10 +242,12 @@ def _build(
     total: int,
     positions: Sequence[int] | None = None,
     rejected: Iterable[IngestItem] = (),
+    rounded: Callable[[], Container[int]] = frozenset,
 ) -> Intake:
     """Turn decoded pulses, at `positions` in the request (at their own if None),
     into `Pulse` values; the reports of those that are not valid join `rejected`,
-    those of the request's `total` pulses that did not decode.
+    those of the request's `total` pulses that did not decode. `rounded` says
+    which timestamps decoding rounded up to a whole second (`_rounded_up`).
 
     One loop, with nothing per pulse that a request can do once: this is
     the request path's one Python loop over every pulse.
@@ -213,6 +262,7 @@ def _build(
     name = rules.names.setdefault
     known_nanos = KNOWN_NANOS.get
     ids = False
+    up: Container[int] | None = None  # `rounded()`, once a whole second asks
     located = enumerate(decoded) if positions is None else zip(positions, decoded, strict=True)
     for index, p in located:
         tenant = name(p.tenant_id, p.tenant_id)
@@ -231,6 +281,11 @@ def _build(
             else:
                 ts = epoch_us(p.timestamp)
                 given = True
+                if not ts % 1_000_000:
+                    if up is None:
+                        up = rounded()
+                    if up and index in up:
+                        ts -= 1
                 if ts < oldest:
                     raise ValueError("timestamp is older than the late window")
                 if ts > newest:
@@ -338,7 +393,14 @@ def decode_pulses(
     start = body.lstrip()[:1]
     if start == b"{":
         try:
-            return _build([one(body)], rules, now_us, single=True, total=1)
+            return _build(
+                [one(body)],
+                rules,
+                now_us,
+                single=True,
+                total=1,
+                rounded=_rounded_up(body, lambda: [body]),
+            )
         except msgspec.ValidationError as exc:
             # Typed decoding stops at the first bad field; the body may also
             # be broken JSON further on, which is a 400, not a bad pulse.
@@ -362,7 +424,14 @@ def decode_pulses(
         pass
     else:
         _limit(len(many), rules)
-        return _build(many, rules, now_us, single=False, total=len(many))
+        return _build(
+            many,
+            rules,
+            now_us,
+            single=False,
+            total=len(many),
+            rounded=_rounded_up(body, lambda: _raw_list.decode(body)),
+        )
     try:
         raws = _raw_list.decode(body)
     except msgspec.MsgspecError as exc:
@@ -379,6 +448,7 @@ def decode_pulses(
         total=len(raws),
         positions=positions,
         rejected=rejected,
+        rounded=_rounded_up(body, lambda: raws),
     )
 
 
@@ -388,6 +458,7 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None)
     lines = list(filter(bytes.strip, body.splitlines()))  # the non-blank ones
     _limit(len(lines), rules)
     strict = _may_hide_controls(body)
+    rounded = _rounded_up(body, lambda: lines)
     if max_line is None or max(map(len, lines), default=0) <= max_line:
         # Where every line decodes, in one loop in C, each type in turn as
         # `_text_first` tries them: a Python loop over the lines
@@ -398,7 +469,7 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None)
                 many = list(map(decode, lines))
             except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
                 continue
-            return _build(many, rules, now_us, single=False, total=len(many))
+            return _build(many, rules, now_us, single=False, total=len(many), rounded=rounded)
     # Which lines, and why: each is decoded alone.
     one = _one if strict else _one_fast
     positions, decoded, rejected = _one_by_one(lines, one, max_line)
@@ -410,6 +481,7 @@ def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None)
         total=len(lines),
         positions=positions,
         rejected=rejected,
+        rounded=rounded,
     )
 
 
