@@ -10,9 +10,12 @@
 
 How a pulse travels
 
-    record()   validates cheaply, gives the pulse an id (unless it has one) and a
-               timestamp (the moment of the call, unless given), writes its NDJSON
-               line and appends it to the buffer. Returns the id at once.
+    record()   validates cheaply, gives the pulse an id and a timestamp (the moment
+               of the call) unless it has them, writes its NDJSON line and
+               appends it to the buffer. Returns the id at once. A pulse given
+               its id but no timestamp is not stamped: a record of it again
+               (after a restart, say) must match it to be a `duplicate`, and
+               a second stamp would not.
     senders    `concurrency` trio tasks. Each takes a batch when `max_batch_pulses`
                or `max_batch_bytes` is reached, `flush_interval` after the first
                waiting pulse, or at once on flush() and close(); POSTs it as
@@ -49,7 +52,15 @@ which decimal it meant is the caller's decision (`Decimal(str(x))` if that is
 the one). Timestamps are stamped at record() time, so a pulse that waits out an
 outage is still billed on the day it happened (`stamp_timestamps=False`
 leaves it to the server's clock at arrival; a client clock more than five
-minutes ahead of the server's gets its pulses rejected).
+minutes ahead of the server's gets its pulses rejected). With ids of your
+own, give the event's timestamp too: a pulse with its id and no timestamp
+is billed on the day it reaches the server.
+
+Processes. Generated ids stay unique in a process forked after the client
+was made (a pre-forking server's workers): the child's client draws a new
+prefix. A client whose senders were running when the process forked has
+none in the child: there it takes no pulses (ClientClosed), and leaves the
+parent's to the parent.
 
 Errors
 
@@ -59,7 +70,8 @@ Errors
     ├── FlushTimeout    flush(timeout=...) ran out; the pulses are still retried
     └── Undelivered     close(timeout=...) ran out, or the senders were cancelled;
                         `.lines` holds the NDJSON lines that may not be stored.
-                        Resending them is safe: their ids dedupe.
+                        Resending them is safe: their ids dedupe. `.failures`
+                        holds the failures not handed out before.
 
 Invalid arguments to record() raise TypeError or ValueError there.
 """
@@ -72,11 +84,13 @@ import email.utils
 import itertools
 import logging
 import math
+import os
 import random
 import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -145,12 +159,13 @@ class FlushTimeout(ClientError, TimeoutError):
 class Undelivered(ClientError):
     """The client stopped with pulses the server may not hold; `lines` are their NDJSON lines."""
 
-    def __init__(self, lines: list[bytes]) -> None:
+    def __init__(self, lines: list[bytes], failures: Sequence[Failure] = ()) -> None:
         super().__init__(
             f"{len(lines)} pulses were not acknowledged before the client stopped; resend"
             " `.lines` (their ids make a resend safe)"
         )
         self.lines = lines
+        self.failures = list(failures)
 
 
 FailureStatus = Literal["rejected", "conflict", "refused"]
@@ -281,10 +296,14 @@ class _Encoder:
 
     def __init__(self, stamp: bool) -> None:
         self._stamp = stamp
-        self._id_prefix = f"c{secrets.token_hex(12)}-"
-        self._ids = itertools.count(1)  # next() is atomic under the GIL
+        self.renew()
         self._heads: dict[tuple[str, str, str], str] = {}
         self._second = (-1, "")
+
+    def renew(self) -> None:
+        """A new prefix for the ids it makes: in a forked child, the parent's would repeat."""
+        self._id_prefix = f"c{secrets.token_hex(12)}-"
+        self._ids = itertools.count(1)  # next() is atomic under the GIL
 
     def encode(
         self,
@@ -301,14 +320,16 @@ class _Encoder:
         if head is None:
             head = self._head(key)
         amount = _amount(used_amount)
+        stamp = self._stamp
         if pulse_id is None:
             pulse_id = f"{self._id_prefix}{next(self._ids):x}"
             id_json = f'"{pulse_id}"'
         else:
             id_json = _json(_check_name(pulse_id, "id", 128))
+            stamp = False  # a record of it again must match it (see the module docstring)
         if timestamp is not None:
             when = _timestamp(timestamp)
-        elif self._stamp:
+        elif stamp:
             when = self._now()
         else:
             return pulse_id, f'{head}"{amount}","id":{id_json}}}\n'.encode()
@@ -531,6 +552,20 @@ class _Outbox:
             self.stop_reason = reason
             self.changed.notify_all()
 
+    def forked(self, senders: bool) -> None:
+        """In a forked child: new locks (a parent's thread may have held them).
+        With `senders` (they ran in the parent, and none runs here) it takes no
+        more pulses, and the parent's are the parent's to deliver."""
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        if senders:
+            self._lines, self._bytes, self._in_flight, self._unsettled = [], 0, [], 0
+            self.stopped = self.closing = True
+            self.stop_reason = (
+                "the client was made in the parent process, where its senders run:"
+                " make a new one after forking"
+            )
+
     def _lowest_unsettled(self) -> int:
         low = self._next_seq - len(self._lines)
         for batch in self._in_flight:
@@ -554,7 +589,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return min(float(value), _MAX_RETRY_AFTER)
     try:
         moment = email.utils.parsedate_to_datetime(value)
@@ -621,6 +656,8 @@ class TrioClient:
         self.url = f"{url.rstrip('/')}/pulses"
         self._headers = {"Content-Type": NDJSON, "User-Agent": f"billing-ingestor/{__version__}"}
         if api_key is not None:
+            if not (api_key and api_key.isascii() and api_key.isprintable()):
+                raise ValueError("api_key must be printable ASCII: it goes in a header")
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._flush_interval = flush_interval
         self._concurrency = concurrency
@@ -637,6 +674,7 @@ class TrioClient:
         self._running = False
         self._stopped = trio.Event()
         self._http: httpx.AsyncClient | None = None
+        _CLIENTS.add(self)
 
     # -- the API ----------------------------------------------------------------
 
@@ -686,11 +724,12 @@ class TrioClient:
         target = self._outbox.close()
         self._progress.unpark_all()
         if self._running:
-            await self._wait_settled(target)
+            while not (self._outbox.stopped or self._outbox.settled(target)):
+                await self._progress.park()
             await self._stopped.wait()
         lines = self._outbox.undelivered()
         if lines:
-            raise Undelivered(lines)
+            raise Undelivered(lines, self._outbox.take_failures())
         return self._outbox.take_failures()
 
     def statistics(self) -> ClientStatistics:
@@ -729,6 +768,10 @@ class TrioClient:
                           left, reason)  # fmt: skip
 
     # -- inside ------------------------------------------------------------------
+
+    def _forked(self) -> None:
+        self._encoder.renew()
+        self._outbox.forked(senders=self._running and not self._stopped.is_set())
 
     def _record(
         self,
@@ -794,7 +837,7 @@ class TrioClient:
                 response = await self._http.post(
                     self.url, content=b"".join(batch.lines), headers=self._headers
                 )
-            except httpx.TransportError as exc:  # timeouts, refused or dropped connections
+            except httpx.RequestError as exc:  # timeouts, lost connections, garbled answers
                 why = f"{type(exc).__name__}: {exc}"
             else:
                 status = response.status_code
@@ -866,6 +909,18 @@ class TrioClient:
         if retry_after is not None:
             delay = max(delay, retry_after * (1 + random.random() / 10))
         return delay
+
+
+# Every client of this process, for `_after_fork`.
+_CLIENTS: weakref.WeakSet[TrioClient] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @asynccontextmanager
@@ -977,7 +1032,7 @@ class Client:
         self._thread.join()
         lines = outbox.undelivered()
         if lines:
-            raise Undelivered(lines)
+            raise Undelivered(lines, outbox.take_failures())
         if self._error is not None:
             raise ClientError("the client's sender thread failed") from self._error
         return outbox.take_failures()
