@@ -17,6 +17,7 @@ import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -189,6 +190,11 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {sink!r}"
         )
+    if sink != "file":
+        # Checked now, not at the first delivery: a URL no request can go to
+        # would fail every batch, or raise where no sink error is expected.
+        for server in sink.split(",") if sink.startswith("nats://") else [sink]:
+            _check_url("sink", server.strip())
     if "{date}" not in settings.nats_subject:
         raise ConfigError("nats_subject: must contain {date}, e.g. 'billing.batches.{date}'")
     if sink.startswith("nats://"):
@@ -261,3 +267,14 @@ def _check_api_keys(settings: Settings) -> None:
                     f"{where}.tenants: {tenant!r} is not a tenant id"
                     " (1-128 characters, no control characters)"
                 )
+
+
+def _check_url(name: str, url: str) -> None:
+    """A URL with a scheme, a host and, if any, a numeric port, or ConfigError."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not a valid URL, {url!r}: {exc}") from None
+    if not parts.scheme or not parts.hostname:
+        raise ConfigError(f"{name}: the URL {url!r} names no host")

@@ -3,7 +3,14 @@
 A batch is marked delivered only after the sink returned: a crash between the
 two leaves it pending, and it is sent again, which every sink makes harmless
 (idempotent by batch id). Retryable failures back off exponentially, capped,
-with full jitter; a rejected batch is `failed` and waits for an operator.
+with full jitter; a rejected batch is `failed` and waits for an operator. A
+sink that raises anything else is retried the same way: one batch must not
+stop the service, nor a restart find it due and stop it again.
+
+Next attempts are wall-clock times, kept in the store for every process.
+A batch set to retry further ahead than `retry_max` is due: no backoff sets
+one so far, so the clock has stepped back since, and the batch would
+otherwise wait out the step on top of its backoff.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Deliverer:
         self.delivered = 0
         self.retried = 0
         self.failed = 0
+        self.unrecorded = 0  # outcomes the store could not take: due again at once
 
     def wake(self) -> None:
         """Look at the outbox now (a commit just added batches)."""
@@ -67,7 +75,9 @@ class Deliverer:
     async def deliver_due(self) -> int:
         """Attempt every batch that is due now; return how many were attempted."""
         async with self._pass:
-            due = await trio.to_thread.run_sync(self._store.due_batches, self._clock(), 100)
+            now = self._clock()
+            latest = now + int(self._retry_max * 1_000_000)
+            due = await trio.to_thread.run_sync(self._store.due_batches, now, 100, latest)
             async with trio.open_nursery() as nursery:
                 for batch in due:
                     await self._limit.acquire()
@@ -80,22 +90,7 @@ class Deliverer:
             try:
                 await self._sink.deliver(batch.batch_id, batch.day, batch.body)
             except SinkRetryable as exc:
-                attempt = batch.attempts + 1
-                delay = backoff(attempt, self._retry_initial, self._retry_max, self._rng)
-                status, error = "pending", str(exc)
-                next_at = self._clock() + int(delay * 1_000_000)
-                self.retried += 1
-                log.warning(
-                    "delivery failed, will retry",
-                    extra={
-                        "fields": {
-                            "batch_id": batch.batch_id,
-                            "attempt": attempt,
-                            "retry_in_s": round(delay, 1),
-                            "error": error,
-                        }
-                    },
-                )
+                status, error, next_at = self._retry(batch, str(exc))
             except SinkRejected as exc:
                 status, error = "failed", str(exc)
                 self.failed += 1
@@ -103,6 +98,12 @@ class Deliverer:
                     "delivery rejected",
                     extra={"fields": {"batch_id": batch.batch_id, "error": error}},
                 )
+            except Exception as exc:
+                log.exception(
+                    "delivery raised an unexpected error",
+                    extra={"fields": {"batch_id": batch.batch_id}},
+                )
+                status, error, next_at = self._retry(batch, f"unexpected error: {exc!r}")
             else:
                 self.delivered += 1
             try:
@@ -118,6 +119,7 @@ class Deliverer:
                 )
             except StoreError as exc:
                 # Still pending in the store: it is sent again later, harmlessly.
+                self.unrecorded += 1
                 log.warning(
                     "could not record delivery",
                     extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
@@ -125,15 +127,36 @@ class Deliverer:
         finally:
             self._limit.release()
 
+    def _retry(self, batch: DueBatch, error: str) -> tuple[str, str, int]:
+        """The outcome of a failed attempt that is retried: its status, error, next attempt."""
+        attempt = batch.attempts + 1
+        delay = backoff(attempt, self._retry_initial, self._retry_max, self._rng)
+        self.retried += 1
+        log.warning(
+            "delivery failed, will retry",
+            extra={
+                "fields": {
+                    "batch_id": batch.batch_id,
+                    "attempt": attempt,
+                    "retry_in_s": round(delay, 1),
+                    "error": error,
+                }
+            },
+        )
+        return "pending", error, self._clock() + int(delay * 1_000_000)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             self._wake = trio.Event()
+            unrecorded = self.unrecorded
             try:
                 attempted = await self.deliver_due()
             except StoreError as exc:
                 log.warning("reading the outbox failed", extra={"fields": {"error": str(exc)}})
                 attempted = 0
-            if attempted == 0:
+            # A batch whose outcome the store did not take is due again at
+            # once: sent again now, it would be sent in a busy loop.
+            if attempted == 0 or self.unrecorded > unrecorded:
                 with trio.move_on_after(_IDLE_POLL):
                     await self._wake.wait()

@@ -2,8 +2,9 @@
 
 The bytes are written to a temporary file, fsynced, and renamed into place,
 then the directory is fsynced: a crash leaves either the whole file or none.
-A batch whose file already exists was delivered before (its content never
-changes), so it is not written twice. A process killed mid-write leaves its
+A batch whose file already exists was written before (its content never
+changes), so it is not written twice; its directory is fsynced again, since
+the writer may have died between its rename and that fsync. A process killed mid-write leaves its
 temporary file (`.<batch_id>.json.<pid>.tmp`) behind; the first write into a
 day's directory by a later process removes those whose process is gone.
 """
@@ -60,6 +61,7 @@ class FileSink:
     def _write(self, batch_id: str, day: str, body: bytes) -> None:
         final = self.path_of(batch_id, day)
         if final.exists():
+            _fsync_path(final.parent)  # the delivered point, which its writer may not have reached
             return
         final.parent.mkdir(parents=True, exist_ok=True)
         self._sweep(final.parent)

@@ -5,6 +5,11 @@ sha256=<hex HMAC-SHA256 of the body with the configured secret>`. A 2xx or 409
 (the receiver already has it) is delivered; 5xx, 408, 429, timeouts and
 connection errors are retried; any other 4xx fails the batch until an
 operator redelivers it.
+
+The status line decides: a 2xx is delivered whatever its body, which is
+not read (a receiver's garbled body once kept a delivered batch retried).
+`timeout` bounds the whole delivery, not only each read: a receiver that
+sent its answer a byte at a time held up every delivery behind it.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import hashlib
 import hmac
 
 import httpx
+import trio
 
 from ..errors import SinkRejected, SinkRetryable
 
 __all__ = ["HttpSink", "sign"]
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
+_DETAIL_BYTES = 200  # of an error answer's body, for the batch's last_error
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -32,6 +39,7 @@ class HttpSink:
     def __init__(self, url: str, *, secret: str, timeout: float) -> None:
         self.url = url
         self._secret = secret
+        self._timeout = timeout
         self._client = httpx.AsyncClient(timeout=timeout)
 
     async def deliver(self, batch_id: str, day: str, body: bytes) -> None:
@@ -40,19 +48,36 @@ class HttpSink:
             "Idempotency-Key": batch_id,
             "X-Ingestor-Signature": sign(self._secret, body),
         }
-        try:
-            response = await self._client.post(self.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise SinkRetryable(f"timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise SinkRetryable(f"request failed: {exc!r}") from exc
-        status = response.status_code
-        if 200 <= status < 300 or status == 409:
-            return
-        detail = f"HTTP {status}: {response.text[:200]}"
-        if status >= 500 or status in _RETRY_STATUSES:
-            raise SinkRetryable(detail)
-        raise SinkRejected(detail)
+        with trio.move_on_after(self._timeout):
+            try:
+                async with self._client.stream(
+                    "POST", self.url, content=body, headers=headers
+                ) as response:
+                    status = response.status_code
+                    if 200 <= status < 300 or status == 409:
+                        return
+                    detail = f"HTTP {status}: {await _head(response)}"
+            except httpx.TimeoutException as exc:
+                raise SinkRetryable(f"timed out: {exc!r}") from exc
+            except httpx.HTTPError as exc:
+                raise SinkRetryable(f"request failed: {exc!r}") from exc
+            if status >= 500 or status in _RETRY_STATUSES:
+                raise SinkRetryable(detail)
+            raise SinkRejected(detail)
+        raise SinkRetryable(f"timed out: no answer within {self._timeout:g} s")
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _head(response: httpx.Response) -> str:
+    """The start of an error answer's body, as text, for the batch's last_error."""
+    head = b""
+    try:
+        async for chunk in response.aiter_bytes():
+            head += chunk
+            if len(head) >= _DETAIL_BYTES:
+                break
+    except httpx.HTTPError as exc:
+        return f"(body unreadable: {exc!r})"
+    return head[:_DETAIL_BYTES].decode(errors="replace")

@@ -130,8 +130,12 @@ class Store(Protocol):
 
     def batch(self, batch_id: str) -> BatchView | None: ...
 
-    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
-        """Pending batches whose next attempt is due, at most `limit` per partition."""
+    def due_batches(self, now_us: int, limit: int, latest_us: int | None = None) -> list[DueBatch]:
+        """Pending batches whose next attempt is due, at most `limit` per partition.
+
+        Due: set at `now_us` or before, or after `latest_us` (no backoff sets
+        one so late: the wall clock has stepped back since).
+        """
         ...
 
     def record_delivery(

@@ -178,12 +178,14 @@ DELETE FROM pulses WHERE seq = ANY (ARRAY (
 ))
 """
 
+_NEVER = 1 << 62  # "no latest_us": later than any next attempt
 _DUE_BATCHES = """
 SELECT p.partition, b.batch_id, b.day, b.body, b.attempts
 FROM generate_series(0, %s - 1) AS p (partition)
 CROSS JOIN LATERAL (
     SELECT batch_id, day, body, attempts, next_attempt_at FROM batches
-    WHERE batches.partition = p.partition AND status = 'pending' AND next_attempt_at <= %s
+    WHERE batches.partition = p.partition AND status = 'pending'
+        AND (next_attempt_at <= %s OR next_attempt_at > %s)
     ORDER BY next_attempt_at, batch_id LIMIT %s
 ) AS b
 ORDER BY p.partition, b.next_attempt_at, b.batch_id
@@ -723,9 +725,10 @@ class PostgresStore:
     def _partition_of_batch(self, batch_id: str) -> int | None:
         return partition_of_batch(batch_id, self.store_id, self.partitions)
 
-    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
+    def due_batches(self, now_us: int, limit: int, latest_us: int | None = None) -> list[DueBatch]:
+        latest = _NEVER if latest_us is None else latest_us
         with self._reading("read") as conn:
-            rows = conn.execute(_DUE_BATCHES, (self.partitions, now_us, limit)).fetchall()
+            rows = conn.execute(_DUE_BATCHES, (self.partitions, now_us, latest, limit)).fetchall()
         return [
             DueBatch(partition, bid, day.isoformat(), body, attempts)
             for partition, bid, day, body, attempts in rows

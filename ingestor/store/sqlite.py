@@ -1324,15 +1324,18 @@ class SQLiteStore:
     def _partition_of_batch(self, batch_id: str) -> int | None:
         return partition_of_batch(batch_id, self.store_id, self.partitions)
 
-    def due_batches(self, now_us: int, limit: int) -> list[DueBatch]:
+    def due_batches(self, now_us: int, limit: int, latest_us: int | None = None) -> list[DueBatch]:
+        latest = _ALL if latest_us is None else latest_us
+
         def read(conn: sqlite3.Connection) -> list[DueBatch]:
             found: list[DueBatch] = []
             for partition in range(self.partitions):
                 rows = conn.execute(
                     "SELECT batch_id, day, body, attempts FROM batches"
-                    " WHERE part = ? AND status = 'pending' AND next_attempt_at <= ?"
+                    " WHERE part = ? AND status = 'pending'"
+                    " AND (next_attempt_at <= ? OR next_attempt_at > ?)"
                     " ORDER BY next_attempt_at LIMIT ?",
-                    (partition, now_us, limit),
+                    (partition, now_us, latest, limit),
                 )
                 found.extend(DueBatch(partition, bid, day, body, n) for bid, day, body, n in rows)
             return found

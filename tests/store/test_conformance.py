@@ -691,6 +691,11 @@ def test_due_batches_and_record_delivery(outbox: tuple[Store, list[str]]) -> Non
     assert (failed.next_attempt_at, failed.delivered_at) == (None, None)
 
     assert [d.batch_id for d in store.due_batches(T0 + 99, 10)] == [ids[3]]
+    # A retry set later than `latest_us` is due: the wall clock stepped back.
+    assert [d.batch_id for d in store.due_batches(T0 + 40, 10, T0 + 100)] == [ids[3]]
+    assert sorted(d.batch_id for d in store.due_batches(T0 + 40, 10, T0 + 99)) == sorted(
+        [ids[1], ids[3]]
+    )
     again = store.due_batches(T0 + 100, 10)
     assert sorted((d.batch_id, d.attempts) for d in again) == sorted([(ids[1], 1), (ids[3], 0)])
     assert store.outbox_statistics() == (2, T0)
