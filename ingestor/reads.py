@@ -49,12 +49,19 @@ __all__ = [
 ]
 
 S = TypeVar("S")
+_BATCH_ID_MAX = 256  # ours are about 40 characters
 SCAN_BUDGET = 2_000  # batches one scoped /batches page may open
 _SCAN_PAGE = 200
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 BatchLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
 Cursor = Annotated[str, msgspec.Meta(max_length=1024)]
+# What a cursor holds, checked as strictly as the parameters: a forged one
+# is a 400, not a store's error (a 503 on PostgreSQL, retried for ever by a
+# reconciler) nor an empty last page.
+_AGGREGATE_KEY = msgspec.json.Decoder(tuple[dt.date, Name, Name, Unit])
+_PULSE_KEY = msgspec.json.Decoder(Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)])
+_BATCH_KEY = msgspec.json.Decoder(tuple[dt.date, Name])
 
 
 class AggregateParams(
@@ -93,6 +100,13 @@ class BatchParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _params(kind: type[S], args: Mapping[str, str]) -> S:
+    # Quart's query string keeps every value of a repeated key, of which a
+    # dict keeps the first: ?tenant_id=a&tenant_id=b would read a alone.
+    values = getattr(args, "getlist", None)
+    if values is not None:
+        for key in args:
+            if len(values(key)) > 1:
+                raise RequestError(400, "invalid_parameter", f"{key}: given more than once")
     try:
         return msgspec.convert(dict(args), kind, strict=False)
     except msgspec.ValidationError as exc:
@@ -107,12 +121,12 @@ def _cursor_out(key: object) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(key)).decode().rstrip("=")
 
 
-def _cursor_in(text: str | None, kind: type[S]) -> S | None:
+def _cursor_in(text: str | None, key: msgspec.json.Decoder[S]) -> S | None:
     if text is None:
         return None
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return msgspec.json.decode(raw, type=kind)
+        return key.decode(raw)
     except (ValueError, msgspec.MsgspecError):
         raise RequestError(
             400, "invalid_parameter", "cursor: not a cursor this API gave out"
@@ -131,7 +145,8 @@ async def list_aggregates(
     runtime: Runtime, principal: Principal, args: Mapping[str, str]
 ) -> AggregatePage:
     params = _params(AggregateParams, args)
-    after = _cursor_in(params.cursor, tuple[str, str, str, str])
+    key = _cursor_in(params.cursor, _AGGREGATE_KEY)
+    after = None if key is None else (key[0].isoformat(), *key[1:])
     if params.tenant_id is not None:
         _own_tenant(principal, params.tenant_id)
     query = AggregateQuery(
@@ -175,7 +190,7 @@ async def list_aggregates(
 async def list_pulses(runtime: Runtime, principal: Principal, args: Mapping[str, str]) -> PulsePage:
     params = _params(PulseParams, args)
     _own_tenant(principal, params.tenant_id)
-    after = _cursor_in(params.cursor, int)
+    after = _cursor_in(params.cursor, _PULSE_KEY)
     query = PulseQuery(
         tenant_id=params.tenant_id,
         day=params.date.isoformat(),
@@ -198,7 +213,8 @@ async def list_batches(
     runtime: Runtime, principal: Principal, args: Mapping[str, str]
 ) -> BatchPage:
     params = _params(BatchParams, args)
-    after = _cursor_in(params.cursor, tuple[str, str])
+    key = _cursor_in(params.cursor, _BATCH_KEY)
+    after = None if key is None else (key[0].isoformat(), key[1])
     query = BatchQuery(
         day=params.date.isoformat() if params.date else None,
         status=params.status,
@@ -207,10 +223,10 @@ async def list_batches(
     )
     tenants = principal.tenants
     if tenants is not None:
-        rows, key = await trio.to_thread.run_sync(
+        rows, last = await trio.to_thread.run_sync(
             _scoped_batches, runtime.store, query, tenants, params.limit
         )
-        return BatchPage(rows, _cursor_out(list(key)) if key else None)
+        return BatchPage(rows, _cursor_out(list(last)) if last else None)
     rows = await trio.to_thread.run_sync(runtime.store.batches, query)
     more = len(rows) > params.limit
     rows = rows[: params.limit]
@@ -219,6 +235,8 @@ async def list_batches(
 
 
 async def read_batch(runtime: Runtime, principal: Principal, batch_id: str) -> BatchView:
+    if not (batch_id.isprintable() and len(batch_id) <= _BATCH_ID_MAX):
+        raise RequestError(404, "not_found", f"no batch {batch_id!r}")  # a store may refuse it
     batch = await trio.to_thread.run_sync(runtime.store.batch, batch_id)
     if batch is not None and principal.tenants is not None:
         batch = _restricted(batch, principal.tenants, keep_records=True)
