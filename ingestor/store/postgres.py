@@ -341,10 +341,19 @@ class _Connector:
         # timeout); statement_timeout bounds any one statement; a session
         # that stalls inside a transaction is ended so it cannot keep a
         # partition locked for every other instance.
+        #
+        # And two of the database's defaults are not left to it. READ
+        # COMMITTED: a transaction's statements after its partition lock
+        # see what the lock's previous holder committed (under REPEATABLE
+        # READ the snapshot was taken by the lock's own SELECT, before the
+        # wait, and every racer lost with an error). synchronous_commit on:
+        # COMMIT returns once the WAL is flushed, which a 2xx promises.
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('statement_timeout', %s, false),"
-            " set_config('idle_in_transaction_session_timeout', %s, false)",
+            " set_config('idle_in_transaction_session_timeout', %s, false),"
+            " set_config('default_transaction_isolation', 'read committed', false),"
+            " set_config('synchronous_commit', 'on', false)",
             (self._timeout_ms, self._timeout_ms, self._idle_ms),
         )
 
