@@ -310,7 +310,7 @@ def create_app(runtime: Runtime) -> Quart:
         if need == "public":
             g.principal = OPEN
             return
-        who = keyring.authenticate(request.headers.get("Authorization"))
+        who = keyring.authenticate(request.headers.getlist("Authorization"))
         keyring.require(who, need, f"{request.method} {rule.rule}")
         g.principal = who
 

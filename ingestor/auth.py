@@ -108,10 +108,16 @@ class Keyring:
         """True when no keys are configured: every request acts as an admin."""
         return not self._keys
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of a request's Authorization header, or raise Unauthorized."""
+    def authenticate(self, authorization: str | Sequence[str] | None) -> Principal:
+        """The principal of a request's Authorization header (or of its every
+        value, as a request gives them), or raise Unauthorized."""
         if not self._keys:
             return OPEN
+        if authorization is not None and not isinstance(authorization, str):
+            # Two headers: one route would read the first, another the last.
+            if len(authorization) > 1:
+                raise Unauthorized("send one Authorization header, not several", invalid_token=True)
+            authorization = authorization[0] if authorization else None
         if not authorization:
             raise Unauthorized(
                 "send an API key as 'Authorization: Bearer <key>'", invalid_token=False

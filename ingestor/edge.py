@@ -13,6 +13,11 @@ those answered by a handler of `routes` instead of the framework:
 - Close the connection after an error answered before the request body was
   read (a 413 on Content-Length, a 404 or 405 with a body): the unread
   body would otherwise be taken for the next request on the connection.
+- Let a response's last write finish. When the answer closes the
+  connection (`Connection: close`, HTTP/1.0), hypercorn closes it inside
+  that write and reports the disconnect, on which quart-trio cancels the
+  request: the close stopped halfway, and the socket stayed open until
+  `read_timeout`. The write is shielded, for `_LAST_WRITE_S` at most.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .errors import Overloaded, RequestError
 __all__ = ["OVER_LIMIT", "PUBLIC_PATHS", "Edge", "admit"]
 
 OVER_LIMIT = "ingestor.over_limit"  # scope key set on a request beyond the limit
+_LAST_WRITE_S = 10.0  # how long a response's last write may outlive its request's cancellation
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
@@ -110,7 +116,12 @@ class Edge:
                 }
             last = message["type"] == "http.response.body" and not message.get("more_body")
             try:
-                await send(message)
+                if last:
+                    with trio.CancelScope(shield=True) as shielded:
+                        shielded.deadline = trio.current_time() + _LAST_WRITE_S
+                        await send(message)
+                else:
+                    await send(message)
             except trio.BusyResourceError:
                 # hypercorn ends a response with a write of its own (empty,
                 # for a Content-Length body). A client that has the whole

@@ -72,7 +72,8 @@ class PulseRoute:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         started = time.perf_counter()
-        given = authorization = content_type = None
+        given = content_type = None
+        authorization: list[str] = []
         length: bytes | None = None
         size = 0
         for name, value in scope["headers"]:  # type: ignore[typeddict-item]
@@ -80,7 +81,7 @@ class PulseRoute:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"authorization":
-                authorization = value.decode("latin-1")
+                authorization.append(value.decode("latin-1"))
             elif name == b"content-length":
                 length = value
             elif name == b"x-request-id":

@@ -367,6 +367,20 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
+_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def _require_utf8(content_type: str | None) -> None:
+    """JSON is UTF-8 (RFC 8259): a body declared in another charset would be
+    misread (Latin-1 "tÃ©" as UTF-8 "té", a tenant its client never named)."""
+    found = _CHARSET.search(content_type or "")
+    if found is not None and found[1].lower() not in _UTF8:
+        raise RequestError(
+            415, "unsupported_media_type", f"the body must be UTF-8, not charset={found[1]}"
+        )
+
+
 def decode_pulses(
     body: bytes,
     content_type: str | None,
@@ -380,6 +394,8 @@ def decode_pulses(
     `max_line_bytes` bounds each NDJSON line; a longer line is rejected alone.
     """
     kind = media_type(content_type)
+    if ";" in (content_type or ""):
+        _require_utf8(content_type)
     if kind in _NDJSON_ALIASES:
         return _decode_ndjson(body, rules, now_us, max_line_bytes)
     if kind != JSON and not kind.endswith("+json"):
@@ -454,8 +470,17 @@ def decode_pulses(
 
 def _decode_ndjson(body: bytes, rules: Rules, now_us: int, max_line: int | None) -> Intake:
     # Each line is decoded alone: joining lines into one array would let a
-    # line holding two values make up for two broken half-lines.
-    lines = list(filter(bytes.strip, body.splitlines()))  # the non-blank ones
+    # line holding two values make up for two broken half-lines. Lines end
+    # at "\n" alone: a "\r" is JSON's whitespace inside a line, and split
+    # there (bytes.splitlines), one pulse became two broken ones and every
+    # later index moved. The non-blank lines are kept: bytes.strip strips
+    # JSON's whitespace, and also \x0b and \x0c, which a line holding only
+    # them is reported for.
+    lines = body.split(b"\n")
+    if b"\x0b" in body or b"\x0c" in body:
+        lines = [line for line in lines if line.strip(b" \t\r")]
+    else:
+        lines = list(filter(bytes.strip, lines))
     _limit(len(lines), rules)
     strict = _may_hide_controls(body)
     rounded = _rounded_up(body, lambda: lines)

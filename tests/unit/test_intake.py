@@ -200,6 +200,20 @@ def test_ndjson_bad_line_is_rejected_alone() -> None:
     assert "colour" in (by_index[4].error or "")
 
 
+def test_ndjson_lines_end_at_newline_alone() -> None:
+    """A bare "\r" is JSON's whitespace inside a line, not a line's end; a line
+    of only \x0b or \x0c (bytes.strip's whitespace, not JSON's) is reported."""
+    cr = encode(pulse(id="a")).replace(b",", b",\r", 1)
+    body = b"\n".join([cr, b"\x0b", encode(pulse(id="c")), b"\x0c\r", encode(pulse(id="e"))])
+    intake = decode(body, NDJSON)
+    assert intake.total == 5
+    assert [(i, p.pulse_id) for i, p in intake.pulses] == [(0, "a"), (2, "c"), (4, "e")]
+    assert [(item.index, item.status) for item in intake.items] == [
+        (1, "rejected"),
+        (3, "rejected"),
+    ]
+
+
 def test_ndjson_line_with_two_pulses_is_rejected() -> None:
     good = encode(pulse(id="ok"))
     double = encode(pulse(id="x")) + b", " + encode(pulse(id="y"))
@@ -359,6 +373,16 @@ def test_ndjson_content_type_with_parameters() -> None:
     body = encode(pulse()) + b"\n" + encode(pulse())
     intake = decode(body, "application/x-ndjson; charset=utf-8")
     assert len(intake.pulses) == 2
+    assert len(decode(body, 'application/x-ndjson;CHARSET="UTF8"').pulses) == 2
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", "utf-16", '"latin1"'])
+def test_a_body_declared_in_another_charset_is_415(charset: str) -> None:
+    """JSON is UTF-8: Latin-1 bytes read as UTF-8 would name a tenant nobody sent."""
+    for content_type in (JSON, NDJSON):
+        with pytest.raises(RequestError) as caught:
+            decode(encode(pulse()), f"{content_type}; charset={charset}")
+        assert (caught.value.status, caught.value.code) == (415, "unsupported_media_type")
 
 
 @pytest.mark.parametrize(
