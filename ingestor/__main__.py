@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"billing-ingestor: cannot start: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the service took signals: nothing had started
+        return 0
     return 0
 
 

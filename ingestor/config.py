@@ -17,7 +17,7 @@ import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -25,7 +25,8 @@ from .errors import ConfigError
 
 __all__ = ["ApiKey", "Settings", "check_nats_names", "load_settings", "parse_duration"]
 
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# At most 1,000 years: "inf" passed gt=0 and then failed as microseconds.
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=1000 * 365.25 * 86400)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 _SHA256_HEX = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _TENANT = re.compile(r"\A[^\x00-\x1f\x7f-\x9f]{1,128}\Z")  # model.Name, as a check here
@@ -170,7 +171,7 @@ def _explain(exc: msgspec.ValidationError) -> str:
 
 def _check(settings: Settings) -> None:
     host, sep, port = settings.bind.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _PORT.fullmatch(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"bind: expected HOST:PORT, got {settings.bind!r}")
     for name, zone in [("billing_timezone", settings.billing_timezone)] + [
         (f"tenant_timezones.{tenant}", zone) for tenant, zone in settings.tenant_timezones.items()
@@ -183,12 +184,12 @@ def _check(settings: Settings) -> None:
         ("postgresql://", "postgres://")
     ):
         raise ConfigError(
-            f"store: expected 'sqlite' or a postgresql:// URL, got {settings.store!r}"
+            f"store: expected 'sqlite' or a postgresql:// URL, got {shown_url(settings.store)!r}"
         )
     sink = settings.sink
     if sink != "file" and not sink.startswith(("http://", "https://", "nats://")):
         raise ConfigError(
-            f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {sink!r}"
+            f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {shown_url(sink)!r}"
         )
     if sink != "file":
         # Checked now, not at the first delivery: a URL no request can go to
@@ -275,6 +276,37 @@ def _check_url(name: str, url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
     except ValueError as exc:
-        raise ConfigError(f"{name}: not a valid URL, {url!r}: {exc}") from None
+        raise ConfigError(f"{name}: not a valid URL, {shown_url(url)!r}: {exc}") from None
     if not parts.scheme or not parts.hostname:
-        raise ConfigError(f"{name}: the URL {url!r} names no host")
+        raise ConfigError(f"{name}: the URL {shown_url(url)!r} names no host")
+
+
+# A URL's credentials: each server's user:password@, a password parameter.
+_USERINFO = re.compile(r"(//)([^/@]*)@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
+
+
+def shown_url(url: str) -> str:
+    """`url` as a message or a log line may show it: without its credentials,
+    of every server where it lists several (nats://a:pw@h1,nats://b:pw@h2)."""
+    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
+
+
+def without_secrets(text: str, url: str) -> str:
+    """`text` (a driver's message about `url`) with every credential of `url`
+    taken out, as written and percent-decoded: a driver may quote a token it
+    could not parse, password included."""
+    secrets = [m[2] for m in _USERINFO.finditer(url)] + [
+        m[2] for m in _PASSWORD_PARAM.finditer(url)
+    ]
+    for secret in secrets:
+        for form in {
+            secret,
+            secret.partition(":")[2],
+            unquote(secret),
+            unquote(secret.partition(":")[2]),
+        }:
+            if len(form) > 1:
+                text = text.replace(form, "***")
+    return text

@@ -29,7 +29,7 @@ from hypercorn.utils import wrap_app
 
 from .clock import wall_clock_us
 from .committer import Committer
-from .config import Settings
+from .config import Settings, shown_url
 from .deliverer import Deliverer
 from .edge import Edge
 from .intake import Rules
@@ -159,15 +159,32 @@ async def serve(
     without them the service binds `settings.bind` itself. `worker` is this
     process's (index, count) among the supervisor's workers.
 
-    The store is opened and the port bound before any nursery: a failure
-    there (a store file that is not ours, a port in use) leaves as the plain
-    StoreError or OSError that `__main__` reports in one line, not wrapped
-    in an exception group that would end the process with a traceback.
+    The store is opened and the port bound before the service's nursery: a
+    failure there (a store file that is not ours, a port in use) leaves as
+    the plain StoreError or OSError that `__main__` reports in one line, not
+    wrapped in an exception group that would end the process with a
+    traceback. Signals are taken from the start: one that comes while the
+    store opens (PostgreSQL may take its busy timeout to answer) ends the
+    process at once, and cleanly.
     """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        store = await _open_store(settings, worker, signals)
+        if store is None:
+            log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
+            return
+        await _serve(settings, store, sockets, signals, task_status)
+
+
+async def _serve(
+    settings: Settings,
+    store: Store,
+    sockets: Sockets | None,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[None],
+) -> None:
     from .api import create_app
 
     config = hypercorn_config(settings)
-    store = await trio.to_thread.run_sync(partial(open_store, settings, worker=worker))
     if sockets is None:
         try:
             sockets = _listen(config)
@@ -176,7 +193,7 @@ async def serve(
             raise
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_wait_for_signal, stop)
+        nursery.start_soon(_wait_for_signal, signals, stop)
         async with open_service(settings, store=store) as runtime:
             app = create_app(runtime)
             edge = runtime.edge
@@ -230,11 +247,7 @@ def _tune_collector() -> None:
 
 def runtime_sink(settings: Settings) -> str:
     """The sink as it may be logged: a URL without its credentials."""
-    sink = settings.sink
-    if "@" in sink:
-        scheme, _, rest = sink.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return sink
+    return shown_url(settings.sink)
 
 
 def _listen(config: HypercornConfig) -> Sockets:
@@ -265,8 +278,47 @@ async def _drain(
     http.cancel()
 
 
-async def _wait_for_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            stop.set()
-            return
+async def _open_store(
+    settings: Settings, worker: tuple[int, int], signals: AsyncIterator[int]
+) -> Store | None:
+    """The store, or None if a signal came while it opened (it is then left to
+    its thread: the process is ending)."""
+    opened: list[Store] = []
+    signalled = False
+    with trio.CancelScope() as scope:
+
+        async def watch() -> None:
+            nonlocal signalled
+            async for _ in signals:
+                signalled = True
+                scope.cancel()
+                return
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                opened.append(
+                    await trio.to_thread.run_sync(
+                        partial(open_store, settings, worker=worker), abandon_on_cancel=True
+                    )
+                )
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the opening's own error, as it is
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+    if signalled:
+        for store in opened:
+            store.close()
+        return None
+    return opened[0]
+
+
+async def _wait_for_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    """Stop at the first signal; take the later ones too, for the drain's whole
+    length: a worker whose receiver had closed was killed, mid-drain, by the
+    supervisor's SIGTERM after a Ctrl-C to their process group."""
+    async for _ in signals:
+        if stop.is_set():
+            log.info("already stopping: draining the requests in flight")
+        stop.set()

@@ -24,6 +24,7 @@ it keeps dying.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -69,7 +70,8 @@ def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     log.info("worker start", extra={"fields": {"worker": index}})
-    trio.run(lambda: serve(settings, sockets=sockets, worker=(index, settings.workers)))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
+        trio.run(lambda: serve(settings, sockets=sockets, worker=(index, settings.workers)))
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:
@@ -129,7 +131,10 @@ def run_workers(settings: Settings) -> int:
             if process.exitcode is None:
                 continue
             if stopping:
-                codes[index] = process.exitcode
+                # Killed by the SIGTERM we sent: it came before the worker
+                # took signals, so before it served anything.
+                code = process.exitcode
+                codes[index] = 0 if code == -signal.SIGTERM else code
                 continue
             log.error(
                 "worker died, restarting",

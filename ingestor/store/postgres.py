@@ -39,6 +39,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ..clock import moment
+from ..config import without_secrets
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
 from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
@@ -364,7 +365,8 @@ class _Connector:
                 self.url, connect_timeout=max(2, round(self.busy_timeout)), **self.kwargs
             )
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {self.where}: {exc}") from exc
+            message = without_secrets(str(exc), self.url)
+            raise StoreError(f"cannot connect to {self.where}: {message}") from exc
         try:
             with _translated(f"configure a connection to {self.where}"):
                 self.configure(conn)
@@ -428,7 +430,8 @@ class PostgresStore:
             pool.open(wait=True, timeout=busy_timeout)
         except psycopg_pool.PoolTimeout as exc:
             pool.close()
-            raise StoreError(f"cannot connect to {connector.where}: {exc}") from exc
+            message = without_secrets(str(exc), connector.url)
+            raise StoreError(f"cannot connect to {connector.where}: {message}") from exc
         return cls(connector, pool, store_id, count)
 
     def close(self) -> None:

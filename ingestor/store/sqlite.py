@@ -125,6 +125,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -606,9 +607,15 @@ class _Partition:
         return self.file.read(fn)
 
 
+def _uri(path: Path) -> str:
+    """`path` as an SQLite URI: a "#", "?" or "%" in it otherwise ends or escapes
+    the path (a data dir named "x#y" opened the file "x", outside it)."""
+    return f"file:{urllib.parse.quote(str(path))}"
+
+
 def _connect(path: Path, busy_timeout: float, cache_kib: int) -> sqlite3.Connection:
     conn = sqlite3.connect(
-        f"file:{path}?mode=rw",
+        f"{_uri(path)}?mode=rw",
         uri=True,
         isolation_level=None,
         check_same_thread=False,
@@ -632,7 +639,7 @@ def _check_file(path: Path) -> tuple[int, dict[str, str]]:
         # that is whole only with it (read alone, SQLite finds it malformed).
         wal = path.with_name(f"{path.name}-wal").exists()
         mode = "ro" if wal else "ro&immutable=1"
-        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+        conn = sqlite3.connect(f"{_uri(path)}?mode={mode}", uri=True)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
