@@ -294,19 +294,13 @@ def shown_url(url: str) -> str:
 
 
 def without_secrets(text: str, url: str) -> str:
-    """`text` (a driver's message about `url`) with every credential of `url`
-    taken out, as written and percent-decoded: a driver may quote a token it
-    could not parse, password included."""
-    secrets = [m[2] for m in _USERINFO.finditer(url)] + [
-        m[2] for m in _PASSWORD_PARAM.finditer(url)
-    ]
-    for secret in secrets:
-        for form in {
-            secret,
-            secret.partition(":")[2],
-            unquote(secret),
-            unquote(secret.partition(":")[2]),
-        }:
+    """`text` (a driver's message about `url`) with the passwords in `url` taken
+    out, as written and percent-decoded: a driver may quote a token it could
+    not parse, password included."""
+    found = [m[2].partition(":")[2] for m in _USERINFO.finditer(url)]
+    found += [m[2] for m in _PASSWORD_PARAM.finditer(url)]
+    for secret in found:
+        for form in {secret, unquote(secret)}:
             if len(form) > 1:
                 text = text.replace(form, "***")
     return text
