@@ -4,9 +4,10 @@ The bytes are written to a temporary file, fsynced, and renamed into place,
 then the directory is fsynced: a crash leaves either the whole file or none.
 A batch whose file already exists was written before (its content never
 changes), so it is not written twice; its directory is fsynced again, since
-the writer may have died between its rename and that fsync. A process killed mid-write leaves its
-temporary file (`.<batch_id>.json.<pid>.tmp`) behind; the first write into a
-day's directory by a later process removes those whose process is gone.
+the writer may have died between its rename and that fsync. A process
+killed mid-write leaves its temporary file (`.<batch_id>.json.<pid>.tmp`)
+behind; the first write into a day's directory by a later process removes
+those whose process is gone.
 """
 
 from __future__ import annotations
