@@ -124,15 +124,29 @@ class Committer:
         return batches
 
     async def commit_due(self) -> list[BatchSummary]:
-        """Commit every day with open buckets whose end plus grace has passed."""
+        """Commit every day with open buckets whose end plus grace has passed.
+
+        A day or a partition that fails is retried at the next tick, and does
+        not hold back the others: one bad partition-day stalled every later
+        day of every tenant. The first failure is raised once all are tried.
+        """
         now = self.now()
         days: set[str] = set()
+        failure: StoreError | None = None
         for partition in range(self._store.partitions):
-            days.update(await trio.to_thread.run_sync(self._store.open_days, partition))
+            try:
+                days.update(await trio.to_thread.run_sync(self._store.open_days, partition))
+            except StoreError as exc:
+                failure = failure or exc
         batches: list[BatchSummary] = []
         for day in sorted(days):
             if self.is_due(dt.date.fromisoformat(day), now):
-                batches.extend(await self.commit_day(dt.date.fromisoformat(day)))
+                try:
+                    batches.extend(await self.commit_day(dt.date.fromisoformat(day)))
+                except StoreError as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
         return batches
 
     async def purge(self) -> int:
@@ -160,13 +174,31 @@ class Committer:
         retry_lead = min(self._interval, _LEAD_RETRY)
         while True:
             await trio.sleep(self._interval if self.leading else retry_lead)
+            # Each step apart: a failed commit does not skip the purge (the
+            # log and the ids would grow), and nothing of one tick, not even
+            # an error no store raises, stops the committer or the service.
             try:
                 self.leading = await trio.to_thread.run_sync(self._store.lead_committer)
-                if self.leading:
+            except Exception as exc:
+                self.leading = False
+                _tick_failed("leading", exc)
+            if self.leading:
+                try:
                     await self.commit_due()
+                except Exception as exc:
+                    _tick_failed("periodic commit", exc)
+                try:
                     await self.purge()
-            except StoreError as exc:
-                log.warning("periodic commit failed", extra={"fields": {"error": str(exc)}})
+                except Exception as exc:
+                    _tick_failed("purge", exc)
             self.ticks += 1
             self._ticked.set()
             self._ticked = trio.Event()
+
+
+def _tick_failed(what: str, exc: Exception) -> None:
+    fields = {"fields": {"error": str(exc)}}
+    if isinstance(exc, StoreError):
+        log.warning(f"{what} failed", extra=fields)
+    else:
+        log.exception(f"{what} failed", extra=fields)

@@ -91,7 +91,10 @@ async def open_service(
             interval=settings.commit_interval,
             grace=settings.commit_grace,
             max_records=settings.batch_max_records,
-            dedup_window=settings.dedup_window,
+            # An id is kept for the dedup window after its pulse arrived, and
+            # a pulse may carry a timestamp up to future_skew after that: its
+            # replay is inside the late window for as much longer.
+            dedup_window=settings.dedup_window + settings.future_skew,
             on_commit=deliverer.wake,
             clock=clock,
         )

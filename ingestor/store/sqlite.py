@@ -865,12 +865,18 @@ class SQLiteStore:
         # description at a time, dropped by the kernel when its process dies.
         if self._leader_fd is not None:
             return True
-        fd = os.open(self.directory / "committer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.directory / "committer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # too many open files, say: try again next time
+            raise StoreError(f"lead the committer: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"lead the committer: {exc}") from exc
         self._leader_fd = fd
         return True
 

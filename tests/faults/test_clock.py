@@ -297,6 +297,7 @@ async def test_an_id_is_deduplicated_for_the_whole_window_even_after_a_purge(
         INGESTOR_PARTITIONS="1",
         INGESTOR_LATE_WINDOW="2s",
         INGESTOR_DEDUP_WINDOW="2s",
+        INGESTOR_FUTURE_SKEW="1s",  # ids are kept for the dedup window and the skew
         INGESTOR_COMMIT_INTERVAL="0.2",
     )
     ledger = ZonedLedger({}, NEW_YORK)
