@@ -1,8 +1,8 @@
 """ingestor.client pushed where tests/test_client.py does not go.
 
-A real server (one per module, run from a thread so the plain synchronous
-tests can use it too) holds every pulse; totals are read back from GET
-/aggregates. Where a failure has to be injected, a small HTTP endpoint
+A real server (tests/test_client.py's, run from a thread so the plain
+synchronous tests can use it too) holds every pulse; totals are read back
+from GET /aggregates. Where a failure has to be injected, a small HTTP endpoint
 (`Endpoint`) stands in front of that server: request n is answered as the
 test's `answer(endpoint, n, body)` says, usually by forwarding to the real
 server, sometimes with a status, a header or a body no healthy server sends.
@@ -13,15 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import os
-import queue
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
-from pathlib import Path
-from typing import Any
 
 import h11
 import httpx
@@ -39,92 +35,17 @@ from ingestor.client import (
 )
 from tests.support.fixtures import ABORTED_UPLOAD_WARNINGS
 from tests.support.server import ServerProcess, free_port
+from tests.test_client import FAST_RETRIES, ids_of, server, stored, stored_async, tenant
+
+__all__ = ["server", "tenant"]  # fixtures this module's tests take from tests/test_client.py
 
 pytestmark = [
     pytest.mark.e2e,
     *(pytest.mark.filterwarnings(rule) for rule in ABORTED_UPLOAD_WARNINGS),
 ]
 
-SERVER_ENV = {"INGESTOR_COMMIT_INTERVAL": "3600", "INGESTOR_DURABILITY": "os"}
-FAST_RETRIES: dict[str, Any] = {"initial_backoff": 0.01, "max_backoff": 0.05}
+# The shared server and the helpers that read it back are tests/test_client.py's.
 NDJSON = "application/x-ndjson"
-
-
-# -- the real server -------------------------------------------------------------------
-
-
-@contextmanager
-def serving(data_dir: Path) -> Iterator[ServerProcess]:
-    """A ServerProcess kept by a trio loop in a thread of its own."""
-    handoff: queue.Queue[tuple[ServerProcess, trio.lowlevel.TrioToken, trio.CancelScope]] = (
-        queue.Queue()
-    )
-    errors: list[BaseException] = []
-
-    async def serve() -> None:
-        async with ServerProcess(data_dir, env=SERVER_ENV) as server:
-            with trio.CancelScope() as scope:
-                handoff.put((server, trio.lowlevel.current_trio_token(), scope))
-                await trio.sleep_forever()
-
-    def run() -> None:
-        try:
-            trio.run(serve)
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    thread = threading.Thread(target=run, name="adversarial-server")
-    thread.start()
-    while True:
-        try:
-            server, token, scope = handoff.get(timeout=0.1)
-            break
-        except queue.Empty:
-            if not thread.is_alive():
-                raise AssertionError("the test server did not start") from errors[0]
-    try:
-        yield server
-    finally:
-        token.run_sync_soon(scope.cancel)
-        thread.join(timeout=60)
-        assert not errors, errors
-        assert "Traceback" not in server.output, server.output[-4000:]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with serving(tmp_path_factory.mktemp("adversarial") / "data") as running:
-        yield running
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def _totals(response: httpx.Response) -> tuple[Decimal, int]:
-    assert response.status_code == 200, response.text
-    rows = response.json()["aggregates"]
-    return (
-        sum((Decimal(row["used_amount"]) for row in rows), Decimal(0)),
-        sum(row["pulse_count"] for row in rows),
-    )
-
-
-def stored(url: str, tenant: str) -> tuple[Decimal, int]:
-    """(used_amount, pulse_count) the server holds for `tenant`."""
-    return _totals(httpx.get(f"{url}/aggregates", params={"tenant_id": tenant, "limit": "10000"}))
-
-
-async def stored_async(url: str, tenant: str) -> tuple[Decimal, int]:
-    async with httpx.AsyncClient() as http:
-        params = {"tenant_id": tenant, "limit": "10000"}
-        return _totals(await http.get(f"{url}/aggregates", params=params))
-
-
-def ids_of(lines: Sequence[bytes]) -> list[str]:
-    return [msgspec.json.decode(line)["id"] for line in lines]
 
 
 # -- an endpoint that answers as the test says ---------------------------------------------
