@@ -1557,13 +1557,16 @@ def _unfolded_buckets(
 ) -> list[tuple[Any, ...]]:
     """The rows of `query` with the unfolded deltas of `parts` added, read without writing.
 
-    `parts` holds every partition the query's rows may come from. One read
-    transaction holds the watermarks, the log tails and the table in the same
-    state. Every bucket the filters select is read, so this is the
+    `parts` holds every partition the query's rows may come from, and only
+    theirs are read (open_days of one partition read every partition's). One
+    read transaction holds the watermarks, the log tails and the table in the
+    same state. Every bucket the filters select is read, so this is the
     slow way, for when a fold cannot be written; the answer is the same.
     """
     wide = msgspec.structs.replace(query, status="all", after=None)
     clauses, args = aggregate_filter(wide, "?")
+    clauses.append(f"part IN ({', '.join('?' * len(parts))})")
+    args.extend(part.index for part in parts)
     conn.execute("BEGIN")
     try:
         tail: dict[BucketKey, Delta] = {}
