@@ -268,8 +268,6 @@ async def test_an_answer_whose_body_never_ends_does_not_hold_up_delivery(
     assert state(store, stuck)[0] == ("delivered" if status == 200 else "pending")
 
 
-# httpcore leaves the body's generator unclosed after the DecodingError (a symptom of the bug)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_2xx_with_an_undecodable_body_is_delivered(
     store: SQLiteStore, wall: FakeClock
 ) -> None:

@@ -297,7 +297,7 @@ def test_bind_port_in_unicode_digits_is_a_config_error(cli_in_process: Any) -> N
 def test_infinite_duration_in_the_file_is_a_config_error_not_a_traceback(
     tmp_path: Path, toml: str, names: tuple[str, ...]
 ) -> None:
-    """TOML has `inf`; `Seconds` only asks gt=0, and `int(inf * 1e6)` fails at start."""
+    """TOML has `inf`; `Seconds` asked only gt=0, and `int(inf * 1e6)` failed at start."""
     config = tmp_path / "inf.toml"
     config.write_text(toml)
     args = ["serve", "--bind", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")]

@@ -182,7 +182,7 @@ def bucket(store: PostgresStore, tenant: str = TENANT, sku: str = "s1") -> tuple
     return row.used_amount, row.pulse_count
 
 
-# -- found bugs: the store trusts the database's default isolation -------------
+# -- the database's defaults, which the store no longer trusts ----------------
 
 
 @pytest.fixture(scope="module", params=["read committed", "repeatable read", "serializable"])
