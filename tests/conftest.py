@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
@@ -98,3 +102,86 @@ def pulse(**fields: Any) -> dict[str, Any]:
     }
     base.update(fields)
     return {k: v for k, v in base.items() if v is not None}
+
+
+# -- PostgreSQL -------------------------------------------------------------------
+#
+# The PostgreSQL tests need a server (`bash .ci/services` starts one on
+# 127.0.0.1:5432); `TEST_POSTGRES_URL` points them at another. The session
+# makes a database with a random name and drops it at the end; each test gets
+# a fresh schema in it (the URL's search_path), or a whole database of its own.
+# Without a server the tests are skipped, except under CI (the `CI` variable
+# set), where a missing server is a failure: a green CI run must have tested
+# PostgreSQL.
+
+ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> str:
+    """The URL of a reachable server's maintenance database, or skip (fail under CI)."""
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.OperationalError as exc:
+        message = (
+            f"PostgreSQL is not reachable at {ADMIN_URL} ({exc}); start it with"
+            " `bash .ci/services` or set TEST_POSTGRES_URL"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return ADMIN_URL
+
+
+def _create_database(admin: str) -> str:
+    name = f"ingestor_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        try:
+            # A locale that sorts "a" before "B" proves the store's order is
+            # code-point order (COLLATE "C"), as in SQLite, not the locale's.
+            conn.execute(
+                f"CREATE DATABASE {name} TEMPLATE template0"
+                " LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+        except psycopg.Error:
+            conn.execute(f"CREATE DATABASE {name}")
+    return name
+
+
+def _drop_database(admin: str, name: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def fresh_database(postgres_admin: str) -> Iterator[str]:
+    """A new, empty database of its own: the store goes into its `public` schema."""
+    name = _create_database(postgres_admin)
+    try:
+        yield make_conninfo(postgres_admin, dbname=name)
+    finally:
+        _drop_database(postgres_admin, name)
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_admin: str) -> Iterator[str]:
+    """One throw-away database for the session (a database per test is slow)."""
+    name = _create_database(postgres_admin)
+    try:
+        yield make_conninfo(postgres_admin, dbname=name)
+    finally:
+        _drop_database(postgres_admin, name)
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A new, empty schema of the session's database, named by the URL's search_path."""
+    schema = f"s_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_database, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield make_conninfo(postgres_database, options=f"-c search_path={schema}")
+    finally:
+        with psycopg.connect(postgres_database, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
-import secrets
 import sqlite3
 import threading
 import zoneinfo
@@ -32,7 +31,6 @@ import psycopg
 import pytest
 import trio
 import trio.testing
-from psycopg.conninfo import make_conninfo
 from quart.typing import TestClientProtocol as Client
 
 from ingestor.api import create_app
@@ -53,7 +51,6 @@ from ingestor.store.sqlite import SQLiteStore
 
 from .conftest import FakeClock, pulse
 
-PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SPREAD = ("d", "b", "e", "a")  # one tenant in each of 4 partitions: 0, 1, 2, 3
 DAY_US = 86_400_000_000
 HOUR_US = 3_600_000_000
@@ -61,35 +58,6 @@ Key = tuple[str, str, str, str]
 
 
 # -- stores ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    try:
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            pass
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
-    name = f"ingestor_adv_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield make_conninfo(PG_ADMIN, dbname=name)
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def pg_url(pg_database: str) -> Iterator[str]:
-    schema = f"s_{secrets.token_hex(6)}"
-    with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield make_conninfo(pg_database, options=f"-c search_path={schema}")
-    finally:
-        with psycopg.connect(pg_database, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 class Opener:
@@ -121,7 +89,7 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     if request.param == "sqlite":
         made = Opener("sqlite", str(tmp_path / "store"))
     else:
-        made = Opener("postgres", request.getfixturevalue("pg_url"))
+        made = Opener("postgres", request.getfixturevalue("postgres_url"))
     try:
         yield made
     finally:
@@ -640,12 +608,12 @@ async def test_a_commit_that_dies_between_its_batch_and_its_mark_leaves_neither(
 
 
 async def test_postgres_leader_whose_session_dies_mid_day_hands_over_and_steps_down(
-    pg_url: str, autojump_clock: trio.testing.MockClock
+    postgres_url: str, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Instance A leads and has committed two partitions of a day when the
     server ends its session. B takes over at its next try (seconds, not an
     interval) and commits the rest once; A, asked again, no longer leads."""
-    made = Opener("postgres", pg_url)
+    made = Opener("postgres", postgres_url)
     try:
         a, b = made(), made()
         clock = TrioWallClock(dt.datetime(2026, 11, 28, 12, tzinfo=dt.UTC))
@@ -655,7 +623,7 @@ async def test_postgres_leader_whose_session_dies_mid_day_hands_over_and_steps_d
         for partition in (0, 1):
             assert a.commit_day(partition, "2026-11-27", clock(), 1000)
         key = _lock_key(a.store_id) % 2**32
-        with psycopg.connect(pg_url, autocommit=True) as admin:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
                 " AND classid = %s AND objid = %s AND objsubid = 2 AND granted",
@@ -763,9 +731,9 @@ async def test_commits_racing_pulses_of_the_same_day_count_each_pulse_once_sqlit
 
 
 async def test_commits_racing_pulses_of_the_same_day_count_each_pulse_once_postgres(
-    pg_url: str, settings: Settings, clock: FakeClock
+    postgres_url: str, settings: Settings, clock: FakeClock
 ) -> None:
-    store = PostgresStore.open(pg_url, partitions=4, pool_size=8, busy_timeout=10)
+    store = PostgresStore.open(postgres_url, partitions=4, pool_size=8, busy_timeout=10)
     async with open_service(settings, store=store, sink=MemorySink(), clock=clock) as rt:
         assert len(rt.shards) == 4  # a shard per partition: commits run side by side
         await _race(create_app(rt).test_client(), rt.committer, rt.store)

@@ -13,15 +13,12 @@ would fire the test's own deadlines during an SQLite read).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import os
-import secrets
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,11 +30,9 @@ import h11
 import msgspec
 import nats
 import nats.js.errors
-import psycopg
 import pytest
 import trio
 import trio.testing
-from psycopg.conninfo import make_conninfo
 
 from ingestor.api import create_app
 from ingestor.clock import epoch_us
@@ -56,11 +51,13 @@ from ingestor.store.postgres import PostgresStore
 from ingestor.store.sqlite import SQLiteStore
 
 from .conftest import FakeClock, pulse
+from .sinks.test_nats import nats_server, on_nats
+
+__all__ = ["nats_server"]  # a fixture this module's tests take from tests/sinks/test_nats.py
 
 DAY = "2026-11-28"
 T0 = epoch_us(dt.datetime(2026, 11, 28, 12, tzinfo=dt.UTC))
 SECRET = "adversarial-secret"
-PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NATS_URL = "nats://127.0.0.1:4222"
 
 
@@ -610,45 +607,8 @@ async def test_file_deliveries_hold_the_batch_as_the_api_shows_it(
 # -- several instances on one PostgreSQL, delivering to one JetStream stream -------------
 
 
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not _reachable("127.0.0.1", 5432):
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    name = f"ingestor_adv_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield make_conninfo(PG_ADMIN, dbname=name)
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-async def on_nats(operation: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run `operation` on a NATS connection of its own, in asyncio in a worker thread."""
-
-    async def run() -> Any:
-        client = await nats.connect(NATS_URL, allow_reconnect=False, connect_timeout=2)
-        try:
-            return await operation(client)
-        finally:
-            await client.close()
-
-    return await trio.to_thread.run_sync(asyncio.run, run())
-
-
-@pytest.fixture
-async def nats_stream() -> AsyncIterator[tuple[str, str]]:
-    if not _reachable("127.0.0.1", 4222):
-        pytest.skip("NATS is not running on 127.0.0.1:4222")
+async def nats_stream(nats_server: str) -> AsyncIterator[tuple[str, str]]:
     tag = uuid.uuid4().hex[:12]
     stream, template = f"TEST_ADV_{tag}", f"test.adv.{tag}.{{date}}"
     yield stream, template
@@ -661,13 +621,14 @@ async def nats_stream() -> AsyncIterator[tuple[str, str]]:
 
 
 async def test_two_instances_on_one_postgres_put_each_batch_on_the_stream_once(
-    pg_url: str, nats_stream: tuple[str, str], wall: FakeClock
+    fresh_database: str, nats_stream: tuple[str, str], wall: FakeClock
 ) -> None:
     """Both instances see the same due batches and both may publish them; the
     stream keeps one message per batch id and both outboxes end delivered."""
     stream, template = nats_stream
     stores = [
-        PostgresStore.open(pg_url, partitions=4, pool_size=2, busy_timeout=10) for _ in range(2)
+        PostgresStore.open(fresh_database, partitions=4, pool_size=2, busy_timeout=10)
+        for _ in range(2)
     ]
     sinks = [NatsSink(NATS_URL, stream=stream, subject=template, timeout=5) for _ in range(2)]
     try:

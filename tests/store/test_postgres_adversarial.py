@@ -32,8 +32,9 @@ from ingestor.money import format_nanos, to_nanos
 from ingestor.partition import partition_of
 from ingestor.store import AggregateQuery, BatchQuery
 from ingestor.store.postgres import PostgresStore, _lock_key
+from tests.conftest import _create_database, _drop_database
 
-from .conftest import BUSY_TIMEOUT, _create_database, _drop_database
+from .conftest import BUSY_TIMEOUT
 
 DAY = "2024-05-01"
 T0 = epoch_us(dt.datetime(2024, 5, 1, 12, tzinfo=dt.UTC))
