@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +175,21 @@ def postgres_database(postgres_admin: str) -> Iterator[str]:
         _drop_database(postgres_admin, name)
 
 
-@pytest.fixture
-def postgres_url(postgres_database: str) -> Iterator[str]:
-    """A new, empty schema of the session's database, named by the URL's search_path."""
+@contextmanager
+def new_schema(database: str) -> Iterator[str]:
+    """A new, empty schema of `database`, named by the URL's search_path; dropped after."""
     schema = f"s_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_database, autocommit=True) as conn:
+    with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield make_conninfo(postgres_database, options=f"-c search_path={schema}")
+        yield make_conninfo(database, options=f"-c search_path={schema}")
     finally:
-        with psycopg.connect(postgres_database, autocommit=True) as conn:
+        with psycopg.connect(database, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A new, empty schema of the session's database."""
+    with new_schema(postgres_database) as url:
+        yield url

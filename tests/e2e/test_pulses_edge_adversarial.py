@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from tests.e2e.conftest import ABORTED_UPLOADS, StartServer
+from tests.e2e.test_end_to_end import Chunks
 from tests.support.server import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.e2e, *ABORTED_UPLOADS]
@@ -611,24 +612,6 @@ async def test_max_in_flight_reached_is_a_json_503_with_retry_after_storing_noth
     )
     assert (again.status_code, again.json()["accepted"]) == (202, 1)
     assert await stored(client, server) == [("busy", "sku", "call", Decimal(3), 2)]
-
-
-class Chunks(httpx.AsyncByteStream):
-    """A body sent in pieces, chunked, without Content-Length (a plain iterator:
-    see test_end_to_end.Chunks)."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = iter(chunks)
-
-    def __aiter__(self) -> Chunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        await trio.lowlevel.checkpoint()
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise StopAsyncIteration from None
 
 
 async def test_chunked_body_of_exactly_max_body_bytes_is_stored_one_byte_more_is_413(

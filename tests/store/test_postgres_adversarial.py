@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
-import secrets
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,7 +31,7 @@ from ingestor.money import format_nanos, to_nanos
 from ingestor.partition import partition_of
 from ingestor.store import AggregateQuery, BatchQuery
 from ingestor.store.postgres import PostgresStore, _lock_key
-from tests.conftest import _create_database, _drop_database
+from tests.conftest import _create_database, _drop_database, new_schema
 
 from .conftest import BUSY_TIMEOUT
 
@@ -106,9 +105,14 @@ def partition_held(url: str, store: PostgresStore, partition: int) -> Iterator[N
 
 
 def race(
-    url: str, store: PostgresStore, partition: int, tasks: dict[str, Callable[[], Any]]
+    url: str,
+    store: PostgresStore,
+    partition: int,
+    tasks: dict[str, Callable[[], Any]],
+    while_queued: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
-    """Queue every task behind the partition's lock, then let them all go.
+    """Queue every task behind the partition's lock, call `while_queued`, then let
+    them all go.
 
     Returns each task's result, or the StoreError it raised.
     """
@@ -125,6 +129,7 @@ def race(
         for thread in threads:
             thread.start()
         wait_until(url, _WAITING_FOR_PARTITION, (len(tasks),))
+        while_queued()
     for thread in threads:
         thread.join(30)
     assert set(results) == set(tasks)
@@ -202,12 +207,8 @@ def isolation_database(request: pytest.FixtureRequest, postgres_admin: str) -> I
 
 @pytest.fixture
 def isolation_url(isolation_database: str) -> Iterator[str]:
-    schema = f"s_{secrets.token_hex(6)}"
-    with psycopg.connect(isolation_database, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield make_conninfo(isolation_database, options=f"-c search_path={schema}")
-    with psycopg.connect(isolation_database, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with new_schema(isolation_database) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -493,23 +494,8 @@ def test_instances_killed_while_queued_for_a_partition_keep_nothing(
 ) -> None:
     store = instances[0]
     store.write_pulses(PART, [pulse(nanos=5)], T0)
-    results: dict[str, Any] = {}
 
-    def run(name: str, task: Callable[[], Any]) -> None:
-        try:
-            results[name] = task()
-        except StoreError as exc:
-            results[name] = exc
-
-    tasks: dict[str, Callable[[], Any]] = {
-        "write": lambda: instances[1].write_pulses(PART, [pulse(nanos=7, id="k1")], T0),
-        "commit": lambda: instances[2].commit_day(PART, DAY, T0, 10),
-    }
-    threads = [threading.Thread(target=run, args=item) for item in tasks.items()]
-    with partition_held(postgres_url, store, PART):
-        for thread in threads:
-            thread.start()
-        wait_until(postgres_url, _WAITING_FOR_PARTITION, (2,))
+    def kill_the_queued() -> None:
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l"
@@ -518,8 +504,12 @@ def test_instances_killed_while_queued_for_a_partition_keep_nothing(
                 "  WHERE datname = current_database())"
             ).fetchone()
         assert killed == (2,)
-        for thread in threads:
-            thread.join(30)
+
+    tasks: dict[str, Callable[[], Any]] = {
+        "write": lambda: instances[1].write_pulses(PART, [pulse(nanos=7, id="k1")], T0),
+        "commit": lambda: instances[2].commit_day(PART, DAY, T0, 10),
+    }
+    results = race(postgres_url, store, PART, tasks, while_queued=kill_the_queued)
     for name in tasks:
         assert isinstance(results[name], StoreError), (name, results[name])
         assert not isinstance(results[name], StoreBusy)
