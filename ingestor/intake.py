@@ -16,7 +16,6 @@ import datetime as dt
 import re
 import zoneinfo
 from collections.abc import Callable, Container, Iterable, Sequence
-from decimal import Decimal
 from typing import Final, TypeVar
 
 import msgspec
@@ -276,8 +275,7 @@ def _build(
         tenant = name(p.tenant_id, p.tenant_id)
         try:
             amount = p.used_amount
-            # A Decimal's hash costs more than its conversion (see money.py).
-            nanos = None if isinstance(amount, Decimal) else known_nanos(amount)
+            nanos = None if isinstance(amount, msgspec.Raw) else known_nanos(amount)
             if nanos is None:
                 nanos = to_nanos(amount)
             if p.timestamp is None:
@@ -433,6 +431,8 @@ def decode_pulses(
             return _build((), rules, now_us, single=True, total=1, rejected=[report])
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # an amount is read as a Raw, whatever it holds
+            raise RequestError(400, "invalid_json", f"body is {_TOO_DEEP}") from None
     if start != b"[":
         raise RequestError(
             400, "invalid_json", "body must be a JSON object, a JSON array, or NDJSON"
@@ -440,7 +440,7 @@ def decode_pulses(
     many: Sequence[Decoded]
     try:
         many = (_many if strict else _many_fast)(body)
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         # Each element is decoded alone below, to say which one is bad. A
         # DecodeError may be one element's (invalid UTF-8 in a string is one
         # since msgspec 0.23): the list of raw elements tells whether the

@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Annotated, Literal
 
 import msgspec
+
+from .money import DECIMAL_TEXT
 
 __all__ = [
     "Aggregate",
@@ -52,6 +53,30 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_PRINTA
 Unit = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
 Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 DecimalString = Annotated[str, msgspec.Meta(pattern=r"\A[0-9]+(\.[0-9]+)?\Z")]
+# A pulse's amount as JSON wrote it, the text of a number or a string, for
+# `money.to_nanos` to read. Decoded as a Decimal, a string was read as Python
+# reads one ("١٢", "1_000" and " 1" were amounts), and of a key written twice
+# the first value could refuse a pulse that `PulseInText`, keeping the last
+# as msgspec does, took.
+Amount = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(
+        description=(
+            "A JSON number, or its text as a string: >= 0, at most 18 integer"
+            " and 9 fractional digits."
+        ),
+        extra_json_schema={
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {
+                    "type": "string",
+                    "format": "decimal",
+                    "pattern": "^" + DECIMAL_TEXT.pattern.removeprefix("-?") + "$",
+                },
+            ]
+        },
+    ),
+]
 
 Outcome = Literal["accepted", "duplicate", "conflict", "rejected"]
 BatchKind = Literal["initial", "correction"]
@@ -61,7 +86,7 @@ DeliveryStatus = Literal["pending", "delivered", "failed"]
 class PulseIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """One usage pulse as a client sends it.
 
-    `gc=False`: it holds only strings, a Decimal and a datetime, so it can be
+    `gc=False`: it holds only strings, a Raw and a datetime, so it can be
     in no reference cycle, and a 1,000-pulse body adds nothing for the
     collector to scan.
     """
@@ -69,7 +94,7 @@ class PulseIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False)
     tenant_id: Name
     product_sku: Name
     use_unit: Unit
-    used_amount: Decimal
+    used_amount: Amount
     id: Name | None = None
     timestamp: Timestamp | None = None
 
@@ -89,20 +114,20 @@ class PulseInPlain(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=F
     tenant_id: _Name
     product_sku: _Name
     use_unit: _Unit
-    used_amount: Decimal
+    used_amount: Amount
     id: _Name | None = None
     timestamp: Timestamp | None = None
 
 
 class PulseInText(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """`PulseInPlain` with the amount as JSON wrote it: an integer, or a string's text.
+    """`PulseInPlain` with the amount as an integer or a string's text, not a Raw.
 
-    Intake tries it first where it would use `PulseInPlain`. Building the
-    Decimal was about half of a pulse's decode; `money.to_nanos` reads the
-    text as msgspec builds a Decimal field (`Decimal(text)`). A number with
-    a fraction or an exponent does not fit, nor does anything else this type
-    refuses: intake then decodes the same bytes as `PulseInPlain`, so what
-    it decides, and every reason it gives, is the documented schema's.
+    Intake tries it first where it would use `PulseInPlain`: the amount is
+    looked up in `money.KNOWN_NANOS` as it is, where a Raw must become bytes
+    first. A number with a fraction or an exponent does not fit, nor does
+    anything else this type refuses: intake then decodes the same bytes as
+    `PulseInPlain`, so what it decides, and every reason it gives, is the
+    documented schema's.
     """
 
     tenant_id: _Name

@@ -3,13 +3,11 @@
 `api.OPERATIONS` lists every route with the msgspec types it decodes and
 answers with; `document` turns that table into OpenAPI, with the schemas
 from `msgspec.json.schema_components`, so the description cannot drift from
-what the server does. Three translations, each because JSON Schema says a
+what the server does. Two translations, each because JSON Schema says a
 thing differently from msgspec, not to describe anything by hand:
 
 - patterns: msgspec matches with Python's `re` (`\\A...\\Z`); JSON Schema
   uses ECMA-262, where the same anchors are `^...$`.
-- `Decimal` fields: msgspec decodes them from a decimal string *or* a JSON
-  number, its schema names only the string.
 - query parameters: a query Struct's fields become `in: query` parameters.
 """
 
@@ -99,8 +97,6 @@ def _translate(node: Any) -> Any:
         if pattern.endswith("\\Z"):
             pattern = pattern[:-2] + "$"
         out["pattern"] = pattern
-    if out.get("type") == "string" and out.get("format") == "decimal":
-        return {"anyOf": [{"type": "number"}, out]}
     return out
 
 

@@ -106,7 +106,15 @@ async def test_schemas_are_those_msgspec_generates(doc: dict[str, Any]) -> None:
             json.dumps(generated[name]).replace("\\\\A", "^").replace("\\\\Z", "$")
         ), name
     amount = doc["components"]["schemas"]["PulseIn"]["properties"]["used_amount"]
-    assert amount == {"anyOf": [{"type": "number"}, {"type": "string", "format": "decimal"}]}
+    assert amount["anyOf"] == [
+        {"type": "number", "minimum": 0},
+        {
+            "type": "string",
+            "format": "decimal",
+            "pattern": "^(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$",
+        },
+    ]
+    assert "9 fractional digits" in amount["description"]
     assert set(doc["components"]["schemas"]["PulseIn"]["required"]) == {
         f for f in PulseIn.__struct_fields__ if f not in ("id", "timestamp")
     }

@@ -15,9 +15,10 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 import trio
@@ -109,11 +110,21 @@ def json_number_value(token: str) -> Decimal:
     return value
 
 
-def decimal_or_none(text: str) -> Decimal | None:
-    try:
-        return Decimal(text)
-    except InvalidOperation:
+def _not_a_number(name: str) -> Decimal:
+    raise ValueError(name)
+
+
+def decimal_string_value(text: str) -> Decimal | None:
+    """A decimal string's value, or None: the text of a JSON number and nothing else."""
+    if text != text.strip(" \t\r\n"):  # JSON's whitespace, which json.loads skips
         return None
+    try:
+        value = json.loads(
+            text, parse_float=Decimal, parse_int=Decimal, parse_constant=_not_a_number
+        )
+    except ValueError:
+        return None
+    return value if isinstance(value, Decimal) else None
 
 
 def assert_decided_as(amount_fields: str, expected: int | None) -> None:
@@ -185,7 +196,7 @@ def test_json_numbers_are_decided_by_the_rule_on_every_path(token: str) -> None:
     )
 )
 def test_ascii_decimal_strings_are_decided_by_the_rule_on_every_path(text: str) -> None:
-    assert_decided_as(f'"used_amount":{json.dumps(text)}', rule(decimal_or_none(text)))
+    assert_decided_as(f'"used_amount":{json.dumps(text)}', rule(decimal_string_value(text)))
 
 
 @pytest.mark.parametrize(
@@ -239,6 +250,99 @@ def test_invalid_json_number_tokens_are_never_amounts(token: str, strict: bool) 
         assert caught.value.status == 400
     status, error = one_verdict(decode_pulses(*body_of(text, "ndjson"), RULES, NOW))
     assert (status, error) == ("rejected", "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0661\u0662",  # Arabic-Indic 12, which Decimal reads as 12
+        "\uff11",  # a full-width 1
+        "1_000",
+        " 1",
+        "1 ",
+        "\t1",
+        "+1",
+        ".5",
+        "1.",
+        "007",
+        "0x10",
+        "1e",
+        "",
+    ],
+)
+def test_a_decimal_string_is_the_text_of_a_json_number_and_nothing_else(text: str) -> None:
+    """Python's Decimal reads every one of these; a billing API's client means none."""
+    assert_decided_as(f'"used_amount":{json.dumps(text)}', None)
+    assert_decided_as(f'"used_amount":{json.dumps(text, ensure_ascii=False)}', None)
+    assert fresh(text) == "used_amount: Invalid decimal string"
+
+
+@pytest.mark.parametrize("text", ["NaN", "-Infinity", "sNaN", "inf"])
+def test_a_string_decimal_reads_as_not_finite_is_refused_as_such(text: str) -> None:
+    assert fresh(text) == "used_amount must be a finite number"
+    assert_decided_as(f'"used_amount":{json.dumps(text)}', None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "nanos"),
+    [
+        ('"used_amount":"abc","used_amount":5', 5 * 10**9),
+        ('"used_amount":true,"used_amount":"2.5"', 2_500_000_000),
+        ('"used_amount":[1,{}],"used_amount":7', 7 * 10**9),
+        ('"used_amount":0.5,"used_amount":"abc"', None),
+        ('"used_amount":5,"used_amount":null', None),
+        ('"used_amount":5,"used_amount":1.0000000001', None),
+    ],
+)
+def test_an_amount_written_twice_is_its_last_value_on_every_path(
+    fields: str, nanos: int | None
+) -> None:
+    """msgspec keeps the last of a key written twice. The strict path decoded the
+    amount as a Decimal, refusing an invalid first value as it parsed it: a
+    backslash anywhere else in the body turned a billed pulse into a rejected one."""
+    assert_decided_as(fields, nanos)
+
+
+@pytest.mark.parametrize(
+    ("token", "kind"),
+    [("true", "bool"), ("false", "bool"), ("null", "null"), ("[]", "array"), ('{"a":1}', "object")],
+)
+def test_an_amount_that_is_not_a_number_says_what_it_is_on_every_path(
+    token: str, kind: str
+) -> None:
+    for path, verdict in every_path(f'"used_amount":{token}').items():
+        assert verdict == ("rejected", f"used_amount: Expected `decimal`, got `{kind}`"), path
+
+
+def test_an_amount_is_read_without_the_whitespace_around_it(fresh_cache: None) -> None:
+    assert_decided_as('"used_amount" :  2.5 \t', 2_500_000_000)
+    assert_decided_as('"used_amount":\t"2.5"  ', 2_500_000_000)
+    assert b"2.5" in KNOWN_NANOS  # the Raw's bytes: the number alone
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_amount_nested_past_the_recursion_limit_is_a_400_not_a_500(strict: bool) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    text = obj(f'"used_amount":{deep}', strict=strict)
+    for shape in ("single", "array"):
+        with pytest.raises(RequestError) as caught:
+            decode_pulses(*body_of(text, shape), RULES, NOW)
+        assert (caught.value.status, caught.value.code) == (400, "invalid_json"), shape
+        assert "nested too deeply" in caught.value.message
+    status, error = one_verdict(decode_pulses(*body_of(text, "ndjson"), RULES, NOW))
+    assert status == "rejected"
+    assert "nested too deeply" in str(error)
+
+
+def test_raw_amounts_are_remembered_by_their_bytes(fresh_cache: None) -> None:
+    assert to_nanos(msgspec.json.decode(b"2.50", type=msgspec.Raw)) == 2_500_000_000
+    assert to_nanos(msgspec.json.decode(b'"2.5"', type=msgspec.Raw)) == 2_500_000_000
+    assert to_nanos(msgspec.json.decode(b'"\\u0032"', type=msgspec.Raw)) == 2 * 10**9
+    assert KNOWN_NANOS[b"2.50"] == KNOWN_NANOS[b'"2.5"'] == KNOWN_NANOS["2.5"] == 2_500_000_000
+    with pytest.raises(ValueError, match="Invalid decimal string"):
+        to_nanos(msgspec.json.decode(b'"\\u0661"', type=msgspec.Raw))
+    with pytest.raises(ValueError, match="18 integer digits"):
+        to_nanos(msgspec.json.decode(b"1" + b"0" * 5000, type=msgspec.Raw))
 
 
 # -- the KNOWN_NANOS cache -------------------------------------------------------
