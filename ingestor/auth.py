@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import ipaddress
 import secrets
 from collections.abc import Sequence
 from typing import Literal
@@ -108,10 +108,23 @@ class Keyring:
         """True when no keys are configured: every request acts as an admin."""
         return not self._keys
 
-    def authenticate(self, authorization: str | Sequence[str] | None) -> Principal:
+    def authenticate(
+        self, authorization: str | Sequence[str] | None, hosts: Sequence[str] = ()
+    ) -> Principal:
         """The principal of a request's Authorization header (or of its every
-        value, as a request gives them), or raise Unauthorized."""
+        value, as a request gives them), or raise Unauthorized.
+
+        Open, a request must name a loopback host (`hosts`, its Host headers):
+        a web page a browser on this machine opens can reach 127.0.0.1 by DNS
+        rebinding, as its own origin, but its requests name the page's host.
+        """
         if not self._keys:
+            for host in hosts:
+                if not _loopback(host):
+                    raise Forbidden(
+                        "a server without API keys answers only requests to localhost,"
+                        f" 127.0.0.1 or [::1]; this one is to {host[:100]!r}"
+                    )
             return OPEN
         if authorization is not None and not isinstance(authorization, str):
             # Two headers: one route would read the first, another the last.
@@ -146,11 +159,45 @@ class Keyring:
             )
 
 
+def _loopback(host: str) -> bool:
+    """Whether a Host header names this machine: localhost or a loopback address."""
+    name = host.strip()
+    if name.startswith("["):  # [::1]:8081
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:  # 127.0.0.1:8081, localhost:8081
+        name = name.partition(":")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def new_key(role: Role, tenants: Sequence[str]) -> tuple[str, str]:
     """A new random key and the TOML table that configures it (by its hash only)."""
     key = secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
-    # An ASCII JSON string is a TOML basic string (\uXXXX escapes are the same).
-    listed = ", ".join(json.dumps(tenant) for tenant in tenants)
+    listed = ", ".join(map(_toml_string, tenants))
     table = f'[[api_keys]]\nsha256 = "{digest}"\nrole = "{role}"\ntenants = [{listed}]\n'
     return key, table
+
+
+def _toml_string(text: str) -> str:
+    """`text` as an ASCII TOML basic string.
+
+    Not JSON's: it escapes a character past U+FFFF as two UTF-16 surrogates,
+    which TOML refuses; TOML has `\\UXXXXXXXX` for it.
+    """
+    escaped = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            escaped.append(char)
+        elif code <= 0xFFFF:
+            escaped.append(f"\\u{code:04x}")
+        else:
+            escaped.append(f"\\U{code:08x}")
+    return '"' + "".join(escaped) + '"'

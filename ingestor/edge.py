@@ -1,6 +1,6 @@
 """The ASGI edge: what every HTTP request passes through before the app.
 
-Three jobs the framework does not do for us, for every route, including
+The jobs the framework does not do for us, for every route, including
 those answered by a handler of `routes` instead of the framework:
 
 - Count requests in flight, from their arrival to the end of their
@@ -10,6 +10,8 @@ those answered by a handler of `routes` instead of the framework:
 - Mark a request that arrives while `limit` are already in flight, so the
   app answers it 503 like any other overload. Health, metrics and the
   OpenAPI document are not counted: probes and scrapes answer under load.
+- Route a request by its path as Quart routes it (absolute-form targets,
+  leading slashes).
 - Close the connection after an error answered before the request body was
   read (a 413 on Content-Length, a 404 or 405 with a body): the unread
   body would otherwise be taken for the next request on the connection.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
@@ -90,15 +93,27 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        counted = scope["path"] not in PUBLIC_PATHS
+        http: HTTPScope = scope
+        path = http["path"]
+        if not path.startswith("/") or path.startswith("//"):
+            # The path as Quart routes it, so that both route it alike: of an
+            # absolute-form target ("POST http://host/pulses", RFC 9112
+            # §3.2.2), which hypercorn passes on whole, its path; and leading
+            # slashes as one, as werkzeug takes them ("//pulses" was answered
+            # by the app's placeholder of the route this edge answers).
+            if not path.startswith("/"):
+                path = urlsplit(path).path
+            path = "/" + path.lstrip("/")
+            http = {**http, "path": path, "raw_path": path.encode()}
+        counted = path not in PUBLIC_PATHS
         finished = not counted
-        body_read = not _has_body(scope)
+        body_read = not _has_body(http)
         if counted:
             if not self.in_flight:
                 self._idle = trio.Event()
             self.in_flight += 1
             if self.in_flight > self.limit:
-                scope = cast(Scope, {**scope, OVER_LIMIT: True})
+                http = cast(HTTPScope, {**http, OVER_LIMIT: True})
 
         async def receive_body() -> Any:
             nonlocal body_read
@@ -134,10 +149,9 @@ class Edge:
                 finished = True
                 self._finished()
 
-        http = cast(HTTPScope, scope)
-        handler = self.routes.get((http["method"], http["path"]), self.app)
+        handler = self.routes.get((http["method"], path), self.app)
         try:
-            await handler(scope, receive_body, send_response)
+            await handler(http, receive_body, send_response)
         finally:
             if not finished:
                 self._finished()

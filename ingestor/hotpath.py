@@ -74,6 +74,7 @@ class PulseRoute:
         started = time.perf_counter()
         given = content_type = None
         authorization: list[str] = []
+        hosts: list[str] = []
         length: bytes | None = None
         size = 0
         for name, value in scope["headers"]:  # type: ignore[typeddict-item]
@@ -86,6 +87,8 @@ class PulseRoute:
                 length = value
             elif name == b"x-request-id":
                 given = value.decode("latin-1")
+            elif name == b"host":
+                hosts.append(value.decode("latin-1"))
         rid = self._new_request_id(given)
         token = request_id.set(rid)
         headers: list[tuple[bytes, bytes]] = [_JSON, (b"x-request-id", rid.encode())]
@@ -97,7 +100,7 @@ class PulseRoute:
                     header_bytes=size,
                     max_header_bytes=self._max_headers,
                 )
-                principal = self._keyring.authenticate(authorization)
+                principal = self._keyring.authenticate(authorization, hosts)
                 self._keyring.require(principal, self._need, "POST /pulses")
                 body = await self._read_body(receive, length)
                 status, payload = await self._ingest(self._runtime, body, content_type, principal)

@@ -245,6 +245,9 @@ async def read_batch(runtime: Runtime, principal: Principal, batch_id: str) -> B
     return batch
 
 
+_HIDDEN_ERROR = "the last delivery failed (the sink's answer is shown to admin keys)"
+
+
 def _restricted(
     batch: BatchView, tenants: frozenset[str], *, keep_records: bool
 ) -> BatchView | None:
@@ -258,6 +261,9 @@ def _restricted(
         record_count=len(mine),
         used_amount=format_nanos(total),
         records=mine if keep_records else None,
+        # The sink's words are about the whole batch, every tenant's records:
+        # a billing system naming the record it refused names another tenant.
+        last_error=None if batch.last_error is None else _HIDDEN_ERROR,
     )
 
 

@@ -210,9 +210,15 @@ async def _serve(
                         "partitions": runtime.store.partitions,
                         "durability": settings.durability,
                         "sink": runtime_sink(settings),
+                        "api_keys": len(settings.api_keys),
                     }
                 },
             )
+            if not settings.api_keys:
+                log.warning(
+                    "no api_keys: every request to a loopback host acts as an admin of"
+                    " every tenant (see README, API keys)"
+                )
 
             async def shutdown_trigger() -> None:
                 await stop.wait()
