@@ -60,7 +60,8 @@ class Committer:
         self._dedup_window_us = int(dedup_window * 1_000_000)
         self._on_commit = on_commit
         self._clock = clock
-        self.commits = 0
+        self.commits = 0  # commits of a day that finished in every partition
+        self.commit_failures = 0  # ... and those that failed in a partition (to retry)
         self.batches_created = 0
         self.ticks = 0
         self.leading = False
@@ -103,8 +104,12 @@ class Committer:
             for shard in self._shards:
                 nursery.start_soon(commit, shard)
         batches = [batch for partition in sorted(found) for batch in found[partition]]
-        self.commits += 1
+        # The partitions that committed made their batches even if another failed.
         self.batches_created += len(batches)
+        if failure is None:
+            self.commits += 1
+        else:
+            self.commit_failures += 1
         if batches:
             self._on_commit()
             log.info(

@@ -9,11 +9,15 @@ the tests, never share a series). Two kinds of series live in it:
 - read at scrape time by `ServiceCollector` from what the actors already
   count: pulses by status (Runtime), shard queues and store transactions
   (Shard.statistics()), commits and batches (Committer), deliveries
-  (Deliverer), and the outbox (store.outbox_statistics(), one query per
-  partition, run in a worker thread before each scrape).
+  (Deliverer), and the outbox (store.outbox_statistics() and
+  store.outbox_batches(), by status, counts over partial indexes, run in a
+  worker thread before each scrape, for at most STORE_READ_SECONDS).
 
 Open buckets (store.open_buckets(), a count over the partial index of
 uncommitted buckets) are read in the same worker-thread call.
+Failures are counted apart from what succeeded: a store write or a commit
+that failed is in ..._failures_total, never in the transactions, pulses
+written or commits.
 The store's writers' lock (store.writer_lock(), SQLite's: one process at a
 time writes) is read from counters the store keeps, at scrape time.
 With several worker processes each one answers for itself (its own shards
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
+import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -62,27 +67,62 @@ _LATENCY_BUCKETS = (
 )
 
 
+# How long a scrape waits for the store's counts: well inside Prometheus'
+# default scrape timeout (10 s), so that a store that does not answer loses
+# the scrape its store gauges, not every series.
+STORE_READ_SECONDS = 3.0
+
+
+class _StoreCounts(msgspec.Struct, frozen=True):
+    outbox: tuple[int, int | None]  # store.outbox_statistics()
+    by_status: dict[str, int]  # store.outbox_batches()
+    open_buckets: int
+
+
 class ServiceCollector:
     """Series read from the service's actors and store when Prometheus scrapes."""
 
     def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
         self._runtime = runtime
         self._in_flight = in_flight
-        self._outbox: tuple[int, int | None] | None = None
-        self._open_buckets: int | None = None
+        self._store: _StoreCounts | None = None
+        self._reading = False  # a worker thread is reading the store's counts
 
     async def refresh(self) -> None:
-        """Read the store's outbox and open-bucket counts (blocking: in a worker thread)."""
+        """Read the store's outbox and open-bucket counts (blocking: in a worker thread).
+
+        A store that fails, or does not answer within `STORE_READ_SECONDS`,
+        leaves its gauges out of this scrape rather than the last values read:
+        a gauge that stays flat through an outage looks like a healthy store.
+        The thread of a read that did not answer is left to finish (the
+        store's own timeouts end it); no other starts until it has, so an
+        outage ties up one thread, not one a scrape.
+        """
+        self._store = None
+        if self._reading:
+            log.warning("metrics: store still not answering an earlier scrape")
+            return
         store = self._runtime.store
 
-        def read() -> tuple[tuple[int, int | None], int]:
-            return store.outbox_statistics(), store.open_buckets()
+        def read() -> _StoreCounts:
+            try:
+                return _StoreCounts(
+                    store.outbox_statistics(), store.outbox_batches(), store.open_buckets()
+                )
+            finally:
+                self._reading = False
 
-        try:
-            self._outbox, self._open_buckets = await trio.to_thread.run_sync(read)
-        except StoreError as exc:
-            self._outbox = self._open_buckets = None
-            log.warning("metrics: store unreadable", extra={"fields": {"error": str(exc)}})
+        self._reading = True  # cleared by the thread, when it ends
+        with trio.move_on_after(STORE_READ_SECONDS) as scope:
+            try:
+                self._store = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            except StoreError as exc:
+                log.warning("metrics: store unreadable", extra={"fields": {"error": str(exc)}})
+        if scope.cancelled_caught:
+            log.warning(
+                "metrics: store did not answer",
+                extra={"fields": {"seconds": STORE_READ_SECONDS}},
+            )
 
     def collect(self) -> Iterator[Metric]:
         runtime = self._runtime
@@ -116,8 +156,13 @@ class ServiceCollector:
         committer = runtime.committer
         yield CounterMetricFamily(
             "ingestor_commits",
-            "Commits of a billing day (timer and API).",
+            "Commits of a billing day (timer and API) that succeeded in every partition.",
             value=committer.commits,
+        )
+        yield CounterMetricFamily(
+            "ingestor_commit_failures",
+            "Commits of a billing day that failed in a partition (its batches may be missing).",
+            value=committer.commit_failures,
         )
         yield CounterMetricFamily(
             "ingestor_batches_created",
@@ -154,17 +199,23 @@ class ServiceCollector:
         )
         seconds = SummaryMetricFamily(
             "ingestor_store_transaction_seconds",
-            "Store write transactions of the shard: count and total time.",
+            "Store write transactions of the shard that wrote: count and total time.",
             labels=labels,
         )
         size = SummaryMetricFamily(
             "ingestor_store_transaction_pulses",
-            "Store write transactions of the shard: count and pulses written.",
+            "Store write transactions of the shard that wrote: count and pulses written.",
             labels=labels,
         )
         last = GaugeMetricFamily(
             "ingestor_store_last_transaction_pulses",
             "Pulses in the shard's latest write transaction (its group commit).",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "ingestor_store_transaction_failures",
+            "Store write transactions of the shard in which a write failed (answered 503):"
+            " none of its pulses is in ingestor_store_transaction_pulses.",
             labels=labels,
         )
         for shard in self._runtime.shards:
@@ -176,18 +227,31 @@ class ServiceCollector:
             seconds.add_metric(label, stats.transactions, stats.transaction_seconds)
             size.add_metric(label, stats.transactions, stats.pulses_written)
             last.add_metric(label, stats.last_group_pulses)
-        yield from (depth, capacity, owned, seconds, size, last)
+            failures.add_metric(label, stats.failed_transactions)
+        yield from (depth, capacity, owned, seconds, size, last, failures)
 
     def _outbox_series(self) -> Iterator[Metric]:
-        if self._open_buckets is not None:
-            yield GaugeMetricFamily(
-                "ingestor_open_buckets",
-                "Buckets holding usage not yet in a batch.",
-                value=self._open_buckets,
-            )
-        if self._outbox is None:
+        counts = self._store
+        if counts is None:
             return
-        pending, oldest_us = self._outbox
+        yield GaugeMetricFamily(
+            "ingestor_open_buckets",
+            "Buckets holding usage not yet in a batch.",
+            value=counts.open_buckets,
+        )
+        # The store's, so the same after a restart: a batch the sink refused
+        # for good stays in `failed` until an operator redelivers it, whereas
+        # ingestor_deliveries_total{outcome="failed"} starts again at 0.
+        by_status = GaugeMetricFamily(
+            "ingestor_outbox_batches",
+            "Batches in the outbox, by status: pending (for the sink), failed"
+            " (refused by the sink for good, until redelivered).",
+            labels=["status"],
+        )
+        for status in ("pending", "failed"):
+            by_status.add_metric([status], counts.by_status[status])
+        yield by_status
+        pending, oldest_us = counts.outbox
         yield GaugeMetricFamily(
             "ingestor_outbox_pending_batches",
             "Batches not yet confirmed by the sink.",

@@ -33,7 +33,7 @@ class Answer(msgspec.Struct, frozen=True):
     status: int
     description: str
     body: Any = None  # a type; None: no body
-    media_type: str = "application/json"
+    media_type: str | tuple[str, ...] = "application/json"  # several: chosen by Accept
     headers: tuple[str, ...] = ()  # names in HEADERS
 
 
@@ -206,5 +206,9 @@ def _response(answer: Answer, schema: Any) -> dict[str, Any]:
         "headers": {name: HEADERS[name] for name in ("X-Request-Id", *answer.headers)},
     }
     if answer.body is not None:
-        out["content"] = {answer.media_type: {"schema": schema(answer.body)}}
+        given = answer.media_type
+        out["content"] = {
+            media: {"schema": schema(answer.body)}
+            for media in ((given,) if isinstance(given, str) else given)
+        }
     return out

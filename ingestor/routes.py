@@ -121,7 +121,7 @@ OPERATIONS: tuple[Operation, ...] = (
         body_required=False,
         answers=(
             Answer(200, "The batches made (none if all was committed).", CommitResult),
-            *_errors("admin", 408, 422),
+            *_errors("admin", 408, 413, 422),
         ),
     ),
     Operation(
@@ -172,7 +172,15 @@ OPERATIONS: tuple[Operation, ...] = (
         name="metrics",
         need="public",
         summary="Prometheus metrics",
-        answers=(Answer(200, "Prometheus text format.", str, "text/plain"), *_errors("public")),
+        answers=(
+            Answer(
+                200,
+                "Prometheus text format, or OpenMetrics when the Accept header asks for it.",
+                str,
+                ("text/plain", "application/openmetrics-text"),
+            ),
+            *_errors("public"),
+        ),
     ),
     Operation(
         method="GET",

@@ -147,10 +147,11 @@ class ShardStatistics(msgspec.Struct, frozen=True):
     partitions: int
     queued: int
     capacity: int
-    transactions: int
+    transactions: int  # rounds that wrote something; their time is in transaction_seconds
     pulses_written: int
     last_group_pulses: int
     transaction_seconds: float
+    failed_transactions: int  # rounds in which a write failed (and kept nothing of it)
 
 
 class Shard:
@@ -183,6 +184,7 @@ class Shard:
         self._pulses_written = 0
         self._last_group = 0
         self._transaction_seconds = 0.0
+        self._failed_transactions = 0
 
     def has_room(self, writes: int = 1) -> bool:
         """True if a message writing `writes` partitions would be taken right now."""
@@ -221,6 +223,7 @@ class Shard:
             pulses_written=self._pulses_written,
             last_group_pulses=self._last_group,
             transaction_seconds=self._transaction_seconds,
+            failed_transactions=self._failed_transactions,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -270,10 +273,7 @@ class Shard:
         }
         started = time.perf_counter()
         written = await trio.to_thread.run_sync(self._write, writes, self._clock())
-        self._transactions += 1
-        self._last_group = sum(len(pulses) for pulses, _, _ in writes.values())
-        self._pulses_written += self._last_group
-        self._transaction_seconds += time.perf_counter() - started
+        self._count(writes, written, time.perf_counter() - started)
         # Replies go out only now, after the transaction is durable.
         starts = dict.fromkeys(writes, 0)
         for request in group:
@@ -287,6 +287,23 @@ class Shard:
                 answer[partition] = outcomes[start : start + len(pulses)]
                 starts[partition] = start + len(pulses)
             request.reply.send(answer)
+
+    def _count(
+        self, writes: dict[int, tuple[list[Pulse], bytes, bool]], written: Written, seconds: float
+    ) -> None:
+        """Count a round's writes: only what the store kept is written.
+
+        A failed write keeps nothing (its request is answered 503); counting its
+        pulses as written made a full disk look like a busy, healthy store.
+        """
+        failed = {p for p, outcome in written.items() if isinstance(outcome, StoreError)}
+        if failed:
+            self._failed_transactions += 1
+        if len(failed) < len(written):
+            self._transactions += 1
+            self._last_group = sum(len(w[0]) for p, w in writes.items() if p not in failed)
+            self._pulses_written += self._last_group
+            self._transaction_seconds += seconds
 
     def _write(self, writes: dict[int, tuple[list[Pulse], bytes, bool]], now_us: int) -> Written:
         """In a worker thread: each partition's write, all in one `writing_together`.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from functools import partial
 from typing import Any
 
@@ -13,12 +14,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from quart.typing import TestClientProtocol as Client
 
+from ingestor import metrics
 from ingestor.api import create_app
-from ingestor.errors import SinkRejected, SinkRetryable
+from ingestor.errors import SinkRejected, SinkRetryable, StoreFull
 from ingestor.runtime import Runtime
 from ingestor.sinks.memory import MemorySink
 
 from .conftest import FakeClock, pulse
+from .support.server import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -117,6 +120,52 @@ async def test_commits_deliveries_and_the_outbox(
     assert value(samples, "ingestor_deliveries_total", outcome="failed") == 1
     assert value(samples, "ingestor_deliveries_total", outcome="delivered") == len(batches) - 2
     assert value(samples, "ingestor_outbox_pending_batches") == 1  # the retried one
+    assert value(samples, "ingestor_outbox_batches", status="pending") == 1
+    assert value(samples, "ingestor_outbox_batches", status="failed") == 1  # the refused one
+
+
+async def test_failed_store_writes_are_counted_apart(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the store failed (503) is a failed transaction, not one that wrote."""
+    with monkeypatch.context() as patched:
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise StoreFull("the disk under the store is full")
+
+        patched.setattr(runtime.store, "write_pulses", full)
+        assert (await client.post("/pulses", json=[pulse(), pulse()])).status_code == 503
+        samples = await scrape(client)
+        assert value(samples, "ingestor_store_transaction_failures_total", shard="0") == 1
+        assert value(samples, "ingestor_store_transaction_pulses_count", shard="0") == 0
+        assert value(samples, "ingestor_store_transaction_seconds_count", shard="0") == 0
+    assert (await client.post("/pulses", json=[pulse()] * 3)).status_code == 202
+    samples = await scrape(client)
+    assert value(samples, "ingestor_store_transaction_failures_total", shard="0") == 1
+    assert value(samples, "ingestor_store_transaction_pulses_sum", shard="0") == 3
+    assert value(samples, "ingestor_store_last_transaction_pulses", shard="0") == 3
+
+
+async def test_failed_commits_are_counted_apart(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await client.post("/pulses", json=pulse())
+    with monkeypatch.context() as patched:
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise StoreFull("the disk under the store is full")
+
+        patched.setattr(runtime.store, "commit_day", full)
+        response = await client.post("/aggregates/commit", json={"date": "2026-11-28"})
+        assert response.status_code == 503
+        samples = await scrape(client)
+        assert value(samples, "ingestor_commits_total") == 0
+        assert value(samples, "ingestor_commit_failures_total") == 1
+    await commit(client)
+    samples = await scrape(client)
+    assert value(samples, "ingestor_commits_total") == 1
+    assert value(samples, "ingestor_commit_failures_total") == 1
+    assert value(samples, "ingestor_batches_created_total") == 1
 
 
 async def test_no_outbox_means_age_zero(client: Client) -> None:
@@ -156,6 +205,41 @@ async def test_store_errors_leave_out_only_the_outbox(
     samples = await scrape(client)
     assert ("ingestor_outbox_pending_batches", frozenset()) not in samples
     assert value(samples, "ingestor_shard_queue_depth", shard="0") == 0
+
+
+@pytest.mark.parametrize("settings_overrides", [{"partitions": 1}])
+async def test_a_store_that_does_not_answer_costs_a_scrape_its_store_gauges_only(
+    client: Client, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store read that does not answer within the bound leaves the store's
+    gauges out; the next scrape starts no second read while it is stuck."""
+    monkeypatch.setattr(metrics, "STORE_READ_SECONDS", 0.2)
+    release, calls = threading.Event(), []
+    read = runtime.store.open_buckets
+
+    def stuck() -> int:
+        calls.append(1)
+        release.wait(10)
+        return read()
+
+    monkeypatch.setattr(runtime.store, "open_buckets", stuck)
+    try:
+        for _ in range(2):
+            started = trio.current_time()
+            samples = await scrape(client)
+            assert trio.current_time() - started < 2
+            assert ("ingestor_open_buckets", frozenset()) not in samples
+            assert ("ingestor_outbox_pending_batches", frozenset()) not in samples
+            assert value(samples, "ingestor_shard_queue_depth", shard="0") == 0
+        assert len(calls) == 1
+    finally:
+        release.set()
+    monkeypatch.setattr(runtime.store, "open_buckets", read)
+
+    async def answered() -> bool:
+        return ("ingestor_open_buckets", frozenset()) in await scrape(client)
+
+    await wait_until(answered, within=5, what="the store's gauges to come back")
 
 
 async def test_open_buckets_follow_commits(client: Client) -> None:

@@ -179,6 +179,12 @@ class Store(Protocol):
         """(pending batches, created_at of the oldest pending one in µs)."""
         ...
 
+    def outbox_batches(self) -> dict[str, int]:
+        """How many batches wait in the outbox, by status, both keys always there:
+        `pending` (for the sink) and `failed` (refused by the sink for good, for
+        an operator to redeliver). A count over a partial index each."""
+        ...
+
     def writer_lock(self) -> WriterLock | None:
         """This process's turns at the store's writers' lock so far; None for a
         store whose writers take no turns (each holds the rows it writes)."""

@@ -68,7 +68,18 @@ _PURGE_CHUNK = 5000
 
 Connection = psycopg.Connection[TupleRow]
 
-_SCHEMA = """
+# What `outbox_batches` counts failed batches by, at every scrape, rather than
+# reading the whole table. Stores made before it get it when opened
+# (`_add_indexes`): an index needs no new schema version.
+_FAILED_BATCHES = (
+    "CREATE INDEX IF NOT EXISTS batches_failed ON batches (partition) WHERE status = 'failed'"
+)
+_OUTBOX_BATCHES = (
+    "SELECT (SELECT count(*) FROM batches WHERE status = 'pending'),"
+    " (SELECT count(*) FROM batches WHERE status = 'failed')"
+)
+
+_SCHEMA = f"""
 CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE pulses (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -121,6 +132,7 @@ CREATE TABLE batches (
 );
 CREATE INDEX batches_listing ON batches (day, batch_id);
 CREATE INDEX batches_due ON batches (partition, next_attempt_at) WHERE status = 'pending';
+{_FAILED_BATCHES};
 """
 _TABLES = ("meta", "pulses", "buckets", "batches")
 
@@ -324,6 +336,19 @@ def _lock_key(store_id: str) -> int:
     return zlib.crc32(store_id.encode()) - 2**31
 
 
+def _add_indexes(conn: Connection) -> None:
+    """Add the indexes a store made by an earlier release lacks (see `_FAILED_BATCHES`).
+
+    Only when one is missing: creating an index locks out writes to its table.
+    Under the schema's lock, as two processes creating one index at once may
+    both fail."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
+        row = conn.execute("SELECT to_regclass('batches_failed')").fetchone()
+        if row is not None and row[0] is None:
+            conn.execute(_FAILED_BATCHES)
+
+
 class _Connector:
     """How this store connects: the URL, and the session settings of every connection."""
 
@@ -334,6 +359,26 @@ class _Connector:
         self.kwargs: dict[str, Any] = {"autocommit": True}
         if "application_name" not in url:
             self.kwargs["application_name"] = APPLICATION
+        # The session's timeouts are the server's to enforce: a server that
+        # cannot be reached (packets dropped, not refused) never answers, and a
+        # thread waiting on it waited until the kernel gave up on the
+        # connection, many minutes later. Keepalives notice a silent server
+        # while a statement runs, the user timeout data it never acknowledges:
+        # either closes the connection after about three busy timeouts, and
+        # the call fails with a StoreError. The URL's own settings win.
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            given = {}  # connecting says what is wrong with the URL
+        idle = max(1, round(busy_timeout))
+        bound = {
+            "keepalives": 1,
+            "keepalives_idle": idle,
+            "keepalives_interval": idle,
+            "keepalives_count": 2,
+            "tcp_user_timeout": 3 * idle * 1000,
+        }
+        self.kwargs.update({k: v for k, v in bound.items() if k not in given})
         self._timeout_ms = str(max(1, round(busy_timeout * 1000)))
         self._idle_ms = str(max(1, round(busy_timeout * 3000)))
 
@@ -412,6 +457,7 @@ class PostgresStore:
         with connector.connect() as conn:
             try:
                 meta = _ensure_schema(conn, partitions)
+                _add_indexes(conn)
             except psycopg.Error as exc:
                 raise _translate(exc, f"open {connector.where}") from exc
         store_id, count = meta["store_id"], int(meta["partitions"])
@@ -763,6 +809,12 @@ class PostgresStore:
             ).fetchone()
         assert row is not None
         return int(row[0]), row[1]
+
+    def outbox_batches(self) -> dict[str, int]:
+        with self._reading("read") as conn:
+            row = conn.execute(_OUTBOX_BATCHES).fetchone()
+        assert row is not None
+        return {"pending": int(row[0]), "failed": int(row[1])}
 
 
 def _known_ids(conn: Connection, pulses: Sequence[Pulse]) -> dict[tuple[str, str], bytes]:

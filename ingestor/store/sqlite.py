@@ -203,6 +203,15 @@ CREATE TABLE pulse_spans (
     "CREATE INDEX pulse_spans_by_last ON pulse_spans (last_seq)",
 ]
 
+# What `outbox_batches` counts failed batches by, at every scrape. A batch's
+# status lies behind its body in the row: without it, counting them read every
+# batch ever made (5,000 batches of 64 KiB: 150-550 ms; with it, 0.1 ms).
+# Stores made before it get it when opened (`_add_indexes`): an index needs
+# no new schema version, and an earlier version keeps it up to date unaware.
+_FAILED_BATCHES = (
+    "CREATE INDEX IF NOT EXISTS batches_failed ON batches (part) WHERE status = 'failed'"
+)
+
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE pulse_log (
@@ -250,7 +259,7 @@ CREATE TABLE batches (
     UNIQUE (part, day, seq)
 ) STRICT;
 CREATE INDEX batches_due ON batches (part, next_attempt_at) WHERE status = 'pending';
-""" + "".join(f"{statement};\n" for statement in _SPANS)
+""" + "".join(f"{statement};\n" for statement in (*_SPANS, _FAILED_BATCHES))
 
 # Amounts are exact decimal text; dec_add adds them in Python integers.
 _UPSERT_BUCKET = """
@@ -294,6 +303,11 @@ _BUCKET_COLUMNS = (
 _BATCH_COLUMNS = (
     "batch_id, day, kind, created_at, record_count, used_amount, status, attempts,"
     " last_error, next_attempt_at, delivered_at"
+)
+# A count over each status's partial index (`batches_due`, `batches_failed`).
+_OUTBOX_BATCHES = (
+    "SELECT (SELECT count(*) FROM batches WHERE status = 'pending'),"
+    " (SELECT count(*) FROM batches WHERE status = 'failed')"
 )
 
 _SEP = "\x1f"  # tenants hold no control characters; SQLite's JSON cuts a string at NUL
@@ -708,6 +722,22 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     log.info("store upgraded", extra={"fields": {"path": str(path), "schema": SCHEMA_VERSION}})
 
 
+def _add_indexes(path: Path, busy_timeout: float) -> None:
+    """Add the indexes a store made by an earlier release lacks (see `_FAILED_BATCHES`).
+
+    Writes only when one is missing; several workers may open the store at
+    once, and the first one adds it."""
+    conn = _connect(path, busy_timeout, _READER_CACHE_KIB)
+    try:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'batches_failed'"
+        ).fetchone()
+        if found is None:
+            conn.execute(_FAILED_BATCHES)
+    finally:
+        conn.close()
+
+
 def _fsync(path: Path) -> None:
     """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
@@ -786,6 +816,7 @@ class SQLiteStore:
         try:
             if version != SCHEMA_VERSION:
                 _upgrade(path, busy_timeout)
+            _add_indexes(path, busy_timeout)
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, "open") from exc
@@ -1376,6 +1407,10 @@ class SQLiteStore:
             ).fetchone()
         )
         return pending, oldest
+
+    def outbox_batches(self) -> dict[str, int]:
+        pending, failed = self._file.read(lambda conn: conn.execute(_OUTBOX_BATCHES).fetchone())
+        return {"pending": pending, "failed": failed}
 
 
 def _catch_up(conn: sqlite3.Connection, part: _Partition, version: int) -> None:

@@ -985,7 +985,7 @@ async def test_two_workers_share_a_burst_of_keep_alive_connections(tmp_path: Pat
 
                     nursery.start_soon(connect)
             for stream in streams:
-                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             for stream in streams:
                 with trio.fail_after(15):
                     head = await stream.receive_some(4096)

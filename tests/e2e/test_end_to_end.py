@@ -977,7 +977,7 @@ async def test_an_early_error_does_not_leave_the_connection_hanging(
     server = await start_server(INGESTOR_MAX_BODY_BYTES="2048")
     body = b"[" + b" " * 4000 + b"]"
     head = (
-        f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     buffer = bytearray()
@@ -994,7 +994,7 @@ async def test_an_early_error_does_not_leave_the_connection_hanging(
         second: bytes | None = b"(nothing)"
         with trio.move_on_after(3):
             try:
-                await stream.send_all(body + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                await stream.send_all(body + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 second = await read_response_head(stream, buffer)
             except trio.BrokenResourceError:
                 second = None  # the server closed the connection: fine

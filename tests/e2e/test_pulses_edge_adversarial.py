@@ -180,7 +180,7 @@ def request(
     length: int | None = None,
     extra: str = "",
 ) -> bytes:
-    head = f"{method} {path} HTTP/{version}\r\nHost: test\r\n"
+    head = f"{method} {path} HTTP/{version}\r\nHost: 127.0.0.1\r\n"
     if content_type is not None:
         head += f"Content-Type: {content_type}\r\n"
     head += f"Content-Length: {len(body) if length is None else length}\r\n{extra}\r\n"

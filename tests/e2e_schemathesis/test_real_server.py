@@ -75,7 +75,7 @@ async def test_oversized_headers_are_431_even_when_they_arrive_at_once(
     start_server: StartServer,
 ) -> None:
     server = await start_server()
-    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+    big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     status, headers, body = await exchange(server, big)
     assert status == 431
     assert headers["content-type"] == "application/json"
@@ -85,7 +85,7 @@ async def test_oversized_headers_are_431_even_when_they_arrive_at_once(
 async def test_a_trickling_body_gets_408_over_a_real_socket(start_server: StartServer) -> None:
     server = await start_server(INGESTOR_BODY_TIMEOUT="0.5")
     request = (
-        b"POST /pulses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /pulses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n[{"
     )
     with trio.fail_after(10):

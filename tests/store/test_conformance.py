@@ -9,11 +9,14 @@ points, as the API's cursors assume).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import sqlite3
 from collections.abc import Sequence
 from decimal import Decimal
 
 import msgspec
+import psycopg
 import pytest
 
 from ingestor.clock import epoch_us
@@ -33,6 +36,7 @@ from ingestor.model import (
 from ingestor.money import to_nanos
 from ingestor.partition import partition_of
 from ingestor.store import AggregateQuery, BatchQuery, PulseQuery, Store
+from ingestor.store.sqlite import SQLiteStore
 
 from .conftest import Backend
 
@@ -112,6 +116,7 @@ def test_fresh_store(store: Store) -> None:
     assert "-" not in store.store_id
     assert store.aggregates(AggregateQuery()) == []
     assert store.outbox_statistics() == (0, None)
+    assert store.outbox_batches() == {"pending": 0, "failed": 0}
     assert store.due_batches(T0, 10) == []
     assert store.batches(BatchQuery()) == []
     assert all(store.open_days(p) == [] for p in range(PARTITIONS))
@@ -792,6 +797,75 @@ def test_purge_keeps_recent_pulses_stored_after_older_ones(backend: Backend) -> 
     assert store.purge(pa, T0 + 1) == 1
     again = [pulse("a", "1", id="old"), pulse("a", "1", id="recent")]
     assert write(store, again, received_us=T0 + HOUR) == ["accepted", "duplicate"]
+
+
+def test_outbox_batches_by_status(backend: Backend) -> None:
+    """Pending and failed batches are counted apart, by the store (so the same
+    after a restart); delivered ones are in neither."""
+    store = backend.open()
+    write(store, [pulse("a", str(n), sku=f"s{n}") for n in (1, 2, 3)])
+    write(store, [pulse("B", "9", day=D2, ts=T0 + 24 * HOUR)])
+    pa, pb = partition_of("a", PARTITIONS), partition_of("B", PARTITIONS)
+    ids = [b.batch_id for b in store.commit_day(pa, D1, T0, 1)]
+    ids += [b.batch_id for b in store.commit_day(pb, D2, T0 + 5, 1)]
+    assert store.outbox_batches() == {"pending": 4, "failed": 0}
+    for batch, status in zip(ids, ("delivered", "failed", "failed"), strict=False):
+        store.record_delivery(
+            pa, batch, status=status, error=None, next_attempt_us=None, now_us=T0 + 10
+        )
+    assert store.outbox_batches() == {"pending": 1, "failed": 2}
+    store.close()
+
+    again = backend.open()
+    assert again.outbox_batches() == {"pending": 1, "failed": 2}
+    assert again.redeliver(ids[1], T0 + 20) is True
+    assert again.outbox_batches() == {"pending": 2, "failed": 1}
+
+
+def test_a_store_made_without_the_failed_batches_index_gets_it_when_opened(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    """Failed batches are counted at every scrape: by an index, not by reading
+    every batch (SQLite keeps a batch's status behind its body). A store made
+    by a release without that index gets it when opened, and counts the same."""
+    store = backend.open()
+    write(store, [pulse("a", "1")])
+    [summary] = commit_all(store, D1)
+    store.record_delivery(
+        summary.partition,
+        summary.batch_id,
+        status="failed",
+        error="no",
+        next_attempt_us=None,
+        now_us=T0 + 10,
+    )
+    store.close()
+    if backend.kind == "sqlite":
+        assert isinstance(store, SQLiteStore)
+        with contextlib.closing(sqlite3.connect(store.directory / "store.sqlite")) as conn:
+            conn.execute("DROP INDEX batches_failed")
+            conn.commit()
+
+        def indexed() -> bool:
+            with contextlib.closing(sqlite3.connect(store.directory / "store.sqlite")) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'batches_failed'"
+                ).fetchone()
+            return found is not None
+    else:
+        url = request.getfixturevalue("postgres_url")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP INDEX batches_failed")
+
+        def indexed() -> bool:
+            with psycopg.connect(url, autocommit=True) as conn:
+                row = conn.execute("SELECT to_regclass('batches_failed')").fetchone()
+            return row is not None and row[0] is not None
+
+    assert not indexed()
+    again = backend.open()
+    assert indexed()
+    assert again.outbox_batches() == {"pending": 0, "failed": 1}
 
 
 # -- open, reopen ----------------------------------------------------------
