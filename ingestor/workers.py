@@ -141,7 +141,12 @@ def run_workers(settings: Settings) -> int:
                 extra={"fields": {"worker": index, "exit_code": process.exitcode}},
             )
             time.sleep(_RESTART_PAUSE)
+            if stopping:  # the signal came in the pause: nothing to restart for
+                codes[index] = 0
+                continue
             processes[index] = start(index)
+            if stopping:  # ... or while it started, before `stop` could see it
+                processes[index].terminate()
     for sockets in every:
         for sock in sockets.insecure_sockets:
             sock.close()
