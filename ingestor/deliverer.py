@@ -8,9 +8,16 @@ sink that raises anything else is retried the same way: one batch must not
 stop the service, nor a restart find it due and stop it again.
 
 Next attempts are wall-clock times, kept in the store for every process.
-A batch set to retry further ahead than `retry_max` is due: no backoff sets
-one so far, so the clock has stepped back since, and the batch would
-otherwise wait out the step on top of its backoff.
+A batch set to retry further ahead than `retry_max` (or the lease, below)
+is due: no backoff sets one so far, so the clock has stepped back since,
+and the batch would otherwise wait out the step on top of its backoff.
+
+Every process that delivers reads the same outbox. Each batch is claimed
+just before it is sent (`Store.claim_batch`): its next attempt moves a
+lease ahead, twice the sink's timeout and more, so no other process finds
+it due while it is on its way. A receiver slower than the idle poll was
+otherwise sent every batch once by each process. A sender that dies leaves
+its batch due again when the lease ends.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
 _IDLE_POLL = 1.0  # also picks up batches committed by other processes
+# How far a clock reading of another process may be behind this one's (when
+# several instances deliver from one PostgreSQL): a lease it set is not
+# taken for a clock step back unless further ahead than this, too.
+_SKEW = 60.0
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -47,6 +58,7 @@ class Deliverer:
         concurrency: int,
         retry_initial: float,
         retry_max: float,
+        lease: float,
         clock: Callable[[], int] = wall_clock_us,
         rng: random.Random | None = None,
     ) -> None:
@@ -56,6 +68,9 @@ class Deliverer:
         self._concurrency = concurrency
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._lease_us = int(lease * 1_000_000)
+        # No backoff and no lease sets a next attempt further ahead than this.
+        self._furthest_us = int((max(retry_max, lease) + _SKEW) * 1_000_000)
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = trio.Event()
@@ -76,8 +91,9 @@ class Deliverer:
         """Attempt every batch that is due now; return how many were attempted."""
         async with self._pass:
             now = self._clock()
-            latest = now + int(self._retry_max * 1_000_000)
-            due = await trio.to_thread.run_sync(self._store.due_batches, now, 100, latest)
+            due = await trio.to_thread.run_sync(
+                self._store.due_batches, now, 100, now + self._furthest_us
+            )
             async with trio.open_nursery() as nursery:
                 for batch in due:
                     await self._limit.acquire()
@@ -86,6 +102,8 @@ class Deliverer:
 
     async def _deliver_one(self, batch: DueBatch) -> None:
         try:
+            if not await self._claim(batch):
+                return
             status, error, next_at = "delivered", None, None
             try:
                 await self._sink.deliver(batch.batch_id, batch.day, batch.body)
@@ -126,6 +144,29 @@ class Deliverer:
                 )
         finally:
             self._limit.release()
+
+    async def _claim(self, batch: DueBatch) -> bool:
+        """Take `batch` for this attempt (see the module docstring); False if
+        another process has it, or the store could not say."""
+        now = self._clock()
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: self._store.claim_batch(
+                    batch.partition,
+                    batch.batch_id,
+                    now_us=now,
+                    latest_us=now + self._furthest_us,
+                    lease_us=now + self._lease_us,
+                )
+            )
+        except StoreError as exc:
+            # Still due: tried again after the idle poll, not in a busy loop.
+            self.unrecorded += 1
+            log.warning(
+                "could not claim a batch",
+                extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
+            )
+            return False
 
     def _retry(self, batch: DueBatch, error: str) -> tuple[str, str, int]:
         """The outcome of a failed attempt that is retried: its status, error, next attempt."""

@@ -82,6 +82,7 @@ async def open_service(
             concurrency=settings.delivery_concurrency,
             retry_initial=settings.retry_initial,
             retry_max=settings.retry_max,
+            lease=2 * settings.sink_timeout + 5,
             clock=clock,
         )
         committer = Committer(

@@ -223,7 +223,12 @@ def make_batches(store: Store, buckets: int, tenant: str = "t1", now_us: int = T
 
 
 def deliverer_of(store: Store, sink: Sink, wall: FakeClock, **options: Any) -> Deliverer:
-    settings: dict[str, Any] = {"concurrency": 4, "retry_initial": 1.0, "retry_max": 60.0}
+    settings: dict[str, Any] = {
+        "concurrency": 4,
+        "retry_initial": 1.0,
+        "retry_max": 60.0,
+        "lease": 25.0,
+    }
     settings.update(options)
     return Deliverer(store, sink, clock=wall, **settings)
 

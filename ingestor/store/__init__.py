@@ -138,6 +138,17 @@ class Store(Protocol):
         """
         ...
 
+    def claim_batch(
+        self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
+    ) -> bool:
+        """Take a batch for one delivery attempt: if it is still due (as
+        `due_batches` says, at `now_us` with `latest_us`), set its next attempt
+        to `lease_us` and answer True; False if it is not, as when another
+        process took it first. Until the attempt's outcome is recorded, no
+        process finds it due before `lease_us`, when a sender that died has
+        left it to be sent again."""
+        ...
+
     def record_delivery(
         self,
         partition: int,

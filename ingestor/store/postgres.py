@@ -634,6 +634,20 @@ class PostgresStore:
             )
         return summaries
 
+    def claim_batch(
+        self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
+    ) -> bool:
+        # Under the partition's lock: a racer claims once this one has
+        # committed, and finds the batch no longer due.
+        with self._writing(partition, "claim batch") as conn:
+            cursor = conn.execute(
+                "UPDATE batches SET next_attempt_at = %s"
+                " WHERE partition = %s AND batch_id = %s AND status = 'pending'"
+                " AND (next_attempt_at <= %s OR next_attempt_at > %s)",
+                (lease_us, partition, batch_id, now_us, latest_us),
+            )
+            return cursor.rowcount == 1
+
     def record_delivery(
         self,
         partition: int,

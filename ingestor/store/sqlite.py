@@ -1111,6 +1111,17 @@ class SQLiteStore:
             )
         return summaries
 
+    def claim_batch(
+        self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
+    ) -> bool:
+        with self._part(partition).transaction("claim batch") as conn:
+            cursor = conn.execute(
+                "UPDATE batches SET next_attempt_at = ? WHERE batch_id = ? AND status = 'pending'"
+                " AND (next_attempt_at <= ? OR next_attempt_at > ?)",
+                (lease_us, batch_id, now_us, latest_us),
+            )
+            return cursor.rowcount == 1
+
     def record_delivery(
         self,
         partition: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import sqlite3
+import threading
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -708,6 +709,58 @@ def test_due_batches_and_record_delivery(outbox: tuple[Store, list[str]]) -> Non
         pb, ids[3], status="delivered", error=None, next_attempt_us=None, now_us=T0 + 30
     )
     assert store.outbox_statistics() == (1, T0)
+
+
+def test_a_claimed_batch_is_not_due_until_its_lease_ends(outbox: tuple[Store, list[str]]) -> None:
+    store, ids = outbox
+    pa = partition_of("a", PARTITIONS)
+    now, latest, lease = T0 + 10, T0 + 1000, T0 + 50
+    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease) is True
+    # Taken: not due to anyone, nor claimable, until the lease ends.
+    assert ids[0] not in [d.batch_id for d in store.due_batches(now, 10, latest)]
+    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease) is False
+    assert store.claim_batch(pa, ids[0], now_us=lease - 1, latest_us=latest, lease_us=T0 + 90) is (
+        False
+    )
+    # A sender that died: due again once the lease ends, with no attempt counted.
+    [again] = [d for d in store.due_batches(lease, 10, latest) if d.batch_id == ids[0]]
+    assert again.attempts == 0
+    assert store.claim_batch(pa, ids[0], now_us=lease, latest_us=latest, lease_us=T0 + 90)
+    # A lease further ahead than `latest` is a clock stepped back: claimable.
+    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=T0 + 80, lease_us=T0 + 95)
+    # The outcome of the attempt is recorded as ever; a batch that is not
+    # pending cannot be claimed.
+    store.record_delivery(
+        pa, ids[0], status="delivered", error=None, next_attempt_us=None, now_us=T0 + 60
+    )
+    assert store.claim_batch(pa, ids[0], now_us=T0 + 99, latest_us=latest, lease_us=T0 + 200) is (
+        False
+    )
+    # A claim keeps its batch's other state.
+    assert store.claim_batch(pa, ids[1], now_us=now, latest_us=latest, lease_us=lease)
+    view = store.batch(ids[1])
+    assert view is not None
+    assert (view.status, view.attempts, view.next_attempt_at) == ("pending", 0, moment(lease))
+
+
+def test_two_stores_racing_to_claim_one_batch_take_it_once(backend: Backend) -> None:
+    first, second = backend.open(), backend.open()
+    write(first, [pulse("a", str(n), sku=f"s{n}") for n in range(12)])
+    pa = partition_of("a", PARTITIONS)
+    ids = [b.batch_id for b in first.commit_day(pa, D1, T0, 1)]
+    taken: list[tuple[str, int]] = []
+
+    def claim(store: Store, which: int) -> None:
+        for bid in ids:
+            if store.claim_batch(pa, bid, now_us=T0 + 10, latest_us=T0 + 999, lease_us=T0 + 50):
+                taken.append((bid, which))
+
+    racers = [threading.Thread(target=claim, args=(s, n)) for n, s in enumerate((first, second))]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert sorted(bid for bid, _ in taken) == sorted(ids)
 
 
 def test_redeliver(outbox: tuple[Store, list[str]]) -> None:
