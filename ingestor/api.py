@@ -270,7 +270,7 @@ def create_app(runtime: Runtime) -> Quart:
     edge = Edge(app.asgi_app, limit=settings.max_in_flight)
     app.asgi_app = edge  # type: ignore[method-assign]
     runtime.edge = edge
-    metrics = Metrics(runtime, lambda: edge.in_flight)
+    metrics = runtime.metrics = Metrics(runtime, lambda: edge.in_flight)
     edge.routes[("POST", "/pulses")] = PulseRoute(
         runtime,
         keyring,

@@ -20,31 +20,40 @@ that failed is in ..._failures_total, never in the transactions, pulses
 written or commits.
 The store's writers' lock (store.writer_lock(), SQLite's: one process at a
 time writes) is read from counters the store keeps, at scrape time.
-With several worker processes each one answers for itself (its own shards
-and counters); the outbox series are the store's, the same from every worker.
+With several worker processes (`--workers`), whichever worker takes a
+scrape answers for the group: it asks each sibling, on the sibling's Unix
+socket, for its own series (Prometheus text), and labels every worker's with
+`worker="<index>"`; the store's series (outbox, open buckets), the same
+from every worker, come once, from the worker that answers, unlabeled. A
+sibling that does not answer within SIBLING_SECONDS (restarting) is left
+out of that scrape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import StoreError
-from .runtime import Runtime
+from .runtime import Runtime, WorkerGroup
 from .store import WriterLock
 
-__all__ = ["Metrics", "ServiceCollector"]
+__all__ = ["Metrics", "ServiceCollector", "serve_siblings"]
 
 log = logging.getLogger("ingestor.metrics")
 
@@ -71,6 +80,16 @@ _LATENCY_BUCKETS = (
 # default scrape timeout (10 s), so that a store that does not answer loses
 # the scrape its store gauges, not every series.
 STORE_READ_SECONDS = 3.0
+SIBLING_SECONDS = 1.0  # how long a group's scrape waits for a sibling worker's series
+# The store's series: the same from every worker of a group (see the docstring).
+_STORE_WIDE = frozenset(
+    {
+        "ingestor_open_buckets",
+        "ingestor_outbox_batches",
+        "ingestor_outbox_pending_batches",
+        "ingestor_outbox_oldest_pending_age_seconds",
+    }
+)
 
 
 class _StoreCounts(msgspec.Struct, frozen=True):
@@ -300,6 +319,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._runtime = runtime
         self._service = ServiceCollector(runtime, in_flight)
         self.registry.register(self._service)
 
@@ -309,8 +329,98 @@ class Metrics:
         self._requests.labels(method, route, str(code)).inc()
         self._latency.labels(method, route).observe(seconds)
 
+    def own(self) -> bytes:
+        """This process's series but the store's, as Prometheus text: a sibling's question."""
+        return generate_latest(_Families(self._own))
+
+    def _own(self) -> Iterator[Metric]:
+        return (f for f in self.registry.collect() if f.name not in _STORE_WIDE)
+
     async def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated from `accept`."""
         await self._service.refresh()
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        group = self._runtime.group
+        if group is None:
+            return encoder(self.registry), content_type
+        texts = [(group.index, self.own().decode()), *await _ask_siblings(group)]
+        store_wide = [f for f in self.registry.collect() if f.name in _STORE_WIDE]
+        return encoder(_Families(lambda: _labelled(texts, store_wide))), content_type
+
+
+class _Families:
+    """What an encoder takes for a registry: something whose `collect` gives families."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.collect = collect
+
+
+def _labelled(texts: list[tuple[int, str]], unlabelled: list[Metric]) -> Iterator[Metric]:
+    """Each worker's series (`texts`: its index and its own text) labelled with
+    the worker, and after them the store's, `unlabelled`. Every worker's text,
+    this one's too, is read back from Prometheus text, so that each family
+    comes out alike (a counter's `_created` is a family of its own there)."""
+    merged: dict[tuple[str, str], Metric] = {}
+    for index, text in texts:
+        worker = str(index)
+        try:
+            families = list(text_string_to_metric_families(text))
+        except ValueError:  # cut short: a sibling that stopped while answering
+            log.warning(
+                "metrics: a worker's series did not parse", extra={"fields": {"worker": worker}}
+            )
+            continue
+        for family in families:
+            into = merged.get((family.name, family.type))
+            if into is None:
+                into = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name, family.type] = into
+            into.samples.extend(
+                sample._replace(labels={**sample.labels, "worker": worker})
+                for sample in family.samples
+            )
+    yield from merged.values()
+    yield from unlabelled
+
+
+async def _ask_siblings(group: WorkerGroup) -> list[tuple[int, str]]:
+    """The series of every other worker that answers within SIBLING_SECONDS."""
+    found: list[tuple[int, str]] = []
+
+    async def ask(index: int) -> None:
+        with trio.move_on_after(SIBLING_SECONDS), contextlib.suppress(OSError):
+            stream = await trio.open_unix_socket(group.socket(index))
+            async with stream:
+                chunks = []
+                while chunk := await stream.receive_some(1 << 16):
+                    chunks.append(chunk)
+            found.append((index, b"".join(chunks).decode()))
+
+    async with trio.open_nursery() as nursery:
+        for index in range(group.count):
+            if index != group.index:
+                nursery.start_soon(ask, index)
+    return sorted(found)
+
+
+async def serve_siblings(
+    metrics: Metrics,
+    path: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer the other workers of a group: each connection to `path` (a Unix
+    socket) gets this process's own series (`Metrics.own`), then is closed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by this worker's previous process
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(metrics.own())
+
+    task_status.started()
+    await trio.serve_listeners(answer, [trio.SocketListener(sock)])

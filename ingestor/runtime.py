@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache, partial
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -16,7 +17,25 @@ from .partition import partition_of
 from .shard import Shard
 from .store import Store
 
-__all__ = ["PulseCounts", "Runtime"]
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = ["PulseCounts", "Runtime", "WorkerGroup"]
+
+
+class WorkerGroup(msgspec.Struct, frozen=True):
+    """This process's place among a supervisor's workers (`--workers`).
+
+    Each worker answers its siblings' questions on a Unix socket of its own
+    in `directory`: for now, its metrics (see `metrics`).
+    """
+
+    index: int
+    count: int
+    directory: str
+
+    def socket(self, index: int) -> str:
+        return f"{self.directory}/worker-{index}.sock"
 
 
 class PulseCounts(msgspec.Struct):
@@ -54,6 +73,8 @@ class Runtime:
             partial(partition_of, partitions=store.partitions)
         )
         self.edge: Edge | None = None  # set by the app: requests in flight
+        self.group: WorkerGroup | None = None  # set by `serve` in a worker of a group
+        self.metrics: Metrics | None = None  # set by the app
         self.ready = False
         self.draining = False
         self.pulses = PulseCounts()

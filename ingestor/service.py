@@ -33,7 +33,8 @@ from .config import Settings, shown_url
 from .deliverer import Deliverer
 from .edge import Edge
 from .intake import Rules
-from .runtime import Runtime
+from .metrics import serve_siblings
+from .runtime import Runtime, WorkerGroup
 from .shard import Shard
 from .sinks import Sink, open_sink
 from .store import Store, open_store
@@ -155,13 +156,15 @@ async def serve(
     *,
     sockets: Sockets | None = None,
     worker: tuple[int, int] = (0, 1),
+    group: WorkerGroup | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and return.
 
     `sockets` are listening sockets made by a supervisor (see `workers`);
     without them the service binds `settings.bind` itself. `worker` is this
-    process's (index, count) among the supervisor's workers.
+    process's (index, count) among the supervisor's workers, and `group`
+    where they answer each other.
 
     The store is opened and the port bound before the service's nursery: a
     failure there (a store file that is not ours, a port in use) leaves as
@@ -176,13 +179,22 @@ async def serve(
         if store is None:
             log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
             return
-        await _serve(settings, store, sockets, signals, task_status)
+        await _serve(
+            settings,
+            store,
+            sockets=sockets,
+            group=group,
+            signals=signals,
+            task_status=task_status,
+        )
 
 
 async def _serve(
     settings: Settings,
     store: Store,
+    *,
     sockets: Sockets | None,
+    group: WorkerGroup | None,
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[None],
 ) -> None:
@@ -199,9 +211,13 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, signals, stop)
         async with open_service(settings, store=store) as runtime:
+            runtime.group = group
             app = create_app(runtime)
-            edge = runtime.edge
+            edge, metrics = runtime.edge, runtime.metrics
             assert edge is not None  # installed by create_app
+            assert metrics is not None
+            if group is not None:
+                await nursery.start(serve_siblings, metrics, group.socket(group.index))
             log.info(
                 "start",
                 extra={

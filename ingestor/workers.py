@@ -19,7 +19,9 @@ instance still fails.
 
 SIGTERM or SIGINT is passed on to every worker, which drains as a single
 process would; a worker that dies on its own is restarted, with a pause if
-it keeps dying.
+it keeps dying. The workers answer each other on Unix sockets in a
+directory of the supervisor's (`WorkerGroup`): a scrape of /metrics, taken
+by any worker, shows every worker's series.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -40,6 +44,7 @@ from hypercorn.config import Sockets
 
 from .config import Settings
 from .logs import setup_logging
+from .runtime import WorkerGroup
 from .store import open_store
 
 __all__ = ["run_workers"]
@@ -64,14 +69,17 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings: Settings, sockets: Sockets, index: int) -> None:
+def _worker(settings: Settings, sockets: Sockets, index: int, directory: str) -> None:
     from .service import serve
 
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     log.info("worker start", extra={"fields": {"worker": index}})
+    group = WorkerGroup(index, settings.workers, directory)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
-        trio.run(lambda: serve(settings, sockets=sockets, worker=(index, settings.workers)))
+        trio.run(
+            lambda: serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
+        )
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:
@@ -101,12 +109,16 @@ def run_workers(settings: Settings) -> int:
     """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
     open_store(settings).close()  # create it here, never in racing workers
     every = _worker_sockets(settings)
+    # Where the workers answer each other (their metrics): private to this user.
+    directory = tempfile.mkdtemp(prefix="billing-ingestor-")
     context = multiprocessing.get_context("spawn")
     stopping = False
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker, args=(settings, every[index], index), name=f"ingestor-worker-{index}"
+            target=_worker,
+            args=(settings, every[index], index, directory),
+            name=f"ingestor-worker-{index}",
         )
         process.start()
         return process
@@ -150,6 +162,7 @@ def run_workers(settings: Settings) -> int:
     for sockets in every:
         for sock in sockets.insecure_sockets:
             sock.close()
+    shutil.rmtree(directory, ignore_errors=True)
     exit_codes = sorted(codes.values())
     log.info("stop", extra={"fields": {"bind": settings.bind, "exit_codes": exit_codes}})
     return 0 if all(code == 0 for code in codes.values()) else 1

@@ -17,6 +17,7 @@ worker processes and process death start real servers.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import string
@@ -45,6 +46,7 @@ from ingestor.service import open_service
 from ingestor.sinks.memory import MemorySink
 
 from .conftest import FakeClock, pulse
+from .e2e.cluster_support import child_pids
 from .support.server import ServerProcess, wait_until
 
 DAY = "2026-11-28"  # the conftest clock's day
@@ -834,6 +836,67 @@ async def test_paths_with_doubled_slashes_are_json_answers_not_html_or_500(tmp_p
     }
     assert wrong == {}
     assert "Traceback" not in server.output
+
+
+async def test_with_two_workers_every_scrape_shows_each_worker_labelled(tmp_path: Path) -> None:
+    """Was: with `--workers 2`, GET /metrics was answered by whichever worker
+    the kernel gave the connection, both with the same series and labels:
+    successive scrapes saw `ingestor_pulses_total{status="accepted"}` jump
+    between the workers' counts (counter resets to Prometheus, so rate() was
+    wrong), and no scrape gave the group's total. Now the worker that takes
+    a scrape asks its sibling for its series: every scrape shows both, each
+    labelled with its worker, and the store's series once, unlabelled.
+    A worker that is killed is left out until its restart answers."""
+    env = {**QUIET, "INGESTOR_WORKERS": "2"}
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    async with (
+        ServerProcess(tmp_path / "data", env=env) as server,
+        httpx.AsyncClient(base_url=server.url, limits=no_reuse, timeout=10) as http,
+    ):
+        for n in range(24):
+            response = await http.post("/pulses", json=pulse(tenant_id=f"t{n}", id=f"p{n}"))
+            assert response.status_code == 202
+        scrapes = [parse((await http.get("/metrics")).text) for _ in range(16)]
+        for samples in scrapes:
+            accepted = {
+                dict(labels)["worker"]: count
+                for (name, labels), count in samples.items()
+                if name == "ingestor_pulses_total" and dict(labels)["status"] == "accepted"
+            }
+            assert set(accepted) == {"0", "1"}
+            assert sum(accepted.values()) == 24  # the group's total, in every scrape
+            outbox = [
+                labels for (name, labels), _ in samples.items() if name == "ingestor_outbox_batches"
+            ]
+            assert sorted(dict(labels)["status"] for labels in outbox) == ["failed", "pending"]
+            assert all("worker" not in dict(labels) for labels in outbox)
+        # Each worker's counters only grow from scrape to scrape.
+        by_worker: dict[frozenset[tuple[str, str]], list[float]] = {}
+        for samples in scrapes:
+            for (name, labels), count in samples.items():
+                if name == "ingestor_http_requests_total":
+                    by_worker.setdefault(labels, []).append(count)
+        assert by_worker
+        for labels, counts in by_worker.items():
+            assert counts == sorted(counts), labels
+
+        assert server.pid is not None
+        workers = child_pids(server.pid, marker="spawn_main")
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        seen: set[str] = set()
+        with trio.fail_after(20):
+            while seen != {"0", "1"}:  # one worker alone at first, then both again
+                response = await http.get("/metrics")
+                assert response.status_code == 200
+                seen = {
+                    dict(labels)["worker"]
+                    for (name, labels), _ in parse(response.text).items()
+                    if name == "ingestor_pulses_total"
+                }
+                assert seen
+                await trio.sleep(0.2)
+        await server.terminate()
 
 
 class _DelivererCrash(ServerProcess):
