@@ -47,7 +47,7 @@ from ingestor.sinks.memory import MemorySink
 
 from .conftest import FakeClock, pulse
 from .e2e.cluster_support import child_pids
-from .support.server import ServerProcess, wait_until
+from .support.server import ServerProcess, exchange, wait_until
 
 DAY = "2026-11-28"  # the conftest clock's day
 ADMIN = "obs-admin-key"
@@ -771,25 +771,6 @@ async def test_head_options_and_unknown_methods_answer_json(app: Quart, contract
 
 
 # == real servers ==================================================================
-
-
-async def exchange(server: ServerProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read one HTTP/1.1 answer (status, headers, body)."""
-    stream = await trio.open_tcp_stream(server.host, server.port)
-    async with stream:
-        await stream.send_all(request)
-        data = b""
-        with trio.fail_after(10):
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                assert chunk, f"connection closed after {data!r}"
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-            while len(body) < int(headers.get("content-length", 0)):
-                body += await stream.receive_some(65536)
-    return int(status_line.split()[1]), headers, body
 
 
 async def test_paths_with_doubled_slashes_are_json_answers_not_html_or_500(tmp_path: Path) -> None:

@@ -10,25 +10,9 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import exchange, free_port
 
 from .conftest import KEY, StartServer
-
-
-async def exchange(server: ServerProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read one HTTP/1.1 answer (status, headers, body)."""
-    stream = await trio.open_tcp_stream(server.host, server.port)
-    async with stream:
-        await stream.send_all(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-        while len(body) < int(headers.get("content-length", 0)):
-            body += await stream.receive_some(65536)
-    return int(status_line.split()[1]), headers, body
 
 
 async def test_open_mode_on_a_public_address_refuses_to_start(tmp_path: Path) -> None:

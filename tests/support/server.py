@@ -55,6 +55,7 @@ __all__ = [
     "collect_pages",
     "encode_body",
     "exact_sum",
+    "exchange",
     "free_port",
     "send_pulses",
     "totals_of",
@@ -819,3 +820,22 @@ async def wait_until(
         if trio.current_time() >= deadline:
             raise AssertionError(f"{what}: still not so after {within} s (last: {value!r})")
         await trio.sleep(interval)
+
+
+async def exchange(server: ServerProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read one HTTP/1.1 answer (status, headers, body)."""
+    stream = await trio.open_tcp_stream(server.host, server.port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                assert chunk, f"connection closed after {data!r}"
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+            while len(body) < int(headers.get("content-length", 0)):
+                body += await stream.receive_some(65536)
+    return int(status_line.split()[1]), headers, body
