@@ -18,10 +18,11 @@ the group instead of failing with "address in use"; a single-worker
 instance still fails.
 
 SIGTERM or SIGINT is passed on to every worker, which drains as a single
-process would; a worker that dies on its own is restarted, with a pause if
-it keeps dying. The workers answer each other on Unix sockets in a
-directory of the supervisor's (`WorkerGroup`): a scrape of /metrics, taken
-by any worker, shows every worker's series.
+process would; a worker that dies on its own is restarted, after a pause
+that doubles, up to 30 s, while it keeps dying soon after its start. The
+workers answer each other on Unix sockets in a directory of the
+supervisor's (`WorkerGroup`): a scrape of /metrics, taken by any worker,
+shows every worker's series.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from .logs import setup_logging
 from .runtime import WorkerGroup
 from .store import open_store
 
-__all__ = ["run_workers"]
+__all__ = ["restart_pause", "run_workers"]
 
 log = logging.getLogger("ingestor.workers")
-_RESTART_PAUSE = 1.0
+_RESTART_PAUSE = 1.0  # before restarting a worker that died
+_RESTART_PAUSE_MAX = 30.0  # ... doubled each time it dies again soon after its start
+_STEADY = 60.0  # a worker that lived this long died by accident: back to the first pause
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -105,6 +108,19 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
+def restart_pause(previous: float, lived: float) -> float:
+    """Seconds to wait before restarting a worker that died after `lived` seconds,
+    `previous` being the pause before its start (0 for the first).
+
+    A worker that dies again soon after its start (a store it cannot open, a
+    bad release) is restarted less and less often, not once a second for
+    ever, each start costing a Python process's imports.
+    """
+    if lived >= _STEADY:
+        return _RESTART_PAUSE
+    return min(max(2 * previous, _RESTART_PAUSE), _RESTART_PAUSE_MAX)
+
+
 def run_workers(settings: Settings) -> int:
     """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
     open_store(settings).close()  # create it here, never in racing workers
@@ -131,6 +147,9 @@ def run_workers(settings: Settings) -> int:
                 process.terminate()  # SIGTERM: the worker drains
 
     processes = [start(index) for index in range(settings.workers)]
+    born = [time.monotonic()] * settings.workers
+    pauses = [0.0] * settings.workers
+    restart_at: dict[int, float] = {}  # dead workers, while they wait out their pause
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("start", extra={"fields": {"bind": settings.bind, "workers": settings.workers}})
@@ -138,6 +157,19 @@ def run_workers(settings: Settings) -> int:
     while len(codes) < len(processes):
         for index, process in enumerate(processes):
             if index in codes:
+                continue
+            if index in restart_at:
+                if stopping:  # the signal came in the pause: nothing to restart for
+                    codes[index] = 0
+                elif time.monotonic() < restart_at[index]:
+                    time.sleep(0.05)
+                    continue
+                else:
+                    processes[index] = start(index)
+                    born[index] = time.monotonic()
+                    if stopping:  # ... or while it started, before `stop` could see it
+                        processes[index].terminate()
+                del restart_at[index]
                 continue
             process.join(timeout=0.2)
             if process.exitcode is None:
@@ -148,17 +180,18 @@ def run_workers(settings: Settings) -> int:
                 code = process.exitcode
                 codes[index] = 0 if code == -signal.SIGTERM else code
                 continue
+            pauses[index] = restart_pause(pauses[index], time.monotonic() - born[index])
+            restart_at[index] = time.monotonic() + pauses[index]
             log.error(
                 "worker died, restarting",
-                extra={"fields": {"worker": index, "exit_code": process.exitcode}},
+                extra={
+                    "fields": {
+                        "worker": index,
+                        "exit_code": process.exitcode,
+                        "restart_in_s": pauses[index],
+                    }
+                },
             )
-            time.sleep(_RESTART_PAUSE)
-            if stopping:  # the signal came in the pause: nothing to restart for
-                codes[index] = 0
-                continue
-            processes[index] = start(index)
-            if stopping:  # ... or while it started, before `stop` could see it
-                processes[index].terminate()
     for sockets in every:
         for sock in sockets.insecure_sockets:
             sock.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from ingestor.config import Settings
-from ingestor.workers import _worker_sockets
+from ingestor.workers import _worker_sockets, restart_pause
 
 
 def test_each_worker_gets_its_own_socket_on_the_one_port_the_kernel_chose() -> None:
@@ -26,3 +26,13 @@ def test_each_worker_gets_its_own_socket_on_the_one_port_the_kernel_chose() -> N
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_less_and_less_often() -> None:
+    pauses = [0.0]
+    for _ in range(8):
+        pauses.append(restart_pause(pauses[-1], lived=2.0))
+    assert pauses[1:] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    # One that served a while and then died starts over from the first pause.
+    assert restart_pause(30.0, lived=600.0) == 1.0
+    assert restart_pause(30.0, lived=59.0) == 30.0
