@@ -117,10 +117,11 @@ class Keyring:
         Open, a request must name a loopback host (`hosts`, its Host headers):
         a web page a browser on this machine opens can reach 127.0.0.1 by DNS
         rebinding, as its own origin, but its requests name the page's host.
+        A request naming none (HTTP/1.0, an empty Host) comes from no browser.
         """
         if not self._keys:
             for host in hosts:
-                if not _loopback(host):
+                if host and not _loopback(host):
                     raise Forbidden(
                         "a server without API keys answers only requests to localhost,"
                         f" 127.0.0.1 or [::1]; this one is to {host[:100]!r}"

@@ -14,10 +14,13 @@ and the batch would otherwise wait out the step on top of its backoff.
 
 Every process that delivers reads the same outbox. Each batch is claimed
 just before it is sent (`Store.claim_batch`): its next attempt moves a
-lease ahead, twice the sink's timeout and more, so no other process finds
-it due while it is on its way. A receiver slower than the idle poll was
-otherwise sent every batch once by each process. A sender that dies leaves
-its batch due again when the lease ends.
+lease ahead, so no other process finds it due while it is on its way. A
+receiver slower than the idle poll was otherwise sent every batch once by
+each process. A sender that dies leaves its batch due again when the lease
+ends. The lease is the attempt's bound (twice the sink's timeout, and 5 s)
+and `clock_skew`, by which the clocks of the processes sharing the store
+may differ (0 on SQLite, one machine's clock): a lease read on a clock that
+is ahead has not ended yet.
 """
 
 from __future__ import annotations
@@ -37,10 +40,6 @@ __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
 _IDLE_POLL = 1.0  # also picks up batches committed by other processes
-# How far a clock reading of another process may be behind this one's (when
-# several instances deliver from one PostgreSQL): a lease it set is not
-# taken for a clock step back unless further ahead than this, too.
-_SKEW = 60.0
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -59,6 +58,7 @@ class Deliverer:
         retry_initial: float,
         retry_max: float,
         lease: float,
+        clock_skew: float = 0.0,
         clock: Callable[[], int] = wall_clock_us,
         rng: random.Random | None = None,
     ) -> None:
@@ -68,9 +68,11 @@ class Deliverer:
         self._concurrency = concurrency
         self._retry_initial = retry_initial
         self._retry_max = retry_max
-        self._lease_us = int(lease * 1_000_000)
-        # No backoff and no lease sets a next attempt further ahead than this.
-        self._furthest_us = int((max(retry_max, lease) + _SKEW) * 1_000_000)
+        self._lease_us = int((lease + clock_skew) * 1_000_000)
+        # No backoff and no lease sets a next attempt further ahead than this,
+        # on any process's clock: a later one was set before a clock stepped back.
+        furthest = max(retry_max, lease + clock_skew) + clock_skew
+        self._furthest_us = int(furthest * 1_000_000)
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = trio.Event()

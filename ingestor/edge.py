@@ -101,10 +101,16 @@ class Edge:
             # §3.2.2), which hypercorn passes on whole, its path; and leading
             # slashes as one, as werkzeug takes them ("//pulses" was answered
             # by the app's placeholder of the route this edge answers).
+            headers = http["headers"]
             if not path.startswith("/"):
-                path = urlsplit(path).path
+                target = urlsplit(path)
+                path = target.path
+                # The target's host, not the Host header, names the host
+                # (RFC 9112 §3.2.2): it is what open mode checks.
+                host = target.netloc.rpartition("@")[2].encode("utf-8", "surrogateescape")
+                headers = [(k, v) for k, v in headers if k != b"host"] + [(b"host", host)]
             path = "/" + path.lstrip("/")
-            http = {**http, "path": path, "raw_path": path.encode()}
+            http = {**http, "path": path, "raw_path": path.encode(), "headers": headers}
         counted = path not in PUBLIC_PATHS
         finished = not counted
         body_read = not _has_body(http)

@@ -22,7 +22,7 @@ The store's writers' lock (store.writer_lock(), SQLite's: one process at a
 time writes) is read from counters the store keeps, at scrape time.
 With several worker processes (`--workers`), whichever worker takes a
 scrape answers for the group: it asks each sibling, on the sibling's Unix
-socket, for its own series (Prometheus text), and labels every worker's with
+socket, for its own series (OpenMetrics text), and labels every worker's with
 `worker="<index>"`; the store's series (outbox, open buckets), the same
 from every worker, come once, from the worker that answers, unlabeled. A
 sibling that does not answer within SIBLING_SECONDS (restarting) is left
@@ -40,14 +40,15 @@ from collections.abc import Callable, Iterable, Iterator
 import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.exposition import generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from .errors import StoreError
 from .runtime import Runtime, WorkerGroup
@@ -330,8 +331,15 @@ class Metrics:
         self._latency.labels(method, route).observe(seconds)
 
     def own(self) -> bytes:
-        """This process's series but the store's, as Prometheus text: a sibling's question."""
-        return generate_latest(_Families(self._own))
+        """This process's series but the store's, as OpenMetrics text: a sibling's question.
+
+        OpenMetrics, not Prometheus text: read back, a counter keeps its
+        `_created` sample, where Prometheus text makes it a gauge of its own,
+        which clashes with the counter's in an OpenMetrics answer.
+        """
+        # prometheus_client's OpenMetrics functions are untyped.
+        text: bytes = generate_latest(_Families(self._own))  # type: ignore[no-untyped-call]
+        return text
 
     def _own(self) -> Iterator[Metric]:
         return (f for f in self.registry.collect() if f.name not in _STORE_WIDE)
@@ -358,14 +366,13 @@ class _Families:
 def _labelled(texts: list[tuple[int, str]], unlabelled: list[Metric]) -> Iterator[Metric]:
     """Each worker's series (`texts`: its index and its own text) labelled with
     the worker, and after them the store's, `unlabelled`. Every worker's text,
-    this one's too, is read back from Prometheus text, so that each family
-    comes out alike (a counter's `_created` is a family of its own there)."""
+    this one's too, is read back, so that each family comes out alike."""
     merged: dict[tuple[str, str], Metric] = {}
     for index, text in texts:
         worker = str(index)
         try:
-            families = list(text_string_to_metric_families(text))
-        except ValueError:  # cut short: a sibling that stopped while answering
+            families = list(text_string_to_metric_families(text))  # type: ignore[no-untyped-call]
+        except ValueError:  # cut short (no "# EOF"): a sibling that stopped while answering
             log.warning(
                 "metrics: a worker's series did not parse", extra={"fields": {"worker": worker}}
             )
@@ -388,7 +395,11 @@ async def _ask_siblings(group: WorkerGroup) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
 
     async def ask(index: int) -> None:
-        with trio.move_on_after(SIBLING_SECONDS), contextlib.suppress(OSError):
+        # Not there (restarting), or gone while it answered: left out.
+        with (
+            trio.move_on_after(SIBLING_SECONDS),
+            contextlib.suppress(OSError, trio.BrokenResourceError),
+        ):
             stream = await trio.open_unix_socket(group.socket(index))
             async with stream:
                 chunks = []
@@ -410,12 +421,24 @@ async def serve_siblings(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer the other workers of a group: each connection to `path` (a Unix
-    socket) gets this process's own series (`Metrics.own`), then is closed."""
+    socket) gets this process's own series (`Metrics.own`), then is closed.
+
+    A socket that cannot be made leaves this worker out of its siblings'
+    scrapes, with an error in the log; the worker serves on. When it stops,
+    it removes its socket, and the directory if it was the last one there
+    (the supervisor may have been killed and not cleaned it up).
+    """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by this worker's previous process
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen()
+    try:
+        await sock.bind(path)
+        sock.listen()
+    except OSError as exc:
+        sock.close()
+        log.error("metrics: no socket for the other workers", extra={"fields": {"error": str(exc)}})
+        task_status.started()
+        return
 
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
@@ -423,4 +446,9 @@ async def serve_siblings(
                 await stream.send_all(metrics.own())
 
     task_status.started()
-    await trio.serve_listeners(answer, [trio.SocketListener(sock)])
+    try:
+        await trio.serve_listeners(answer, [trio.SocketListener(sock)])
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # only once empty

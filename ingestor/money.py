@@ -46,6 +46,9 @@ DECIMAL_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 # loop over a request's pulses.
 KNOWN_NANOS: dict[str | int | bytes, int] = {}
 _KNOWN_MAX = 4096
+# Longer spellings are converted, not kept: "1." and a million zeros is a
+# valid amount, and 4,096 of them would keep gigabytes.
+_KEY_MAX = 64
 _INVALID = "used_amount: Invalid decimal string"  # msgspec's words, for the same string
 _NEGATIVE = "used_amount must be >= 0"
 _TOO_BIG = "used_amount must have at most 18 integer digits"
@@ -85,7 +88,7 @@ def to_nanos(amount: Decimal | int | str | msgspec.Raw) -> int:
         nanos = _convert(_decimal(amount))
     else:
         nanos = _whole(amount)
-    if len(KNOWN_NANOS) < _KNOWN_MAX:
+    if len(KNOWN_NANOS) < _KNOWN_MAX and (isinstance(key, int) or len(key) <= _KEY_MAX):
         KNOWN_NANOS[key] = nanos
     return nanos
 

@@ -125,8 +125,11 @@ def run_workers(settings: Settings) -> int:
     """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
     open_store(settings).close()  # create it here, never in racing workers
     every = _worker_sockets(settings)
-    # Where the workers answer each other (their metrics): private to this user.
-    directory = tempfile.mkdtemp(prefix="billing-ingestor-")
+    # Where the workers answer each other (their metrics): private to this
+    # user. A Unix socket's path is at most 107 bytes: under a long TMPDIR,
+    # in /tmp.
+    parent = tempfile.gettempdir()
+    directory = tempfile.mkdtemp(prefix="ingestor-", dir=parent if len(parent) <= 64 else "/tmp")
     context = multiprocessing.get_context("spawn")
     stopping = False
 

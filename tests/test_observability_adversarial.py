@@ -869,7 +869,7 @@ async def test_with_two_workers_every_scrape_shows_each_worker_labelled(tmp_path
         with trio.fail_after(20):
             while seen != {"0", "1"}:  # one worker alone at first, then both again
                 response = await http.get("/metrics")
-                assert response.status_code == 200
+                assert response.status_code == 200, server.tail(80)
                 seen = {
                     dict(labels)["worker"]
                     for (name, labels), _ in parse(response.text).items()
