@@ -284,7 +284,10 @@ def _timestamp(value: object) -> str:
         raise TypeError(f"timestamp must be a datetime or str, not {type(value).__name__}")
     if moment.utcoffset() is None:
         raise ValueError(f"timestamp must carry a UTC offset: {value!r}")
-    return moment.astimezone(dt.UTC).isoformat()
+    try:
+        return moment.astimezone(dt.UTC).isoformat()
+    except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+        raise ValueError(f"timestamp is out of range in UTC: {value!r}") from None
 
 
 class _Encoder:
@@ -974,7 +977,9 @@ class Client:
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel = trio.CancelScope()
         self._error: BaseException | None = None
-        self._closed = False
+        self._closed = False  # the thread has stopped: `close` has nothing more to wait for
+        self._closing = threading.Lock()  # a second `close` waits for the first
+        self._interrupted = False  # a `close` was interrupted (Ctrl-C)
         self._thread = threading.Thread(target=self._main, name="ingestor-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -1021,15 +1026,24 @@ class Client:
 
         Returns the failures not handed out before. If `timeout` seconds pass
         first, the senders are cancelled and Undelivered carries what is left.
+        Called again, from any thread, it waits for the first call and answers
+        the same: Undelivered again while pulses are left unacknowledged.
+        Interrupted (Ctrl-C), it leaves the exit hook in place, which reports
+        what is lost.
         """
-        if self._closed:
-            return self._core._outbox.take_failures()
-        self._closed = True
-        atexit.unregister(self._close_at_exit)
         outbox = self._core._outbox
-        if not outbox.wait_settled(outbox.close(), timeout):
-            self._call_soon(self._cancel.cancel)
-        self._thread.join()
+        with self._closing:
+            if not self._closed:
+                try:
+                    settled = outbox.wait_settled(outbox.close(), timeout)
+                except BaseException:
+                    self._interrupted = True  # the exit hook waits no more
+                    raise
+                if not settled:
+                    self._call_soon(self._cancel.cancel)
+                self._thread.join()
+                self._closed = True
+                atexit.unregister(self._close_at_exit)
         lines = outbox.undelivered()
         if lines:
             raise Undelivered(lines, outbox.take_failures())
@@ -1052,7 +1066,16 @@ class Client:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None or issubclass(exc_type, Exception):
+            self.close()
+            return
+        # Ctrl-C or an exit: the user is leaving, the server may be down. Wait
+        # a while, not for ever, and say what is lost rather than raise over
+        # the interruption.
+        try:
+            self.close(timeout=_EXIT_TIMEOUT)
+        except Undelivered as lost:
+            _log_lost(lost)
 
     def _main(self) -> None:
         try:
@@ -1080,6 +1103,17 @@ class Client:
 
     def _close_at_exit(self) -> None:
         try:
-            self.close(timeout=_EXIT_TIMEOUT)
+            self.close(timeout=0 if self._interrupted else _EXIT_TIMEOUT)
+        except Undelivered as lost:
+            _log_lost(lost)
         except ClientError:
             log.exception("closing the ingestor client at interpreter exit")
+
+
+def _log_lost(lost: Undelivered) -> None:
+    """Log the lines of pulses a client stopped without, so they can be sent again."""
+    log.error(
+        "%s The lines follow, one a line.\n%s",
+        lost,
+        b"".join(lost.lines).decode(errors="replace").rstrip("\n"),
+    )

@@ -15,8 +15,11 @@ down gives `SinkRetryable`, and a later delivery connects once it is up) and
 makes sure the stream exists: if it is missing it is created with the subject
 template's `{date}` token as a wildcard (`billing.batches.>`), file storage,
 one replica and a one-day duplicate window. A stream that already exists is
-used as it is; a clustered deployment creates it beforehand with the replicas
-it wants. Once connected, nats-py reconnects by itself, for ever.
+used as it is (a clustered deployment creates it beforehand with the
+replicas it wants), but for a duplicate window shorter than a day, which is
+raised to one: a batch whose ack was lost may be sent again minutes later,
+after the deliverer's backoff, and a shorter window stores it twice. Once
+connected, nats-py reconnects by itself, for ever.
 
 Delivered point: the JetStream publish ack, which the server sends once the
 message is stored in the stream. The `Nats-Msg-Id` header is the batch id, so
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -299,7 +303,10 @@ class _Publisher:
         # connect for ever; the caller's timeout bounds this attempt.
         client = Client()
         self._last_error = None
-        seconds = max(1, math.ceil(self._timeout))
+        # nats-py tries the servers one after another, each for connect_timeout:
+        # the whole budget on the first, and a server that accepts but never
+        # answers kept the others, healthy, from being tried.
+        seconds = max(1, math.ceil(self._timeout / len(self._servers)))
         try:
             await client.connect(
                 self._servers,
@@ -340,10 +347,20 @@ class _Publisher:
                 info = await manager.stream_info(self._stream)
         window = info.config.duplicate_window or 0.0
         if window < DUPLICATE_WINDOW:
-            log.info(
-                "the stream's duplicate window is short: a batch re-sent after it is stored twice",
-                extra={"fields": {"stream": self._stream, "duplicate_window_s": window}},
-            )
+            fields = {"stream": self._stream, "duplicate_window_s": window}
+            try:
+                await manager.update_stream(
+                    dataclasses.replace(info.config, duplicate_window=DUPLICATE_WINDOW)
+                )
+                log.warning(
+                    "raised the stream's duplicate window to a day", extra={"fields": fields}
+                )
+            except nats.js.errors.APIError as exc:
+                log.warning(
+                    "the stream's duplicate window is short, and could not be raised:"
+                    " a batch re-sent after it is stored twice",
+                    extra={"fields": {**fields, "error": str(exc)}},
+                )
         return tuple(info.config.subjects or ())
 
     def _check(self, client: Client, subjects: Sequence[str], subject: str, size: int) -> None:
