@@ -179,14 +179,20 @@ async def test_concurrent_deliveries_all_arrive(sink: NatsSink, place: Place) ->
 # --- the stream as the sink finds it --------------------------------------------------
 
 
-async def test_existing_stream_is_used_as_it_is(sink: NatsSink, place: Place) -> None:
-    await place.create(place.stream, subjects=[f"{place.prefix}.*"], duplicate_window=60)
+async def test_existing_stream_is_used_as_it_is_but_for_a_short_duplicate_window(
+    sink: NatsSink, place: Place
+) -> None:
+    await place.create(
+        place.stream, subjects=[f"{place.prefix}.*"], duplicate_window=60, max_msgs=1000
+    )
 
     await sink.deliver("b-1", DAY, b"one")
 
     info = await place.info()
     assert info.config.subjects == [f"{place.prefix}.*"]
-    assert info.config.duplicate_window == 60
+    assert info.config.max_msgs == 1000
+    # A batch re-sent after the deliverer's backoff must still be a duplicate.
+    assert info.config.duplicate_window == DUPLICATE_WINDOW
     assert info.state.messages == 1
 
 
