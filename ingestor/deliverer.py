@@ -17,7 +17,8 @@ just before it is sent (`Store.claim_batch`): its next attempt moves a
 lease ahead, so no other process finds it due while it is on its way. A
 receiver slower than the idle poll was otherwise sent every batch once by
 each process. A sender that dies leaves its batch due again when the lease
-ends. The lease is the attempt's bound (twice the sink's timeout, and 5 s)
+ends; one whose delivery is cancelled (the service stops) gives it back,
+due at once. The lease is the attempt's bound (twice the sink's timeout, and 5 s)
 and `clock_skew`, by which the clocks of the processes sharing the store
 may differ (0 on SQLite, one machine's clock): a lease read on a clock that
 is ahead has not ended yet.
@@ -25,6 +26,7 @@ is ahead has not ended yet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -109,6 +111,9 @@ class Deliverer:
             status, error, next_at = "delivered", None, None
             try:
                 await self._sink.deliver(batch.batch_id, batch.day, batch.body)
+            except trio.Cancelled:
+                await self._give_back(batch)
+                raise
             except SinkRetryable as exc:
                 status, error, next_at = self._retry(batch, str(exc))
             except SinkRejected as exc:
@@ -146,6 +151,22 @@ class Deliverer:
                 )
         finally:
             self._limit.release()
+
+    async def _give_back(self, batch: DueBatch) -> None:
+        """A delivery cancelled (the service stops): due again now, not at the
+        end of its lease, for this process's next start or another process.
+        Counted as an attempt: the sink may have had it."""
+        with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+            await trio.to_thread.run_sync(
+                lambda: self._store.record_delivery(
+                    batch.partition,
+                    batch.batch_id,
+                    status="pending",
+                    error="the service stopped before the sink answered",
+                    next_attempt_us=self._clock(),
+                    now_us=self._clock(),
+                )
+            )
 
     async def _claim(self, batch: DueBatch) -> bool:
         """Take `batch` for this attempt (see the module docstring); False if

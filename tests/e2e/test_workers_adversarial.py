@@ -449,7 +449,7 @@ async def test_batch_in_flight_on_a_killed_worker_is_delivered_by_another(
     sent it is SIGKILLed. Once the receiver answers again, every batch is
     delivered (marked so in the outbox, received with the same bytes each
     time, signed), whichever worker sends it: the dead worker's once its
-    claim's lease (twice the sink timeout and 5 s, 25 s here) has ended."""
+    claim's lease (twice the sink timeout and 5 s, 15 s here) has ended."""
     ledger = Ledger()
     rng = random.Random(75)
     day = day_before(1)
@@ -462,7 +462,7 @@ async def test_batch_in_flight_on_a_killed_worker_is_delivered_by_another(
             workers=2,
             INGESTOR_SINK=target.url,
             INGESTOR_SINK_SECRET=SECRET,
-            INGESTOR_SINK_TIMEOUT="10",
+            INGESTOR_SINK_TIMEOUT="5",
             INGESTOR_RETRY_INITIAL="0.2",
             INGESTOR_RETRY_MAX="1",
             INGESTOR_PARTITIONS="4",

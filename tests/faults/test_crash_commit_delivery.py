@@ -43,6 +43,9 @@ ENV = {
     "INGESTOR_BATCH_MAX_RECORDS": "3",
     "INGESTOR_RETRY_INITIAL": "0.05",
     "INGESTOR_RETRY_MAX": "0.2",
+    # A batch whose sender was killed is sent again when its lease ends
+    # (2 x sink_timeout + 5 s): 9 s here, not 25. The receiver answers in 30 ms.
+    "INGESTOR_SINK_TIMEOUT": "2",
 }
 
 
