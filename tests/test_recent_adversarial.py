@@ -36,7 +36,6 @@ from ingestor.clock import epoch_us
 from ingestor.deliverer import Deliverer
 from ingestor.errors import SinkRejected, SinkRetryable, StoreBusy
 from ingestor.intake import Rules, decode_pulses
-from ingestor.store import Store
 from ingestor.store.postgres import PostgresStore
 from ingestor.store.sqlite import SQLiteStore
 from tests.conftest import FakeClock, pulse
@@ -50,6 +49,7 @@ from tests.test_delivery_adversarial import (
     make_batches,
     state,
 )
+from tests.test_delivery_adversarial import deliverer_of as deliverer
 
 QUIET = {"INGESTOR_COMMIT_INTERVAL": "3600", "INGESTOR_COMMIT_GRACE": "30d"}
 SECOND = 1_000_000
@@ -100,17 +100,6 @@ def clock_at(us: int) -> FakeClock:
     clock = FakeClock(dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
     clock.now_us = us
     return clock
-
-
-def deliverer(store: Store, sink: Any, clock: Any, **options: Any) -> Deliverer:
-    settings: dict[str, Any] = {
-        "concurrency": 4,
-        "retry_initial": 1.0,
-        "retry_max": 60.0,
-        "lease": 25.0,
-    }
-    settings.update(options)
-    return Deliverer(store, sink, clock=clock, **settings)
 
 
 @pytest.fixture
