@@ -85,6 +85,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     max_header_bytes: Count = 16 * 1024
 
     @property
+    def on_postgres(self) -> bool:
+        """Whether `store` names a PostgreSQL database (else it is "sqlite")."""
+        return self.store.startswith(("postgresql://", "postgres://"))
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
@@ -180,9 +185,7 @@ def _check(settings: Settings) -> None:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ConfigError(f"{name}: unknown IANA time zone {zone!r}") from None
-    if settings.store != "sqlite" and not settings.store.startswith(
-        ("postgresql://", "postgres://")
-    ):
+    if settings.store != "sqlite" and not settings.on_postgres:
         raise ConfigError(
             f"store: expected 'sqlite' or a postgresql:// URL, got {shown_url(settings.store)!r}"
         )

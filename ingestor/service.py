@@ -46,7 +46,6 @@ _SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 # How far the clocks of instances sharing a PostgreSQL may differ (NTP keeps
 # them within milliseconds): a delivery's lease lasts that much longer.
 _CLOCK_SKEW = 30.0
-_POSTGRES = ("postgresql://", "postgres://")
 
 
 @asynccontextmanager
@@ -89,7 +88,7 @@ async def open_service(
             retry_max=settings.retry_max,
             lease=2 * settings.sink_timeout + 5,
             # Instances on other machines share a PostgreSQL; SQLite, one clock.
-            clock_skew=_CLOCK_SKEW if settings.store.startswith(_POSTGRES) else 0,
+            clock_skew=_CLOCK_SKEW if settings.on_postgres else 0,
             clock=clock,
         )
         committer = Committer(

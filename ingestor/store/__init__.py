@@ -210,7 +210,7 @@ def open_store(settings: Settings, worker: tuple[int, int] = (0, 1)) -> Store:
     `worker`: this process's (index, count) among the workers sharing it,
     which SQLite uses to share out work (see `SQLiteStore.open`).
     """
-    if settings.store.startswith(("postgresql://", "postgres://")):
+    if settings.on_postgres:
         from .postgres import PostgresStore
 
         return PostgresStore.open(
