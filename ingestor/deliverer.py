@@ -156,6 +156,7 @@ class Deliverer:
         """A delivery cancelled (the service stops): due again now, not at the
         end of its lease, for this process's next start or another process.
         Counted as an attempt: the sink may have had it."""
+        now = self._clock()
         with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
             await trio.to_thread.run_sync(
                 lambda: self._store.record_delivery(
@@ -163,8 +164,8 @@ class Deliverer:
                     batch.batch_id,
                     status="pending",
                     error="the service stopped before the sink answered",
-                    next_attempt_us=self._clock(),
-                    now_us=self._clock(),
+                    next_attempt_us=now,
+                    now_us=now,
                 )
             )
 

@@ -331,18 +331,8 @@ class Metrics:
         self._latency.labels(method, route).observe(seconds)
 
     def own(self) -> bytes:
-        """This process's series but the store's, as OpenMetrics text: a sibling's question.
-
-        OpenMetrics, not Prometheus text: read back, a counter keeps its
-        `_created` sample, where Prometheus text makes it a gauge of its own,
-        which clashes with the counter's in an OpenMetrics answer.
-        """
-        # prometheus_client's OpenMetrics functions are untyped.
-        text: bytes = generate_latest(_Families(self._own))  # type: ignore[no-untyped-call]
-        return text
-
-    def _own(self) -> Iterator[Metric]:
-        return (f for f in self.registry.collect() if f.name not in _STORE_WIDE)
+        """This process's series but the store's, as OpenMetrics text: a sibling's question."""
+        return _own_text(list(self.registry.collect()))
 
     async def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated from `accept`."""
@@ -351,9 +341,23 @@ class Metrics:
         group = self._runtime.group
         if group is None:
             return encoder(self.registry), content_type
-        texts = [(group.index, self.own().decode()), *await _ask_siblings(group)]
-        store_wide = [f for f in self.registry.collect() if f.name in _STORE_WIDE]
+        families = list(self.registry.collect())  # once: this worker's part and the store's
+        texts = [(group.index, _own_text(families).decode()), *await _ask_siblings(group)]
+        store_wide = [f for f in families if f.name in _STORE_WIDE]
         return encoder(_Families(lambda: _labelled(texts, store_wide))), content_type
+
+
+def _own_text(families: list[Metric]) -> bytes:
+    """`families` but the store's, as OpenMetrics text.
+
+    OpenMetrics, not Prometheus text: read back, a counter keeps its
+    `_created` sample, where Prometheus text makes it a gauge of its own,
+    which clashes with the counter's in an OpenMetrics answer.
+    """
+    own = [f for f in families if f.name not in _STORE_WIDE]
+    # prometheus_client's OpenMetrics functions are untyped.
+    text: bytes = generate_latest(_Families(lambda: own))  # type: ignore[no-untyped-call]
+    return text
 
 
 class _Families:
