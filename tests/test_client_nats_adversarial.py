@@ -840,9 +840,13 @@ async def _cut_after_publish(cut: dict[str, bool], client: trio.SocketStream) ->
         async def up(nursery: trio.Nursery) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 async for chunk in client:
-                    await server.send_all(chunk)
-                    if first and b"HPUB " in chunk:
+                    publish = first and b"HPUB " in chunk
+                    if publish:
+                        # Set before the send: once sent, the ack may come back
+                        # (and be forwarded) before this task runs again.
                         seen.set()
+                    await server.send_all(chunk)
+                    if publish:
                         await trio.sleep(0.3)  # stored by now; its ack is dropped below
                         break
             nursery.cancel_scope.cancel()
