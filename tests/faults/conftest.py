@@ -8,7 +8,9 @@ is impossible (or FAULTS_NO_MOUNT=1) it is None and the disk-full test uses a
 store wrapper instead.
 
 Each scenario calls `report(line)`; the lines are printed after the run, so
-`pytest tests/faults -q` ends with every scenario's counts.
+`pytest tests/faults -q` ends with every scenario's counts. They travel as
+the test's `user_properties`, which pytest-xdist brings back from its
+workers to the process that prints the summary.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ __all__ = ["QUIET_COMMITTER", "StartServer", "report", "start_server", "tiny_dis
 Report = Callable[[str], None]
 
 TINY_DISK_BYTES = 6 * 1024 * 1024
-_REPORT: list[str] = []
+_SCENARIO = "fault scenario"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,15 +51,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _REPORT:
+    lines = sorted(
+        str(value)
+        for reports in terminalreporter.stats.values()
+        for test in reports
+        if getattr(test, "when", None) == "call"
+        for name, value in getattr(test, "user_properties", ())
+        if name == _SCENARIO
+    )
+    if lines:
         terminalreporter.section("fault scenarios")
-        for line in _REPORT:
+        for line in lines:
             terminalreporter.write_line(line)
 
 
 @pytest.fixture
-def report() -> Report:
-    return _REPORT.append
+def report(request: pytest.FixtureRequest) -> Report:
+    properties = request.node.user_properties
+    return lambda line: properties.append((_SCENARIO, line))
 
 
 @pytest.fixture
