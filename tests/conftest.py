@@ -24,6 +24,25 @@ from ingestor.service import open_service
 from ingestor.sinks.memory import MemorySink
 from ingestor.store import sqlite as sqlite_store
 
+# The user property under which a fault scenario reports its counts
+# (tests/faults/conftest.py's `report`), printed after the run.
+SCENARIO = "fault scenario"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = sorted(
+        str(value)
+        for reports in terminalreporter.stats.values()
+        for test in reports
+        if getattr(test, "when", None) == "call"
+        for name, value in getattr(test, "user_properties", ())
+        if name == SCENARIO
+    )
+    if lines:
+        terminalreporter.section("fault scenarios")
+        for line in lines:
+            terminalreporter.write_line(line)
+
 
 class FakeClock:
     """Wall-clock microseconds that a test sets and moves by hand."""

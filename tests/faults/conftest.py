@@ -10,7 +10,8 @@ store wrapper instead.
 Each scenario calls `report(line)`; the lines are printed after the run, so
 `pytest tests/faults -q` ends with every scenario's counts. They travel as
 the test's `user_properties`, which pytest-xdist brings back from its
-workers to the process that prints the summary.
+workers to the process that prints the summary (tests/conftest.py's hook:
+that process loads no conftest below tests/).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SCENARIO
 from tests.support.fixtures import (
     ABORTED_UPLOAD_WARNINGS,
     QUIET_COMMITTER,
@@ -34,7 +36,6 @@ __all__ = ["QUIET_COMMITTER", "StartServer", "report", "start_server", "tiny_dis
 Report = Callable[[str], None]
 
 TINY_DISK_BYTES = 6 * 1024 * 1024
-_SCENARIO = "fault scenario"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,25 +51,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.filterwarnings(rule))
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = sorted(
-        str(value)
-        for reports in terminalreporter.stats.values()
-        for test in reports
-        if getattr(test, "when", None) == "call"
-        for name, value in getattr(test, "user_properties", ())
-        if name == _SCENARIO
-    )
-    if lines:
-        terminalreporter.section("fault scenarios")
-        for line in lines:
-            terminalreporter.write_line(line)
-
-
 @pytest.fixture
 def report(request: pytest.FixtureRequest) -> Report:
     properties = request.node.user_properties
-    return lambda line: properties.append((_SCENARIO, line))
+    return lambda line: properties.append((SCENARIO, line))
 
 
 @pytest.fixture
