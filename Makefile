@@ -19,12 +19,13 @@ run: $(STAMP)
 # The tests run in a process per core (pytest-xdist): most of their time is
 # CPU, the servers they start and the load they send, so two cores take
 # about two thirds of one's time. Each test has its own database, ports and
-# data dir. PYTEST_ARGS="-n 0" runs them in one process.
+# data dir. At most four processes: each opens PostgreSQL connections and
+# starts servers of its own. PYTEST_ARGS="-n 0" runs them in one process.
 test: $(STAMP)
 	$(BIN)/ruff check ingestor tests bench
 	$(BIN)/ruff format --check ingestor tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -n auto --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ingestor tests bench
