@@ -132,16 +132,20 @@ class Deliverer:
             else:
                 self.delivered += 1
             try:
-                await trio.to_thread.run_sync(
-                    lambda: self._store.record_delivery(
-                        batch.partition,
-                        batch.batch_id,
-                        status=status,
-                        error=error,
-                        next_attempt_us=next_at,
-                        now_us=self._clock(),
+                # Shielded: a stop that cancelled this wait would leave a batch
+                # the sink has taken pending in the store, sent again once its
+                # lease ends. The store's busy timeout bounds the wait.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        lambda: self._store.record_delivery(
+                            batch.partition,
+                            batch.batch_id,
+                            status=status,
+                            error=error,
+                            next_attempt_us=next_at,
+                            now_us=self._clock(),
+                        )
                     )
-                )
             except StoreError as exc:
                 # Still pending in the store: it is sent again later, harmlessly.
                 self.unrecorded += 1

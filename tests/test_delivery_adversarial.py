@@ -714,3 +714,34 @@ async def test_a_delivery_cancelled_by_a_stop_gives_its_batch_back_at_once(
         lease_us=wall() + 10**6,
     )
     assert store.due_batches(wall(), 10) == []
+
+
+class _TakenAsTheStopComes:
+    """A sink that takes each batch and answers just as the service stops: the
+    stop's cancellation is pending when its delivery returns."""
+
+    def __init__(self, stop: trio.CancelScope) -> None:
+        self.stop = stop
+        self.taken: list[str] = []
+
+    async def deliver(self, batch_id: str, day: str, body: bytes) -> None:
+        self.taken.append(batch_id)
+        self.stop.cancel()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_batch_the_sink_took_as_the_service_stopped_is_recorded_delivered(
+    store: SQLiteStore, wall: FakeClock
+) -> None:
+    """The sink has the batch: the outcome is recorded though the stop cancels
+    what follows. Before, the record was cancelled: the batch stayed pending,
+    claimed, and was sent again once its lease ended (25 s by default)."""
+    [batch_id] = make_batches(store, 1)
+    with trio.CancelScope() as stop:
+        sink = _TakenAsTheStopComes(stop)
+        await deliverer_of(store, sink, wall).deliver_due()  # type: ignore[arg-type]
+    assert stop.cancel_called
+    assert sink.taken == [batch_id]
+    assert state(store, batch_id) == ("delivered", 1, None)
