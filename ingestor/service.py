@@ -24,6 +24,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
@@ -68,6 +69,7 @@ async def open_service(
             billing_timezone=settings.billing_timezone,
             tenant_timezones=settings.tenant_timezones,
         )
+        rules.raise_horizon(await trio.to_thread.run_sync(store.purge_horizon))
         lanes = max(1, min(store.write_lanes, store.partitions))
         shards = [
             Shard(
@@ -103,6 +105,7 @@ async def open_service(
             # replay is inside the late window for as much longer.
             dedup_window=settings.dedup_window + settings.future_skew,
             on_commit=deliverer.wake,
+            on_horizon=rules.raise_horizon,
             clock=clock,
         )
         runtime = Runtime(
@@ -136,7 +139,30 @@ async def open_service(
             await trio.to_thread.run_sync(store.close)
 
 
+async def _no_protocol_switch(protocol: H11Protocol, request: object) -> None:
+    """What replaces hypercorn's `H11Protocol._check_protocol`: the service
+    speaks HTTP/1.1 only (see `_http1_only`)."""
+
+
+def _http1_only() -> None:
+    """Turn hypercorn's HTTP/2 over cleartext off.
+
+    hypercorn switches a connection to HTTP/2 when a client opens with
+    HTTP/2's preface or asks for `Upgrade: h2c`, with no setting to refuse
+    it, and its HTTP/2 ends the whole server on a DATA frame for a stream
+    it has already answered (hypercorn issue #329): one client posting
+    without its key, or past max_body_bytes, stopped every request of the
+    process. Without the switch, an Upgrade header is ignored, as RFC 9110
+    §7.8 allows, and the preface is a malformed HTTP/1.1 request, answered
+    with an error. The service has no TLS, so no ALPN offers HTTP/2 either.
+    """
+    if not hasattr(H11Protocol, "_check_protocol"):  # a hypercorn that checks elsewhere
+        raise RuntimeError("hypercorn's H11Protocol._check_protocol is gone: see _http1_only")
+    H11Protocol._check_protocol = _no_protocol_switch  # type: ignore[method-assign,assignment]
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
+    _http1_only()
     config = HypercornConfig()
     config.bind = [settings.bind]
     config.graceful_timeout = settings.graceful_timeout
