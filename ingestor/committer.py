@@ -11,6 +11,7 @@ is tested on its own.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -27,6 +28,9 @@ __all__ = ["Committer", "day_closes_at"]
 
 log = logging.getLogger("ingestor.committer")
 _LEAD_RETRY = 5.0  # seconds between tries to take over from a lost leader
+# How long a purge horizon is in the store before ids older than it are
+# forgotten: every instance reads it at least every _LEAD_RETRY.
+_ANNOUNCED_US = int(2 * _LEAD_RETRY * 1_000_000)
 
 
 def day_closes_at(day: dt.date, zones: set[dt.tzinfo]) -> dt.datetime:
@@ -49,6 +53,7 @@ class Committer:
         max_records: int,
         dedup_window: float,
         on_commit: Callable[[], None] = lambda: None,
+        on_horizon: Callable[[int | None], None] = lambda before_us: None,
         clock: Callable[[], int] = wall_clock_us,
     ) -> None:
         self._shards = shards
@@ -59,6 +64,9 @@ class Committer:
         self._max_records = max_records
         self._dedup_window_us = int(dedup_window * 1_000_000)
         self._on_commit = on_commit
+        self._on_horizon = on_horizon
+        self._announced: collections.deque[tuple[int, int]] = collections.deque()
+        self._ready: int | None = None  # the latest horizon announced long enough ago
         self._clock = clock
         self.commits = 0  # commits of a day that finished in every partition
         self.commit_failures = 0  # ... and those that failed in a partition (to retry)
@@ -155,11 +163,27 @@ class Committer:
         return batches
 
     async def purge(self) -> int:
-        """Forget pulses (and their ids) older than the dedup window."""
-        before = self._clock() - self._dedup_window_us
+        """Forget pulses (and their ids) older than the dedup window.
+
+        Announce, wait, forget. Instances sharing a store may have different
+        dedup windows (a restart with another setting, or a rolling change),
+        and a replay of a forgotten id would count again. So the horizon goes
+        to this instance's intake and into the store first; every instance
+        reads it at least every `_LEAD_RETRY` and refuses older pulses; and
+        ids are forgotten up to a horizon announced `_ANNOUNCED_US` ago.
+        """
+        now = self._clock()
+        horizon = now - self._dedup_window_us
+        self._on_horizon(horizon)
+        await trio.to_thread.run_sync(self._store.announce_purge, horizon)
+        self._announced.append((now, horizon))
+        while self._announced and self._announced[0][0] <= now - _ANNOUNCED_US:
+            self._ready = self._announced.popleft()[1]
+        if self._ready is None:
+            return 0
         removed = 0
         for partition in range(self._store.partitions):
-            removed += await trio.to_thread.run_sync(self._store.purge, partition, before)
+            removed += await trio.to_thread.run_sync(self._store.purge, partition, self._ready)
         return removed
 
     async def wait_ticks(self, count: int) -> None:
@@ -196,6 +220,11 @@ class Committer:
                     await self.purge()
                 except Exception as exc:
                     _tick_failed("purge", exc)
+            # Another instance's purge, maybe with a shorter dedup window.
+            try:
+                self._on_horizon(await trio.to_thread.run_sync(self._store.purge_horizon))
+            except Exception as exc:
+                _tick_failed("reading how far purges reach", exc)
             self.ticks += 1
             self._ticked.set()
             self._ticked = trio.Event()

@@ -103,6 +103,12 @@ class Rules:
     ) -> None:
         self.late_window_us = int(late_window_s * 1_000_000)
         self.future_skew_us = int(future_skew_s * 1_000_000)
+        # The store's `purge_horizon`, kept up to date by the committer. Its
+        # purges may be made with a shorter dedup window than this instance's
+        # (another instance's, or this store's before a restart): a pulse
+        # stamped before it, plus future_skew, may have been received before
+        # it, its id gone, and a replay of it would count twice.
+        self.horizon_us: int | None = None
         self.max_batch = max_batch
         self.default_zone = zoneinfo.ZoneInfo(billing_timezone)
         self.tenant_zones = {
@@ -120,6 +126,12 @@ class Rules:
         # pulses to their buckets after the commit, long after the request
         # decoded them.
         self.names: dict[str, str] = {}
+
+    def raise_horizon(self, before_us: int | None) -> None:
+        """Purges may forget ids received before `before_us` (None: no purge was announced)."""
+        if before_us is not None:
+            known = self.horizon_us
+            self.horizon_us = before_us if known is None else max(known, before_us)
 
     def _days_in(self, zone: dt.tzinfo) -> dict[int, str]:
         return self._days.setdefault(zone, {})
@@ -261,7 +273,9 @@ def _build(
     """
     tenants: dict[str, list[Pulse]] = {}
     items = list(rejected)
-    oldest = now_us - rules.late_window_us
+    late = now_us - rules.late_window_us
+    horizon = rules.horizon_us
+    oldest = late if horizon is None else max(late, horizon + rules.future_skew_us)
     newest = now_us + rules.future_skew_us
     today: dict[str, str] = {}  # a tenant's billing day now: that of pulses without a timestamp
     if len(rules.names) > _NAMES_MAX:
@@ -293,7 +307,12 @@ def _build(
                     if up and index in up:
                         ts -= 1
                 if ts < oldest:
-                    raise ValueError("timestamp is older than the late window")
+                    if ts < late:
+                        raise ValueError("timestamp is older than the late window")
+                    raise ValueError(
+                        "timestamp is older than the pulses this store still knows"
+                        " (a purge with a shorter dedup_window forgot their ids)"
+                    )
                 if ts > newest:
                     raise ValueError("timestamp is in the future")
                 day = rules.day_of(tenant, ts)

@@ -347,6 +347,8 @@ async def test_a_purge_past_the_dedup_window_keeps_open_buckets_and_pending_corr
     write(store, late, clock.now_us + HOUR_US)
     async with parts(store, clock, grace=3600, dedup_window=86400) as committer:
         clock.advance(3 * 86400)
+        assert await committer.purge() == 0  # announced (see Committer.purge)
+        clock.advance(10)
         assert await committer.purge() > 0
         assert await committer.purge() == 0
         assert open_days(store) == {p: ["2026-11-01"] for p in range(4)}
@@ -387,6 +389,8 @@ async def test_a_future_stamped_pulse_replayed_after_the_purge_is_not_counted_tw
         f" {bucket.pulse_count} pulses: the same id counted twice"
     )
     clock.advance(300)  # past the window and the skew: the id may go, and its pulse is too old
+    assert await runtime.committer.purge() == 0  # announced (see Committer.purge)
+    clock.advance(10)
     assert await runtime.committer.purge() == 1  # their one log row
     assert (await client.post("/pulses", json=body)).status_code == 422
 
@@ -429,20 +433,20 @@ async def test_a_failing_partition_of_one_day_does_not_hold_back_later_days_or_t
     some other instance keeps): the periodic committer never committed 11-27
     of partition 1, which has nothing to do with it, and never purged."""
     store = runtime.store
-    commit_day, purge = store.commit_day, store.purge
-    purges: list[int] = []
+    commit_day, announce = store.commit_day, store.announce_purge
+    purges: list[int] = []  # the horizons a purge announced, its first step
 
     def broken(partition: int, day: str, *args: Any) -> list[BatchSummary]:
         if (partition, day) == (0, "2026-11-26"):
             raise StoreError("commit: I/O error under the store")
         return commit_day(partition, day, *args)
 
-    def counted(partition: int, before_us: int) -> int:
-        purges.append(partition)
-        return purge(partition, before_us)
+    def counted(before_us: int) -> None:
+        purges.append(before_us)
+        announce(before_us)
 
     monkeypatch.setattr(store, "commit_day", broken)
-    monkeypatch.setattr(store, "purge", counted)
+    monkeypatch.setattr(store, "announce_purge", counted)
     await post(client, pulse(tenant_id="d", timestamp="2026-11-26T10:00:00Z"))
     await post(client, pulse(tenant_id="b", timestamp="2026-11-27T10:00:00Z"))
     committer = runtime.committer

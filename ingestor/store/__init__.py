@@ -170,6 +170,20 @@ class Store(Protocol):
         """Forget pulses (and their ids) received before `before_us`.
 
         Returns how many stored writes (groups of pulses) were forgotten.
+        Only after `announce_purge` of as much (see `Committer.purge`).
+        """
+        ...
+
+    def announce_purge(self, before_us: int) -> None:
+        """Keep `before_us` as the purge horizon, if it is later than the one kept."""
+        ...
+
+    def purge_horizon(self) -> int | None:
+        """The latest `announce_purge`, whichever instance made it and with
+        whatever dedup window; None if none was made.
+
+        An id received before it may be gone: a replay of its pulse would
+        count again. Intake refuses pulses that old (`Rules.horizon_us`).
         """
         ...
 

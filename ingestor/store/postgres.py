@@ -689,6 +689,20 @@ class PostgresStore:
             if cursor.rowcount < _PURGE_CHUNK:
                 return removed
 
+    def announce_purge(self, before_us: int) -> None:
+        with _translated("announce a purge"), self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('purge_horizon', %s)"
+                " ON CONFLICT (key) DO UPDATE"
+                " SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
+                (str(before_us),),
+            )
+
+    def purge_horizon(self) -> int | None:
+        with self._reading("read") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'purge_horizon'").fetchone()
+        return int(row[0]) if row else None
+
     # -- reads ----------------------------------------------------------
 
     def open_days(self, partition: int) -> list[str]:

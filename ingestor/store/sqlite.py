@@ -1153,6 +1153,22 @@ class SQLiteStore:
             )
             return cursor.rowcount == 1
 
+    def announce_purge(self, before_us: int) -> None:
+        with self._file.transaction("announce a purge", self._parts[0]) as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('purge_horizon', CAST(? AS TEXT))"
+                " ON CONFLICT (key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),"
+                " CAST(excluded.value AS INTEGER)) AS TEXT)",
+                (before_us,),
+            )
+
+    def purge_horizon(self) -> int | None:
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'purge_horizon'").fetchone()
+            return int(row[0]) if row else None
+
+        return self._file.read(read)
+
     def purge(self, partition: int, before_us: int) -> int:
         part = self._part(partition)
         removed = 0
