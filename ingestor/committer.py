@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import logging
+import zoneinfo
 from collections.abc import Callable, Sequence
 
 import trio
@@ -31,6 +32,10 @@ _LEAD_RETRY = 5.0  # seconds between tries to take over from a lost leader
 # How long a purge horizon is in the store before ids older than it are
 # forgotten: every instance reads it at least every _LEAD_RETRY.
 _ANNOUNCED_US = int(2 * _LEAD_RETRY * 1_000_000)
+# The zones of every instance on the store (`note_zones`): each says its own
+# at start and then every minute, and counts for ten minutes after.
+_ZONES_NOTED_US = 60 * 1_000_000
+_ZONES_KEPT_US = 10 * 60 * 1_000_000
 
 
 def day_closes_at(day: dt.date, zones: set[dt.tzinfo]) -> dt.datetime:
@@ -58,7 +63,9 @@ class Committer:
     ) -> None:
         self._shards = shards
         self._store = store
-        self._zones = zones
+        self._own_zones = zones
+        self._zones = set(zones)  # and those of the other instances on the store
+        self._zones_noted: int | None = None
         self._interval = interval
         self._grace = dt.timedelta(seconds=grace)
         self._max_records = max_records
@@ -80,6 +87,32 @@ class Committer:
 
     def is_due(self, day: dt.date, now: dt.datetime) -> bool:
         return day_closes_at(day, self._zones) + self._grace <= now
+
+    async def note_zones(self) -> None:
+        """Tell the store the zones this instance bills in, and take in those of
+        every instance on it: a day is due once it has ended in all of them.
+
+        An instance in a later zone still takes pulses of a day that has
+        ended here (its pulses without a timestamp fall on its own today);
+        committed by this instance's zones alone, they all became corrections.
+        """
+        now = self._clock()
+        found = await trio.to_thread.run_sync(
+            self._store.note_zones,
+            sorted(str(zone) for zone in self._own_zones),
+            now,
+            now - _ZONES_KEPT_US,
+        )
+        zones = set(self._own_zones)
+        for name in found:
+            try:
+                zones.add(zoneinfo.ZoneInfo(name))
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                log.warning(
+                    "an instance bills in a zone unknown here", extra={"fields": {"zone": name}}
+                )
+        self._zones = zones
+        self._zones_noted = now
 
     async def commit_day(self, day: dt.date) -> list[BatchSummary]:
         """Commit every open bucket of `day`, one transaction per partition.
@@ -186,6 +219,13 @@ class Committer:
             removed += await trio.to_thread.run_sync(self._store.purge, partition, self._ready)
         return removed
 
+    async def _note_zones_when_due(self) -> None:
+        if self._zones_noted is None or self._clock() - self._zones_noted >= _ZONES_NOTED_US:
+            try:
+                await self.note_zones()
+            except Exception as exc:
+                _tick_failed("noting time zones", exc)
+
     async def wait_ticks(self, count: int) -> None:
         """Wait until the timer has fired and finished its work `count` times in all."""
         while self.ticks < count:
@@ -201,8 +241,10 @@ class Committer:
         """
         task_status.started()
         retry_lead = min(self._interval, _LEAD_RETRY)
+        await self._note_zones_when_due()  # at start: the leader learns of this one's zones
         while True:
             await trio.sleep(self._interval if self.leading else retry_lead)
+            await self._note_zones_when_due()
             # Each step apart: a failed commit does not skip the purge (the
             # log and the ids would grow), and nothing of one tick, not even
             # an error no store raises, stops the committer or the service.

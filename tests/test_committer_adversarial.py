@@ -332,6 +332,34 @@ async def test_a_commit_interval_longer_than_a_day_commits_every_day_due_at_each
 # -- purge ------------------------------------------------------------------------
 
 
+async def test_a_day_is_due_once_it_has_ended_in_the_zones_of_every_instance(
+    opener: Opener,
+) -> None:
+    """Instances on one store in different zones (a rolling change of
+    billing_timezone, or one per region): the leader committed a day once it
+    had ended in its own zones, while an instance twelve hours behind still
+    took pulses of it as its today, and each became a correction. A zone
+    counts for ten minutes after its instance last said it."""
+    store = opener()
+    clock = FakeClock(dt.datetime(2026, 11, 28, 1, 0, tzinfo=dt.UTC))
+    day = dt.date(2026, 11, 27)
+    utc, behind = {zoneinfo.ZoneInfo("UTC")}, {zoneinfo.ZoneInfo("Etc/GMT+12")}
+    async with (
+        parts(store, clock, zones=utc) as leader,
+        parts(store, clock, zones=behind) as other,
+    ):
+        assert leader.is_due(day, clock.now)  # it has ended in UTC
+        await other.note_zones()
+        await leader.note_zones()
+        assert not leader.is_due(day, clock.now)  # 13:00 on the 27th, twelve hours behind
+        clock.advance(9 * 60)
+        await leader.note_zones()
+        assert not leader.is_due(day, clock.now)
+        clock.advance(2 * 60)  # the other instance has not said its zones for 11 minutes
+        await leader.note_zones()
+        assert leader.is_due(day, clock.now)
+
+
 async def test_a_purge_past_the_dedup_window_keeps_open_buckets_and_pending_corrections(
     opener: Opener,
 ) -> None:

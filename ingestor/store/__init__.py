@@ -174,6 +174,11 @@ class Store(Protocol):
         """
         ...
 
+    def note_zones(self, zones: Sequence[str], now_us: int, since_us: int) -> list[str]:
+        """Record that an instance bills days in `zones` (IANA names) at `now_us`;
+        every zone any instance on the store recorded at `since_us` or later."""
+        ...
+
     def announce_purge(self, before_us: int) -> None:
         """Keep `before_us` as the purge horizon, if it is later than the one kept."""
         ...

@@ -689,6 +689,23 @@ class PostgresStore:
             if cursor.rowcount < _PURGE_CHUNK:
                 return removed
 
+    def note_zones(self, zones: Sequence[str], now_us: int, since_us: int) -> list[str]:
+        with _translated("note time zones"), self._pool.connection() as conn:
+            with conn.transaction():
+                for zone in sorted(zones):  # one order: two instances never deadlock
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key)"
+                        " DO UPDATE SET value = GREATEST(meta.value::bigint,"
+                        " excluded.value::bigint)::text",
+                        (f"zone/{zone}", str(now_us)),
+                    )
+            rows = conn.execute(
+                "SELECT key FROM meta WHERE starts_with(key, 'zone/')"
+                " AND CASE WHEN starts_with(key, 'zone/') THEN value::bigint END >= %s",
+                (since_us,),
+            ).fetchall()
+        return sorted(str(key).removeprefix("zone/") for (key,) in rows)
+
     def announce_purge(self, before_us: int) -> None:
         with _translated("announce a purge"), self._pool.connection() as conn:
             conn.execute(

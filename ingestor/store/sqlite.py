@@ -1153,6 +1153,20 @@ class SQLiteStore:
             )
             return cursor.rowcount == 1
 
+    def note_zones(self, zones: Sequence[str], now_us: int, since_us: int) -> list[str]:
+        with self._file.transaction("note time zones", self._parts[0]) as conn:
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, CAST(? AS TEXT))"
+                " ON CONFLICT (key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),"
+                " CAST(excluded.value AS INTEGER)) AS TEXT)",
+                [(_ZONE + zone, now_us) for zone in zones],
+            )
+            rows = conn.execute(
+                "SELECT key FROM meta WHERE substr(key, 1, ?) = ? AND CAST(value AS INTEGER) >= ?",
+                (len(_ZONE), _ZONE, since_us),
+            ).fetchall()
+        return sorted(key.removeprefix(_ZONE) for (key,) in rows)
+
     def announce_purge(self, before_us: int) -> None:
         with self._file.transaction("announce a purge", self._parts[0]) as conn:
             conn.execute(
@@ -1591,6 +1605,10 @@ def _spanned(
             ).fetchone()
             if row is not None:
                 yield row
+
+
+# Meta keys of the zones instances bill in (`Store.note_zones`): "zone/<name>".
+_ZONE = "zone/"
 
 
 def _meta_int(conn: sqlite3.Connection, key: str) -> int:
