@@ -25,7 +25,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.run import worker_serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from .clock import wall_clock_us
@@ -161,8 +163,29 @@ def _http1_only() -> None:
     H11Protocol._check_protocol = _no_protocol_switch  # type: ignore[method-assign,assignment]
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+class _OneConnection(TCPServer):
+    """hypercorn's handler of a connection, whose failure ends that connection only.
+
+    An exception that escaped hypercorn's handler of one connection ended
+    the listeners' nursery, so the process, and every other request lost
+    its answer: HTTP/2's did (`_http1_only`). The handler closes its
+    stream on the way out; the failure is logged here.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:
+            log.exception("a connection failed: it is closed, the server goes on")
+
+
+def _harden_hypercorn() -> None:
     _http1_only()
+    hypercorn_run.TCPServer = _OneConnection  # type: ignore[attr-defined]
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    _harden_hypercorn()
     config = HypercornConfig()
     config.bind = [settings.bind]
     config.graceful_timeout = settings.graceful_timeout

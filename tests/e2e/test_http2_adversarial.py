@@ -6,13 +6,17 @@ http2=True)`) or asked for `Upgrade: h2c`, and its HTTP/2 ended the whole
 process on a DATA frame for a stream it had answered (hypercorn issue #329):
 a client posting 100 KB without its key got its 401, sent the rest, and every
 request of the server lost its answer. The service now speaks HTTP/1.1 only
-(`service._http1_only`): each test here brought a server down before.
+(`service._http1_only`): each test here brought a server down before. And
+whatever fails in hypercorn's handler of one connection ends that connection
+only (`service._OneConnection`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -20,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.conftest import ABORTED_UPLOADS, StartServer
+from tests.e2e.conftest import ABORTED_UPLOADS, QUIET_COMMITTER, StartServer
 from tests.support.server import ServerProcess, exchange
 
 pytestmark = [pytest.mark.e2e, *ABORTED_UPLOADS]
@@ -118,3 +122,47 @@ async def test_an_h2c_upgrade_is_answered_over_http1(
     status, _, body = await exchange(server, request)  # one HTTP/1.1 answer, no 101
     assert status == 200, body[:200]
     await _still_serves(server)
+
+
+# A server whose handler of a connection raises on a request with
+# X-Fail-Connection: a stand-in for any bug in hypercorn's protocol code.
+_FAILING = """
+import sys
+import hypercorn.protocol.h11 as h11
+create = h11.H11Protocol._create_stream
+async def _create_stream(self, request):
+    if any(name.lower() == b"x-fail-connection" for name, _ in request.headers):
+        raise RuntimeError("a connection handler failed")
+    return await create(self, request)
+h11.H11Protocol._create_stream = _create_stream
+from ingestor.__main__ import main
+sys.exit(main())
+"""
+
+
+class _FailingConnections(ServerProcess):
+    def command(self) -> list[str]:
+        return [self._python, "-c", _FAILING, *super().command()[3:]]  # after "-m ingestor"
+
+
+async def test_a_failing_connection_handler_ends_its_connection_not_the_server(
+    tmp_path: Path,
+) -> None:
+    server = _FailingConnections(tmp_path / "data", env=dict(QUIET_COMMITTER))
+    await server.start()
+    try:
+        request = (
+            f"POST /pulses HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            "X-Fail-Connection: 1\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        stream = await trio.open_tcp_stream(server.host, server.port)
+        received = b""
+        async with stream:
+            await stream.send_all(request)
+            with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+                received = await stream.receive_some(65536)
+        assert received == b"", received[:200]  # closed without an answer
+        await _still_serves(server)
+        assert "a connection failed: it is closed, the server goes on" in server.output
+    finally:
+        await server.aclose()
