@@ -65,6 +65,17 @@ def _has_body(scope: HTTPScope) -> bool:
     return False
 
 
+def _framed_twice(scope: HTTPScope) -> bool:
+    """Whether the request names both a Transfer-Encoding and a Content-Length.
+
+    It is read by its Transfer-Encoding, and its connection is closed after
+    the answer (RFC 9112 §6.1): a proxy in front may have read it by its
+    Content-Length, and taken what follows for another request (request
+    smuggling)."""
+    names = {name for name, _ in scope["headers"]}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
 class Edge:
     """Wraps the ASGI app; see the module docstring."""
 
@@ -114,6 +125,7 @@ class Edge:
         counted = path not in PUBLIC_PATHS
         finished = not counted
         body_read = not _has_body(http)
+        close = body_read is False and _framed_twice(http)
         if counted:
             if not self.in_flight:
                 self._idle = trio.Event()
@@ -130,7 +142,7 @@ class Edge:
 
         async def send_response(message: Any) -> None:
             nonlocal finished
-            if message["type"] == "http.response.start" and not body_read:
+            if message["type"] == "http.response.start" and (close or not body_read):
                 message = {
                     **message,
                     "headers": [*message.get("headers", ()), (b"connection", b"close")],

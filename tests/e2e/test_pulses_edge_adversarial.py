@@ -667,3 +667,38 @@ async def test_expect_100_continue_gets_the_final_answer_after_the_body(
         await connection.aclose()
     assert_error(too_big, 413, "body_too_large")
     assert await stored(client, server) == [("expect", "sku", "call", Decimal(6), 1)]
+
+
+async def test_a_body_framed_by_both_transfer_encoding_and_length_closes_its_connection(
+    start_server: StartServer,
+) -> None:
+    """RFC 9112 §6.1: a request with both Transfer-Encoding and Content-Length is
+    read by its Transfer-Encoding and its connection closed after the answer.
+    A proxy in front may have framed it by its Content-Length and taken the
+    rest for another request (request smuggling); the connection was kept
+    alive, and a request hidden in the body would have been answered."""
+    server = await start_server()
+    body = json.dumps(pulse("smuggle")).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    hidden = (
+        f"POST /pulses HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    head = (
+        f"POST /pulses HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(chunked)}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream(server.host, server.port)
+    received = b""
+    async with stream:
+        await stream.send_all(head + chunked + hidden)
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 202 "), received[:200]
+    assert b"\r\nconnection: close\r\n" in received.lower(), received[:400]
+    assert received.count(b"HTTP/1.1 ") == 1, received  # the hidden request is not answered
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert await stored(client, server, tenant_id="smuggle") == [
+            ("smuggle", "sku", "call", Decimal(1), 1)
+        ]
