@@ -537,9 +537,15 @@ async def test_postgres_instance_with_a_short_dedup_window_does_not_make_another
         (tmp_path / "a", {"INGESTOR_STORE": postgres, **SHORT_WINDOWS}),
         (tmp_path / "b", {"INGESTOR_STORE": postgres}),
     ) as (a, b):
-        assert outcome(await post(http, b.url, sent)) == (10, 0, 0)
+        first = outcome(await post(http, b.url, sent))
         before = await totals(http, b.url)
-        assert list(before.values()) == [(Decimal(55), 10)]
+        # Taken, or refused at once if B has already read A's horizon: A forgets
+        # an id half a second after its pulse came, and B cannot tell a replay
+        # of a pulse stamped before then (300 s of future_skew later).
+        assert (first, list(before.values())) in (
+            ((10, 0, 0), [(Decimal(55), 10)]),
+            ((0, 0, 10), []),
+        )
         await _wait_forgotten(http, b.url, "tenant-y", at.date().isoformat())
         answer = await post(http, b.url, sent)
         after = await totals(http, b.url)
