@@ -56,24 +56,27 @@ def admit(*, over_limit: bool, limit: int, header_bytes: int, max_header_bytes: 
         )
 
 
-def _has_body(scope: HTTPScope) -> bool:
+def _framing(scope: HTTPScope) -> tuple[bool, bool]:
+    """Whether the request has a body (by the first of Content-Length and
+    Transfer-Encoding it names), and whether it names both.
+
+    One named both is read by its Transfer-Encoding, and its connection is
+    closed after the answer (RFC 9112 §6.1): a proxy in front may have read
+    it by its Content-Length, and taken what follows for another request
+    (request smuggling). One pass over the headers: every request pays it.
+    """
+    body: bool | None = None
+    length = chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-        if name == b"transfer-encoding":
-            return True
-    return False
-
-
-def _framed_twice(scope: HTTPScope) -> bool:
-    """Whether the request names both a Transfer-Encoding and a Content-Length.
-
-    It is read by its Transfer-Encoding, and its connection is closed after
-    the answer (RFC 9112 §6.1): a proxy in front may have read it by its
-    Content-Length, and taken what follows for another request (request
-    smuggling)."""
-    names = {name for name, _ in scope["headers"]}
-    return b"transfer-encoding" in names and b"content-length" in names
+            length = True
+            if body is None:
+                body = value.strip() not in (b"0", b"")
+        elif name == b"transfer-encoding":
+            chunked = True
+            if body is None:
+                body = True
+    return bool(body), length and chunked
 
 
 class Edge:
@@ -124,8 +127,9 @@ class Edge:
             http = {**http, "path": path, "raw_path": path.encode(), "headers": headers}
         counted = path not in PUBLIC_PATHS
         finished = not counted
-        body_read = not _has_body(http)
-        close = body_read is False and _framed_twice(http)
+        has_body, framed_twice = _framing(http)
+        body_read = not has_body
+        close = has_body and framed_twice
         if counted:
             if not self.in_flight:
                 self._idle = trio.Event()
