@@ -191,6 +191,12 @@ DELETE FROM pulses WHERE seq = ANY (ARRAY (
 ))
 """
 
+# A meta number (a time) that only moves forward, whoever writes it.
+_KEEP_LATEST = """
+INSERT INTO meta (key, value) VALUES (%s, %s)
+ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text
+"""
+
 _NEVER = 1 << 62  # "no latest_us": later than any next attempt
 _DUE_BATCHES = """
 SELECT p.partition, b.batch_id, b.day, b.body, b.attempts
@@ -693,12 +699,7 @@ class PostgresStore:
         with _translated("note time zones"), self._pool.connection() as conn:
             with conn.transaction():
                 for zone in sorted(zones):  # one order: two instances never deadlock
-                    conn.execute(
-                        "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key)"
-                        " DO UPDATE SET value = GREATEST(meta.value::bigint,"
-                        " excluded.value::bigint)::text",
-                        (f"zone/{zone}", str(now_us)),
-                    )
+                    conn.execute(_KEEP_LATEST, (f"zone/{zone}", str(now_us)))
             rows = conn.execute(
                 "SELECT key FROM meta WHERE starts_with(key, 'zone/')"
                 " AND CASE WHEN starts_with(key, 'zone/') THEN value::bigint END >= %s",
@@ -708,12 +709,7 @@ class PostgresStore:
 
     def announce_purge(self, before_us: int) -> None:
         with _translated("announce a purge"), self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('purge_horizon', %s)"
-                " ON CONFLICT (key) DO UPDATE"
-                " SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
-                (str(before_us),),
-            )
+            conn.execute(_KEEP_LATEST, ("purge_horizon", str(before_us)))
 
     def purge_horizon(self) -> int | None:
         with self._reading("read") as conn:

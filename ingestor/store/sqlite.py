@@ -1155,12 +1155,7 @@ class SQLiteStore:
 
     def note_zones(self, zones: Sequence[str], now_us: int, since_us: int) -> list[str]:
         with self._file.transaction("note time zones", self._parts[0]) as conn:
-            conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, CAST(? AS TEXT))"
-                " ON CONFLICT (key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),"
-                " CAST(excluded.value AS INTEGER)) AS TEXT)",
-                [(_ZONE + zone, now_us) for zone in zones],
-            )
+            conn.executemany(_KEEP_LATEST, [(_ZONE + zone, now_us) for zone in zones])
             rows = conn.execute(
                 "SELECT key FROM meta WHERE substr(key, 1, ?) = ? AND CAST(value AS INTEGER) >= ?",
                 (len(_ZONE), _ZONE, since_us),
@@ -1169,12 +1164,7 @@ class SQLiteStore:
 
     def announce_purge(self, before_us: int) -> None:
         with self._file.transaction("announce a purge", self._parts[0]) as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('purge_horizon', CAST(? AS TEXT))"
-                " ON CONFLICT (key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),"
-                " CAST(excluded.value AS INTEGER)) AS TEXT)",
-                (before_us,),
-            )
+            conn.execute(_KEEP_LATEST, ("purge_horizon", before_us))
 
     def purge_horizon(self) -> int | None:
         def read(conn: sqlite3.Connection) -> int | None:
@@ -1609,6 +1599,12 @@ def _spanned(
 
 # Meta keys of the zones instances bill in (`Store.note_zones`): "zone/<name>".
 _ZONE = "zone/"
+# A meta number (a time) that only moves forward, whoever writes it.
+_KEEP_LATEST = (
+    "INSERT INTO meta (key, value) VALUES (?, CAST(? AS TEXT))"
+    " ON CONFLICT (key) DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER),"
+    " CAST(excluded.value AS INTEGER)) AS TEXT)"
+)
 
 
 def _meta_int(conn: sqlite3.Connection, key: str) -> int:
