@@ -391,11 +391,16 @@ async def group_of(data: Path, tmp: Path, workers: int = 2) -> AsyncIterator[Ser
         await wait_until(serving, within=20, what="every worker serving")
         yield server
     finally:
-        workers_left = child_pids(server.pid, marker=WORKER_MARK) if server.running else []
-        await server.aclose()
-        for pid in workers_left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        await close_group(server)
+
+
+async def close_group(server: ServerProcess) -> None:
+    """Stop the supervisor, then SIGKILL any of its workers it left behind."""
+    workers_left = child_pids(server.pid, marker=WORKER_MARK) if server.running else []
+    await server.aclose()
+    for pid in workers_left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def samples_of(text: str) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
@@ -551,11 +556,7 @@ async def test_a_group_serves_when_tmpdir_is_long(tmp_path: Path) -> None:
                 await server.start()
             ready = server.running and "AF_UNIX path too long" not in server.output
         finally:
-            pids = child_pids(server.pid, marker=WORKER_MARK) if server.running else []
-            await server.aclose()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            await close_group(server)
         assert ready, "not ready with a long TMPDIR:\n" + server.output[-1500:]
 
 
