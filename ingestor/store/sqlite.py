@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import itertools
 import logging
@@ -212,7 +213,15 @@ _FAILED_BATCHES = (
     "CREATE INDEX IF NOT EXISTS batches_failed ON batches (part) WHERE status = 'failed'"
 )
 
-_SCHEMA = """
+# Keyed by one text a client id since 4e12a76; by (tenant_id, pulse_id) before (see `_upgrade`).
+_PULSE_IDS = """
+CREATE TABLE pulse_ids (
+    id_key TEXT PRIMARY KEY,  -- see _id_key
+    fingerprint BLOB NOT NULL,
+    seq INTEGER NOT NULL
+) STRICT, WITHOUT ROWID"""
+_SCHEMA = (
+    """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE pulse_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after purge (see _catch_up)
@@ -222,11 +231,9 @@ CREATE TABLE pulse_log (
     ids BLOB  -- see _id_keys
 ) STRICT;
 CREATE INDEX pulse_log_by_part ON pulse_log (part, seq);
-CREATE TABLE pulse_ids (
-    id_key TEXT PRIMARY KEY,  -- see _id_key
-    fingerprint BLOB NOT NULL,
-    seq INTEGER NOT NULL
-) STRICT, WITHOUT ROWID;
+"""
+    + _PULSE_IDS
+    + """;
 CREATE TABLE buckets (
     day TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
@@ -259,7 +266,9 @@ CREATE TABLE batches (
     UNIQUE (part, day, seq)
 ) STRICT;
 CREATE INDEX batches_due ON batches (part, next_attempt_at) WHERE status = 'pending';
-""" + "".join(f"{statement};\n" for statement in (*_SPANS, _FAILED_BATCHES))
+"""
+    + "".join(f"{statement};\n" for statement in (*_SPANS, _FAILED_BATCHES))
+)
 
 # Amounts are exact decimal text; dec_add adds them in Python integers.
 _UPSERT_BUCKET = """
@@ -347,6 +356,11 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
             return StoreBusy(f"{what}: the store stayed locked by another process")
         if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             return StoreMismatch(f"{what}: the store file is damaged or not ours: {exc}")
+        if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            return StoreError(
+                f"{what}: the store cannot be opened for writing"
+                f" (a read-only disk or file, or permissions?): {exc}"
+            )
         if primary == sqlite3.SQLITE_IOERR:
             return StoreError(f"{what}: I/O error under the store (disk full or failing?): {exc}")
     return StoreError(f"{what}: {exc}")
@@ -678,12 +692,21 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     transaction.
 
     Version 2 wrote its log rows in JSON, without a head byte (`_log_row`):
-    they stay as they are and are read as they are. It listed where a
-    tenant's pulses are in a `pulse_days` row per (tenant, day, log row):
-    those rows become spans, and the table goes, as does its index of
-    `pulse_ids` by log row (see `SQLiteStore.purge`). Versions 2 and 3 kept
+    they stay as they are and are read as they are. Versions 2 and 3 kept
     the digest of each client id's payload with it, where this one keeps
     none (see `_known_ids`): their ids keep theirs, and are compared by it.
+
+    Each version had more than one layout, so what is done is decided by
+    what the file holds, not by its version number:
+
+    - `pulse_ids` keyed by (tenant_id, pulse_id) gets one `_id_key` a row;
+      its index by log row goes (see `SQLiteStore.purge`);
+    - a `pulse_days` row per (tenant, day, log row), where a tenant's pulses
+      are, becomes spans, and the table goes. Only the rows of log rows
+      folded already: until 6dd8a16 each write listed its own at once, and
+      the next fold spans the log's tail again, from memory;
+    - log rows get their column of id keys (`_id_keys`).
+
     An earlier version cannot read what this one writes (it would take a
     replay of an id for a conflict): the version number makes it refuse the
     file. Several workers may open the store at once: the first one upgrades
@@ -693,33 +716,64 @@ def _upgrade(path: Path, busy_timeout: float) -> None:
     try:
         conn.execute("BEGIN IMMEDIATE")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == 2:
-            conn.execute("DROP INDEX IF EXISTS pulse_ids_by_seq")  # see `SQLiteStore.purge`
-            for statement in _SPANS:
-                conn.execute(statement)
-            listed = conn.execute(
-                "SELECT tenant_id, day, seq FROM pulse_days ORDER BY tenant_id, day, seq"
-            )
-            conn.executemany(
-                "INSERT INTO pulse_spans (tenant_id, day, seq, last_seq, seqs)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    row
-                    for key, rows in itertools.groupby(listed, key=lambda row: row[:2])
-                    for row in _span_rows(key, [seq for _, _, seq in rows])
-                ),
-            )
-            conn.execute("DROP TABLE pulse_days")
         if version in _UPGRADABLE:
-            conn.execute("ALTER TABLE pulse_log ADD COLUMN ids BLOB")  # see `_id_keys`
+            _upgrade_layout(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(
                 "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
             )
+            upgraded = True
+        else:  # another process has upgraded it meanwhile
+            upgraded = False
         conn.execute("COMMIT")
     finally:
         conn.close()
-    log.info("store upgraded", extra={"fields": {"path": str(path), "schema": SCHEMA_VERSION}})
+    if upgraded:
+        log.info("store upgraded", extra={"fields": {"path": str(path), "schema": SCHEMA_VERSION}})
+
+
+def _upgrade_layout(conn: sqlite3.Connection) -> None:
+    """The tables of a version 2 or 3 file as this version has them (see `_upgrade`)."""
+
+    def columns(table: str) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+    }
+    conn.execute("DROP INDEX IF EXISTS pulse_ids_by_seq")  # see `SQLiteStore.purge`
+    if "id_key" not in columns("pulse_ids"):
+        conn.execute("ALTER TABLE pulse_ids RENAME TO pulse_ids_by_pair")
+        conn.execute(_PULSE_IDS)
+        conn.execute(
+            "INSERT INTO pulse_ids (id_key, fingerprint, seq)"
+            " SELECT tenant_id || ? || pulse_id, fingerprint, seq FROM pulse_ids_by_pair"
+            " ORDER BY 1",
+            (_SEP,),
+        )
+        conn.execute("DROP TABLE pulse_ids_by_pair")
+    if "pulse_days" in tables:
+        if "pulse_spans" not in tables:
+            for statement in _SPANS:
+                conn.execute(statement)
+        listed = conn.execute(
+            "SELECT d.tenant_id, d.day, d.seq FROM pulse_days AS d"
+            " JOIN pulse_log AS l ON l.seq = d.seq"
+            " JOIN meta AS m ON m.key = 'buckets_seq/' || l.part"
+            " WHERE d.seq <= CAST(m.value AS INTEGER)"
+            " ORDER BY d.tenant_id, d.day, d.seq"
+        )
+        conn.executemany(
+            "INSERT INTO pulse_spans (tenant_id, day, seq, last_seq, seqs) VALUES (?, ?, ?, ?, ?)",
+            (
+                row
+                for key, rows in itertools.groupby(listed, key=lambda row: row[:2])
+                for row in _span_rows(key, [seq for _, _, seq in rows])
+            ),
+        )
+        conn.execute("DROP TABLE pulse_days")
+    if "ids" not in columns("pulse_log"):
+        conn.execute("ALTER TABLE pulse_log ADD COLUMN ids BLOB")  # see `_id_keys`
 
 
 def _add_indexes(path: Path, busy_timeout: float) -> None:
@@ -807,11 +861,15 @@ class SQLiteStore:
                     f"{path}: missing; {directory} holds a store of schema version 1"
                     f" (a file per partition), and this version reads {SCHEMA_VERSION}"
                 )
-            if directory.exists() and any(directory.iterdir()):
+            # (A process started with this one may have made the store since.)
+            if directory.exists() and any(directory.iterdir()) and not path.exists():
                 raise StoreMismatch(
                     f"{path}: missing, and {directory} holds other files; refusing to use it"
                 )
-            cls._create(directory, partitions)
+            try:
+                cls._create(directory, partitions)
+            except sqlite3.Error as exc:
+                raise _translate(exc, f"create {path}") from exc
         version, meta = _check_file(path)
         try:
             if version != SCHEMA_VERSION:
@@ -819,7 +877,7 @@ class SQLiteStore:
             _add_indexes(path, busy_timeout)
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
-            raise _translate(exc, "open") from exc
+            raise _translate(exc, f"open {path}") from exc
         return cls(directory, meta["store_id"], file, int(meta["partitions"]), worker)
 
     @staticmethod
@@ -847,10 +905,21 @@ class SQLiteStore:
                 conn.close()
             _fsync(path)
             _fsync(staging)
-            if directory.exists():
-                directory.rmdir()  # empty, checked by the caller
-            # The creation point: before this rename there is no store, after it a whole one.
-            staging.rename(directory)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    directory.rmdir()  # empty, checked by the caller
+                # The creation point: before this rename there is no store, after it a whole one.
+                staging.rename(directory)
+            except OSError as exc:
+                # Processes started together on a new data dir: the first
+                # rename wins, and the others open the store it made.
+                if (
+                    exc.errno not in (errno.ENOTEMPTY, errno.EEXIST)
+                    or not (directory / _FILE).exists()
+                ):
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+                return
             _fsync(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
