@@ -164,7 +164,8 @@ def _http1_only() -> None:
 
 
 class _OneConnection(TCPServer):
-    """hypercorn's handler of a connection, whose failure ends that connection only.
+    """hypercorn's handler of a connection, whose failure ends that connection only,
+    and which lets go of its socket once the client has closed.
 
     An exception that escaped hypercorn's handler of one connection ended
     the listeners' nursery, so the process, and every other request lost
@@ -177,6 +178,17 @@ class _OneConnection(TCPServer):
             await super().run()
         except Exception:
             log.exception("a connection failed: it is closed, the server goes on")
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            # The client has closed (or the read failed): nothing is left to
+            # time out. hypercorn's trio handler left its keep-alive timer
+            # running, and the connection's task group, with its socket,
+            # waited for it, 75 s: a client opening a connection a request
+            # held that many sockets, until the server could accept no more.
+            await self.idle_task.stop()
 
 
 def _harden_hypercorn() -> None:
