@@ -423,15 +423,18 @@ class _File:
 
         `before` runs first, under `write_lock` but outside the transaction.
         """
-        with self.write_lock:
+        deadline = self._take_write_lock(what)
+        try:
             if before is not None:
                 before()
-            with self._transaction(what):
+            with self._transaction(what, deadline):
                 self._round = threading.get_ident()
                 try:
                     yield
                 finally:
                     self._round = None
+        finally:
+            self.write_lock.release()
 
     def transaction(
         self, what: str, part: _Partition
@@ -446,9 +449,24 @@ class _File:
 
     @contextmanager
     def _alone(self, what: str, part: _Partition) -> Iterator[sqlite3.Connection]:
-        with self.write_lock, self._transaction(what) as conn:
-            self._touched.add(part)
-            yield conn
+        deadline = self._take_write_lock(what)
+        try:
+            with self._transaction(what, deadline) as conn:
+                self._touched.add(part)
+                yield conn
+        finally:
+            self.write_lock.release()
+
+    def _take_write_lock(self, what: str) -> float:
+        """Take `write_lock` within the busy timeout, and give the monotonic time by
+        which the writers' lock must be had too: one wait for both. Each waiter
+        spent the whole timeout at the writers' lock once it had this one, so
+        writes queued behind reads of a store another process held waited as
+        many timeouts as there were reads before them."""
+        deadline = time.monotonic() + self._busy_timeout
+        if not self.write_lock.acquire(timeout=self._busy_timeout):
+            raise StoreBusy(f"{what}: the store stayed busy with this process's other writes")
+        return deadline
 
     def data_version(self) -> int:
         """The writer's `PRAGMA data_version`, inside a write transaction. Read once
@@ -460,13 +478,13 @@ class _File:
         return version
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, what: str, deadline: float) -> Iterator[sqlite3.Connection]:
         conn = self.writer
         self.serial += 1
         self._on_commit.clear()
         self._touched.clear()
         self._written.clear()
-        self._lock_writers(what)
+        self._lock_writers(what, deadline)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -515,10 +533,10 @@ class _File:
         except OSError as exc:
             raise StoreError(f"{what}: could not sync the store to disk: {exc}") from exc
 
-    def _lock_writers(self, what: str) -> None:
-        """Wait for this process's turn to write (see the module docstring)."""
+    def _lock_writers(self, what: str, deadline: float) -> None:
+        """Wait for this process's turn to write (see the module docstring), until
+        `deadline` (monotonic)."""
         started = time.perf_counter()
-        deadline = time.monotonic() + self._busy_timeout
         while True:
             try:
                 fcntl.flock(self._writers_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
