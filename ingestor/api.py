@@ -41,6 +41,7 @@ from .errors import (
     StoreBusy,
     StoreError,
     StoreFull,
+    out_of_resources,
 )
 from .hotpath import PulseRoute
 from .intake import Intake, decode_pulses
@@ -355,6 +356,9 @@ def create_app(runtime: Runtime) -> Quart:
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         log.exception("unexpected error", extra={"fields": {"path": request.path}})
+        overloaded = out_of_resources(exc)
+        if overloaded is not None:
+            return _for_error(overloaded)
         return error_response(500, "internal", "internal error; see the server log")
 
     async def post_pulses() -> Response:

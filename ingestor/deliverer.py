@@ -224,6 +224,11 @@ class Deliverer:
             except StoreError as exc:
                 log.warning("reading the outbox failed", extra={"fields": {"error": str(exc)}})
                 attempted = 0
+            except Exception:
+                # No thread to read or claim in, no memory: tried again after
+                # the idle poll. It ended the process, and every request with it.
+                log.exception("a delivery pass failed")
+                attempted = 0
             # A batch whose outcome the store did not take is due again at
             # once: sent again now, it would be sent in a busy loop.
             if attempted == 0 or self.unrecorded > unrecorded:

@@ -32,6 +32,7 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StoreMismatch",
+    "out_of_resources",
 ]
 
 
@@ -95,3 +96,14 @@ class RequestError(IngestorError):
         self.code = code
         self.message = message
         self.details = details
+
+
+def out_of_resources(exc: BaseException) -> Overloaded | None:
+    """`exc` as an overload if it says the process ran out of memory or of threads
+    (a container's memory or process limit): a request may succeed once others
+    are done, so it is answered 503 with Retry-After, not 500. None otherwise."""
+    if isinstance(exc, MemoryError):
+        return Overloaded("the server is out of memory; retry later")
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return Overloaded("the server cannot start a thread; retry later")
+    return None

@@ -26,7 +26,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .auth import Keyring
 from .edge import OVER_LIMIT, admit
-from .errors import IngestorError, RequestError
+from .errors import IngestorError, RequestError, out_of_resources
 from .logs import request_id
 from .metrics import Metrics
 from .routes import NEEDS
@@ -109,10 +109,11 @@ class PulseRoute:
             except IngestorError as exc:
                 status, payload, extra = self._error_parts(exc)
                 headers += [(k.lower().encode(), v.encode()) for k, v in extra]
-            except Exception:
+            except Exception as exc:
                 log.exception("unexpected error", extra={"fields": {"path": "/pulses"}})
                 status, payload, extra = self._error_parts(
-                    RequestError(500, "internal", "internal error; see the server log")
+                    out_of_resources(exc)
+                    or RequestError(500, "internal", "internal error; see the server log")
                 )
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})

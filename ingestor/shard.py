@@ -198,7 +198,7 @@ class Shard:
             self._send.send_nowait(message)
         except trio.WouldBlock:
             raise Overloaded(f"shard {self.index} queue is full") from None
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise Draining("the service is shutting down") from None
         self._queued += writes
 
@@ -272,7 +272,16 @@ class Shard:
             for partition, requests in by_partition.items()
         }
         started = time.perf_counter()
-        written = await trio.to_thread.run_sync(self._write, writes, self._clock())
+        try:
+            written = await trio.to_thread.run_sync(self._write, writes, self._clock())
+        except Exception as exc:
+            # No thread to write in, or the store's thread out of memory: the
+            # round's transaction rolled back, or, if memory failed to follow a
+            # COMMIT, its requests get no 2xx, as when an answer is lost. The
+            # shard goes on: an exception here ended the process.
+            log.exception("a round of writes failed")
+            failed = StoreError(f"write pulses: {exc!r}")
+            written = dict.fromkeys(writes, failed)
         self._count(writes, written, time.perf_counter() - started)
         # Replies go out only now, after the transaction is durable.
         starts = dict.fromkeys(writes, 0)
@@ -343,5 +352,9 @@ class Shard:
             )
         except StoreError as exc:
             message.reply.fail(exc)
+            return
+        except Exception as exc:  # as in `_ingest`
+            log.exception("a commit failed")
+            message.reply.fail(StoreError(f"commit: {exc!r}"))
             return
         message.reply.send(batches)
