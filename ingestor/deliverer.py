@@ -34,7 +34,7 @@ from collections.abc import Callable
 import trio
 
 from .clock import wall_clock_us
-from .errors import SinkRejected, SinkRetryable, StoreError
+from .errors import SinkRejected, SinkRetryable, StoreError, out_of_resources
 from .sinks import Sink
 from .store import DueBatch, Store
 
@@ -146,12 +146,14 @@ class Deliverer:
                             now_us=self._clock(),
                         )
                     )
-            except StoreError as exc:
+            except Exception as exc:
+                if not _passing(exc):
+                    raise  # a defect (see `run`)
                 # Still pending in the store: it is sent again later, harmlessly.
                 self.unrecorded += 1
                 log.warning(
                     "could not record delivery",
-                    extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
+                    extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
                 )
         finally:
             self._limit.release()
@@ -187,12 +189,14 @@ class Deliverer:
                     lease_us=now + self._lease_us,
                 )
             )
-        except StoreError as exc:
+        except Exception as exc:
+            if not _passing(exc):
+                raise  # a defect (see `run`)
             # Still due: tried again after the idle poll, not in a busy loop.
             self.unrecorded += 1
             log.warning(
                 "could not claim a batch",
-                extra={"fields": {"batch_id": batch.batch_id, "error": str(exc)}},
+                extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
             )
             return False
 
@@ -221,16 +225,24 @@ class Deliverer:
             unrecorded = self.unrecorded
             try:
                 attempted = await self.deliver_due()
-            except StoreError as exc:
-                log.warning("reading the outbox failed", extra={"fields": {"error": str(exc)}})
-                attempted = 0
-            except Exception:
-                # No thread to read or claim in, no memory: tried again after
-                # the idle poll. It ended the process, and every request with it.
-                log.exception("a delivery pass failed")
+            except Exception as exc:
+                # No thread to read in, no memory: tried again after the idle
+                # poll, where it ended the process and every request with it.
+                # A defect still does: its supervisor starts it again.
+                if not _passing(exc):
+                    raise
+                log.warning(
+                    "reading the outbox failed", extra={"fields": {"error": str(exc) or repr(exc)}}
+                )
                 attempted = 0
             # A batch whose outcome the store did not take is due again at
             # once: sent again now, it would be sent in a busy loop.
             if attempted == 0 or self.unrecorded > unrecorded:
                 with trio.move_on_after(_IDLE_POLL):
                     await self._wake.wait()
+
+
+def _passing(exc: Exception) -> bool:
+    """Whether the deliverer goes on after `exc`: the store failed, or the process
+    is out of memory or threads for now. Anything else is a defect."""
+    return isinstance(exc, StoreError) or out_of_resources(exc) is not None

@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from .clock import wall_clock_us
-from .errors import Draining, Overloaded, StoreError
+from .errors import Draining, Overloaded, StoreError, out_of_resources
 from .model import BatchSummary, Outcome, Pulse, encode_pulses, join_encoded
 from .store import Store
 
@@ -278,10 +278,13 @@ class Shard:
             # No thread to write in, or the store's thread out of memory: the
             # round's transaction rolled back, or, if memory failed to follow a
             # COMMIT, its requests get no 2xx, as when an answer is lost. The
-            # shard goes on: an exception here ended the process.
-            log.exception("a round of writes failed")
-            failed = StoreError(f"write pulses: {exc!r}")
-            written = dict.fromkeys(writes, failed)
+            # shard goes on, where this ended the process. Any other error is
+            # a defect: the process ends, and its supervisor starts it again.
+            exhausted = out_of_resources(exc)
+            if exhausted is None:
+                raise
+            log.error("a round of writes failed", extra={"fields": {"error": repr(exc)}})
+            written = dict.fromkeys(writes, StoreError(f"write pulses: {exhausted}"))
         self._count(writes, written, time.perf_counter() - started)
         # Replies go out only now, after the transaction is durable.
         starts = dict.fromkeys(writes, 0)
@@ -354,7 +357,10 @@ class Shard:
             message.reply.fail(exc)
             return
         except Exception as exc:  # as in `_ingest`
-            log.exception("a commit failed")
-            message.reply.fail(StoreError(f"commit: {exc!r}"))
+            exhausted = out_of_resources(exc)
+            if exhausted is None:
+                raise
+            log.error("a commit failed", extra={"fields": {"error": repr(exc)}})
+            message.reply.fail(StoreError(f"commit: {exhausted}"))
             return
         message.reply.send(batches)
