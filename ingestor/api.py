@@ -41,6 +41,7 @@ from .errors import (
     StoreBusy,
     StoreError,
     StoreFull,
+    StoreOutcomeUnknown,
     out_of_resources,
 )
 from .hotpath import PulseRoute
@@ -87,6 +88,7 @@ _ERRORS: list[tuple[type[IngestorError], int, str, int | None]] = [
     (Draining, 503, "draining", 5),
     (StoreFull, 503, "store_full", 10),
     (StoreBusy, 503, "store_busy", 1),
+    (StoreOutcomeUnknown, 500, "outcome_unknown", None),
     (StoreError, 503, "store_unavailable", 5),
 ]
 _HTTP_CODES = {
@@ -204,12 +206,19 @@ async def ingest(
         outcomes = written[partition]
         if isinstance(outcomes, StoreError):
             failure = outcomes
+            # Either none of them is kept, or, if the store lost its connection
+            # as it committed, they may be: a retry without ids may count twice.
+            said = (
+                "may be stored, retry only with ids"
+                if isinstance(outcomes, StoreOutcomeUnknown)
+                else "not stored, retry"
+            )
             items.extend(
                 IngestItem(
                     i,
                     "rejected",
                     p.pulse_id if p.client_id else None,
-                    f"not stored, retry: {outcomes}",
+                    f"{said}: {outcomes}",
                 )
                 for i, p in zip(_indexes(intake, tenants), pulses, strict=True)
             )

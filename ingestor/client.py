@@ -29,7 +29,8 @@ with capped exponential backoff and jitter, never sooner than `Retry-After`.
 Nothing is dropped on them: every pulse carries its id from the first attempt,
 so a request that was stored although its answer was lost comes back
 `duplicate` and is counted once. A pulse the server reports "not stored,
-retry" (its store failed) is retried alone. 413 splits the batch in two (and
+retry" (its store failed) or "may be stored" (its store lost the answer to
+its commit) is retried alone. 413 splits the batch in two (and
 lowers `max_batch_pulses` for the rest of the client's life); a single pulse
 answered 413 fails. Any other 4xx for the whole request (400, 401, 403, 415...)
 means a bug in the client, its data or its key: every pulse of it fails as
@@ -127,7 +128,10 @@ _MAX_AMOUNT = 10**18  # exclusive: at most 18 integer digits
 _NANO = Decimal("1e-9")
 _EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])
 _RETRY_STATUSES = frozenset({408, 425, 429})
-_NOT_STORED = "not stored"  # how the server starts the reason of a pulse its store failed
+# How the server starts the reason of a pulse its store failed: not kept, or
+# maybe kept (its connection lost as it committed). Either is sent again: this
+# client gives every pulse an id, so a kept one comes back a duplicate.
+_NOT_STORED = ("not stored", "may be stored")
 _MAX_RETRY_AFTER = 300.0
 _EXIT_TIMEOUT = 30.0
 _decode_report = msgspec.json.Decoder(IngestReport).decode

@@ -5,6 +5,7 @@
     ├── StoreError           the store failed; nothing of the operation was kept
     │   ├── StoreFull        out of disk space: retry later (503)
     │   ├── StoreBusy        the store stayed locked past its timeout (503)
+    │   ├── StoreOutcomeUnknown  lost as it committed: maybe kept (500)
     │   └── StoreMismatch    the data dir holds something that is not our store
     ├── Overloaded           a queue is full: retry later (503 + Retry-After)
     ├── Draining             the service is shutting down (503)
@@ -32,6 +33,7 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StoreMismatch",
+    "StoreOutcomeUnknown",
     "out_of_resources",
 ]
 
@@ -54,6 +56,12 @@ class StoreFull(StoreError):
 
 class StoreBusy(StoreError):
     """The store stayed locked by another process past the busy timeout."""
+
+
+class StoreOutcomeUnknown(StoreError):
+    """The connection to the store was lost as it committed, and the store could not
+    say whether it had: what was written may be kept. Not "retry later": a retry
+    of pulses with ids is safe, of pulses without ids may count them twice."""
 
 
 class StoreMismatch(StoreError):

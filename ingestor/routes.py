@@ -61,7 +61,10 @@ def _errors(need: str, *statuses: int) -> tuple[Answer, ...]:
         415: "The Content-Type is not JSON or NDJSON.",
         431: "The request headers are over max_header_bytes.",
         422: "The request is well-formed but not acceptable.",
-        500: "A defect: the server log has the details.",
+        500: (
+            "A defect: the server log has the details. Or outcome_unknown: the store"
+            " lost its connection as it committed and could not say whether it had."
+        ),
         503: "Overloaded, starting, draining, or the store is unavailable: retry later.",
     }
     statuses = (*statuses, 431)

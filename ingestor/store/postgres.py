@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import secrets
+import socket
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +43,7 @@ from psycopg.rows import TupleRow
 
 from ..clock import moment
 from ..config import without_secrets
-from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
+from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
     Aggregate,
@@ -355,6 +358,76 @@ def _add_indexes(conn: Connection) -> None:
             conn.execute(_FAILED_BATCHES)
 
 
+class _Watchdog:
+    """Ends a session whose database has stopped answering: shuts its socket
+    down once it has been lent for `limit` seconds, so the call in progress
+    fails as a lost connection, and is answered 503, instead of waiting.
+
+    Keepalives and the TCP user timeout (`_Connector`) notice a database
+    that cannot be reached, not one whose host still acknowledges every
+    packet while the database does nothing (an I/O stall, a paused VM, its
+    processes stopped): requests then waited as long as it stayed so. One
+    thread for the store, woken four times a second; a session is watched
+    only while it is lent, and its socket shut down only under the lock
+    that ends its watch, so never once it is back in the pool.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._watched: dict[int, tuple[float, int]] = {}  # id(conn) -> (deadline, socket)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, conn: Connection) -> Iterator[None]:
+        key = id(conn)
+        with self._lock:
+            self._watched[key] = (time.monotonic() + self.limit, conn.pgconn.socket)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="postgres-watchdog", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._watched[key]
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        while not self._closed.wait(min(0.25, self.limit / 4)):
+            now = time.monotonic()
+            with self._lock:
+                for deadline, fd in self._watched.values():
+                    if deadline < now:
+                        with contextlib.suppress(OSError):
+                            socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+
+
+class _CheckAll:
+    """The pool's check of a connection it lends. One found dead (the database
+    restarted, or ended idle sessions) has every idle one checked at once:
+    checked one a try, with a pause between tries, each dead session cost a
+    request up to a second, and a pool of them the whole busy timeout."""
+
+    def __init__(self, watchdog: _Watchdog) -> None:
+        self.pool: psycopg_pool.ConnectionPool[Connection] | None = None
+        self._watchdog = watchdog
+
+    def __call__(self, conn: Connection) -> None:
+        try:
+            with self._watchdog.watch(conn):
+                psycopg_pool.ConnectionPool.check_connection(conn)
+        except Exception:
+            if self.pool is not None:
+                self.pool.check()
+            raise
+
+
 class _Connector:
     """How this store connects: the URL, and the session settings of every connection."""
 
@@ -440,12 +513,14 @@ class PostgresStore:
         pool: psycopg_pool.ConnectionPool[Connection],
         store_id: str,
         partitions: int,
+        watchdog: _Watchdog,
     ) -> None:
         self.store_id = store_id
         self.partitions = partitions
         self.write_lanes = partitions
         self._connector = connector
         self._pool = pool
+        self._watchdog = watchdog
         self._lock = _lock_key(store_id)
         self._leader: Connection | None = None
         self._leader_guard = threading.Lock()
@@ -467,24 +542,33 @@ class PostgresStore:
             except psycopg.Error as exc:
                 raise _translate(exc, f"open {connector.where}") from exc
         store_id, count = meta["store_id"], int(meta["partitions"])
+        watchdog = _Watchdog(3 * busy_timeout)
+        check = _CheckAll(watchdog)
         pool: psycopg_pool.ConnectionPool[Connection] = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             kwargs=connector.kwargs,
             configure=connector.configure,
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=check,
             timeout=busy_timeout,
+            # A connection lost (the database restarted) is made again by the
+            # pool's own loop, whose tries come 1, 3, 7, 15, 31 ... s apart for
+            # up to 5 minutes, and no other try is made meanwhile: after an
+            # outage of 40 s, 23.7 s more of 503s. Given up after a busy
+            # timeout, the next request that finds no connection tries at once.
+            reconnect_timeout=busy_timeout,
             name=f"store-{store_id}",
             open=False,
         )
+        check.pool = pool
         try:
             pool.open(wait=True, timeout=busy_timeout)
         except psycopg_pool.PoolTimeout as exc:
             pool.close()
             message = without_secrets(str(exc), connector.url)
             raise StoreError(f"cannot connect to {connector.where}: {message}") from exc
-        return cls(connector, pool, store_id, count)
+        return cls(connector, pool, store_id, count, watchdog)
 
     def close(self) -> None:
         with self._leader_guard:
@@ -492,6 +576,7 @@ class PostgresStore:
                 self._leader.close()  # ends the session, and the leadership with it
                 self._leader = None
         self._pool.close()
+        self._watchdog.close()
 
     def writing_together(self) -> contextlib.AbstractContextManager[None]:
         # Each write is its own transaction on its own connection: a shard
@@ -533,19 +618,65 @@ class PostgresStore:
 
     @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:
-        """One transaction holding partition `partition`'s lock. Any error: nothing kept."""
-        with _translated(what), self._pool.connection() as conn, conn.transaction():
-            # Waits (up to lock_timeout) for the partition's writer in any
-            # instance; released at COMMIT or ROLLBACK, or when the session dies.
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._lock, partition))
-            yield conn
-            # Leaving the block COMMITs: with synchronous_commit on, the WAL is
-            # flushed there. A crash before that keeps nothing of the
-            # transaction (the caller got no answer), after it all of it.
+        """One transaction holding partition `partition`'s lock. Any error: nothing
+        kept, or `StoreOutcomeUnknown` if the database could not say."""
+        with _translated(what), self._pool.connection() as conn:
+            committing = False
+            try:
+                with self._watchdog.watch(conn), conn.transaction():
+                    # Waits (up to lock_timeout) for the partition's writer in
+                    # any instance; released at COMMIT or ROLLBACK, or when the
+                    # session dies. The transaction's id, for `_committed`.
+                    row = conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, %s), pg_current_xact_id()::text",
+                        (self._lock, partition),
+                    ).fetchone()
+                    xid = row[1] if row is not None else ""
+                    yield conn
+                    committing = True
+                    # Leaving the block COMMITs: with synchronous_commit on, the
+                    # WAL is flushed there. A crash before that keeps nothing of
+                    # the transaction (the caller got no answer), after it all of it.
+            except pg_errors.ReadOnlySqlTransaction:
+                # A read-only server (a failover target not yet promoted): the
+                # pool opens a new session, wherever the host name leads by
+                # then, rather than lend this one for the rest of its life.
+                conn.close()
+                raise
+            except psycopg.OperationalError as exc:
+                # The connection went as COMMIT was sent: the database may have
+                # committed. Answered "not stored", a retry of pulses without
+                # ids counted them twice.
+                if not committing or not self._committed(xid, what, exc):
+                    raise
+
+    def _committed(self, xid: str, what: str, lost: psycopg.OperationalError) -> bool:
+        """Whether transaction `xid`, whose COMMIT's answer was lost, committed: asked
+        of a new session until the database says, within the busy timeout. Raises
+        `StoreOutcomeUnknown` if it cannot be asked."""
+        deadline = time.monotonic() + self._connector.busy_timeout
+        while True:
+            status: str | None = None
+            with contextlib.suppress(StoreError, psycopg.Error):
+                conn = self._connector.connect()
+                try:
+                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                    status = None if row is None else str(row[0])
+                finally:
+                    conn.close()
+            if status in ("committed", "aborted"):
+                return status == "committed"
+            if time.monotonic() > deadline:  # 'in progress', or no answer
+                message = without_secrets(str(lost), self._connector.url)
+                raise StoreOutcomeUnknown(
+                    f"{what}: lost the connection to PostgreSQL as it committed ({message}),"
+                    " and it could not say whether it had"
+                ) from lost
+            time.sleep(0.05)
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[Connection]:
-        with _translated(what), self._pool.connection() as conn:
+        with _translated(what), self._pool.connection() as conn, self._watchdog.watch(conn):
             yield conn
 
     # -- writes ---------------------------------------------------------
