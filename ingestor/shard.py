@@ -332,7 +332,7 @@ class Shard:
                         )
                     except StoreError as exc:
                         written[partition] = exc
-        except StoreError as exc:  # what they did together did not last
+        except StoreError as exc:  # what they did together did not last, or may not
             for partition in writes:
                 if not isinstance(written.get(partition), StoreError):
                     written[partition] = exc

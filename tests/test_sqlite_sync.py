@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestor.errors import StoreError
+from ingestor.errors import StoreOutcomeUnknown
 from ingestor.model import Pulse
 from ingestor.store import AggregateQuery
 from ingestor.store.sqlite import SQLiteStore
@@ -106,7 +106,7 @@ def test_a_failed_sync_is_an_error_and_the_write_is_not_counted_twice(
             raise OSError(errno.EIO, "Input/output error")
 
         monkeypatch.setattr(os, "fdatasync", failing)
-        with pytest.raises(StoreError, match="could not sync the store to disk"):
+        with pytest.raises(StoreOutcomeUnknown, match="could not sync the store to disk"):
             store.write_pulses(0, [pulse("b")], 0)
         monkeypatch.setattr(os, "fdatasync", synced)
         # The client resends: the row lasted, so the id is a duplicate.

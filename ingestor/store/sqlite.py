@@ -135,7 +135,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from ..clock import moment
-from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch
+from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import (
     BucketKey,
     BucketState,
@@ -507,11 +507,15 @@ class _File:
             self.held_seconds += time.perf_counter() - self._turn_since
         try:
             self._sync(what)
-        except BaseException:
-            # Committed, maybe not durable, and nobody is told: memory does
-            # not take it in, and reads it back from the file if it lasts.
+        except BaseException as exc:
+            # Committed, maybe not durable: memory does not take it in, and
+            # reads it back from the file if it lasts. The caller is told it
+            # may have lasted: "not stored, retry" counted pulses without ids
+            # twice whenever it had.
             for part in self._touched:
                 part.version = None
+            if isinstance(exc, StoreError):
+                raise StoreOutcomeUnknown(f"{exc}; committed, it may or may not last") from exc
             raise
         # Until every update has run, memory is not known to match the file.
         versions = [(part, part.version) for part in self._touched]
