@@ -279,31 +279,51 @@ def _check_url(name: str, url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
     except ValueError as exc:
-        raise ConfigError(f"{name}: not a valid URL, {shown_url(url)!r}: {exc}") from None
+        raise ConfigError(
+            f"{name}: not a valid URL, {shown_url(url)!r}: {without_secrets(str(exc), url)}"
+        ) from None
     if not parts.scheme or not parts.hostname:
         raise ConfigError(f"{name}: the URL {shown_url(url)!r} names no host")
 
 
-# A URL's credentials: each server's user:password@, a password parameter.
-_USERINFO = re.compile(r"(//)([^/@]*)@")
-_PASSWORD_PARAM = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
+# Where a URL that lists several servers starts the next (nats://a@h1,nats://b@h2).
+_NEXT_SERVER = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+_QUERY_VALUE = re.compile(r"([?&][^=&#]*=)([^&#]*)")
+_PIECES = re.compile(r"[/?#@:&=]")  # where a driver may cut a password it misreads
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
 
 
+def _servers(url: str) -> list[tuple[str, str]]:
+    """Each server of `url` as (its userinfo, the rest after it): the userinfo
+    runs to the server's last "@", as urlsplit, httpx and nats-py read it, so a
+    password holding an unencoded "@", "/" or "#" is found whole."""
+    found = []
+    for server in _NEXT_SERVER.split(url):
+        scheme, sep, rest = server.partition("://")
+        userinfo, at, after = rest.rpartition("@")
+        found.append((userinfo if at else "", f"{scheme}{sep}***@{after}" if at else server))
+    return found
+
+
 def shown_url(url: str) -> str:
-    """`url` as a message or a log line may show it: without its credentials,
-    of every server where it lists several (nats://a:pw@h1,nats://b:pw@h2)."""
-    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
+    """`url` as a message or a log line may show it: without the credentials of
+    any of its servers (nats://a:pw@h1,nats://b:pw@h2), nor the value of any of
+    its query parameters (a token, a password)."""
+    return ",".join(_QUERY_VALUE.sub(r"\1***", shown) for _, shown in _servers(url))
 
 
 def without_secrets(text: str, url: str) -> str:
-    """`text` (a driver's message about `url`) with the passwords in `url` taken
-    out, as written and percent-decoded: a driver may quote a token it could
-    not parse, password included."""
-    found = [m[2].partition(":")[2] for m in _USERINFO.finditer(url)]
-    found += [m[2] for m in _PASSWORD_PARAM.finditer(url)]
-    for secret in found:
-        for form in {secret, unquote(secret)}:
-            if len(form) > 1:
-                text = text.replace(form, "***")
+    """`text` (a driver's message about `url`) with the secrets of `url` taken
+    out: each server's userinfo, its password, the password's pieces (a driver
+    may quote a token it could not parse, or take part of the password for a
+    host or a port), and every query value, as written and percent-decoded."""
+    found: set[str] = set()
+    for userinfo, _ in _servers(url):
+        user, _, password = userinfo.partition(":")
+        found.update((userinfo, password or user))
+        found.update(piece for piece in _PIECES.split(password) if len(piece) > 2)
+    found.update(m[2] for m in _QUERY_VALUE.finditer(url))
+    forms = {form for secret in found for form in (secret, unquote(secret)) if len(form) > 1}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
     return text

@@ -40,7 +40,12 @@ class HttpSink:
         self.url = url
         self._secret = secret
         self._timeout = timeout
-        self._client = httpx.AsyncClient(timeout=timeout)
+        # Credentials in the URL go as an Authorization header, and nowhere
+        # else: not in a URL that httpx may log or put in an error message.
+        target = httpx.URL(url)
+        auth = httpx.BasicAuth(target.username, target.password) if target.userinfo else None
+        self._target = target.copy_with(userinfo=b"")
+        self._client = httpx.AsyncClient(timeout=timeout, auth=auth)
 
     async def deliver(self, batch_id: str, day: str, body: bytes) -> None:
         headers = {
@@ -51,7 +56,7 @@ class HttpSink:
         with trio.move_on_after(self._timeout):
             try:
                 async with self._client.stream(
-                    "POST", self.url, content=body, headers=headers
+                    "POST", self._target, content=body, headers=headers
                 ) as response:
                     status = response.status_code
                     if 200 <= status < 300 or status == 409:

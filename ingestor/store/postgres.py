@@ -42,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ..clock import moment
-from ..config import without_secrets
+from ..config import shown_url, without_secrets
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
 from ..model import (
@@ -246,7 +246,9 @@ def _moment(us: int | None) -> dt.datetime | None:
 def _where(conninfo: str) -> str:
     """Where the database is, for messages: never the password."""
     try:
-        params = conninfo_to_dict(conninfo)
+        # From the URL without its credentials: libpq reads pieces of a
+        # password holding an unencoded "/" or "@" as the host or the port.
+        params = conninfo_to_dict(shown_url(conninfo))
     except psycopg.ProgrammingError:
         return "the configured PostgreSQL URL"
     host = params.get("host") or "localhost"
