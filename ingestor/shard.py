@@ -275,11 +275,11 @@ class Shard:
         try:
             written = await trio.to_thread.run_sync(self._write, writes, self._clock())
         except Exception as exc:
-            # No thread to write in, or the store's thread out of memory: the
-            # round's transaction rolled back, or, if memory failed to follow a
-            # COMMIT, its requests get no 2xx, as when an answer is lost. The
-            # shard goes on, where this ended the process. Any other error is
-            # a defect: the process ends, and its supervisor starts it again.
+            # No thread to write in, or the store's thread out of memory before
+            # its COMMIT (after it, the store keeps the outcomes): nothing of the
+            # round is kept. The shard goes on, where this ended the process.
+            # Any other error is a defect: the process ends, and its supervisor
+            # starts it again.
             exhausted = out_of_resources(exc)
             if exhausted is None:
                 raise

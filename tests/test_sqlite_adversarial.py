@@ -764,3 +764,40 @@ def test_a_process_killed_anywhere_loses_nothing_acknowledged_and_counts_nothing
             reopened.close()
     finally:
         survivor.close()
+
+
+# -- memory that cannot follow a commit ----------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [True, False])
+def test_memory_failing_halfway_after_a_commit_keeps_the_write_and_counts_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ids: bool
+) -> None:
+    """Out of memory while a committed row's ids and deltas join memory, halfway:
+    the write is durable, so it is reported as written, and memory, which may
+    hold half the row, is rebuilt from the file rather than read on from it,
+    which added the half twice."""
+    store = open_at(tmp_path / "s", (0, 1))
+    tenant = TENANTS[0]
+    try:
+        store.write_pulses(PART_OF[tenant], [make_pulse(tenant, "a" if ids else None, 1)], 0)
+        added = sqlite_store._add_pulses
+
+        def half(part: Any, seq: int, pulses: Any) -> None:
+            added(part, seq, pulses)  # the deltas are in memory, the row not yet seen
+            raise MemoryError
+
+        monkeypatch.setattr(sqlite_store, "_add_pulses", half)
+        batch = [make_pulse(tenant, f"b{n}" if ids else None, 10) for n in range(3)]
+        assert store.write_pulses(PART_OF[tenant], batch, 0) == ["accepted"] * 3
+        monkeypatch.setattr(sqlite_store, "_add_pulses", added)
+        again = [make_pulse(tenant, "b0" if ids else None, 10), make_pulse(tenant, None, 100)]
+        assert store.write_pulses(PART_OF[tenant], again, 0) == (
+            ["duplicate", "accepted"] if ids else ["accepted", "accepted"]
+        )
+        [bucket] = store.aggregates(AggregateQuery())
+        assert (parse_nanos(bucket.used_amount), bucket.pulse_count) == (
+            (131, 5) if ids else (141, 6)
+        )
+    finally:
+        store.close()

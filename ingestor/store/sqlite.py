@@ -521,8 +521,17 @@ class _File:
         versions = [(part, part.version) for part in self._touched]
         for part, _ in versions:
             part.version = None
-        for update in self._on_commit:
-            update()
+        try:
+            for update in self._on_commit:
+                update()
+        except Exception:
+            # Out of memory halfway through: what is durable stands, and the
+            # callers are told so. Memory may hold part of a row, which reading
+            # on from it would add twice: it is dropped, and rebuilt from the file.
+            log.exception("memory could not follow a commit: it is rebuilt from the store")
+            for part in self._touched:
+                _forget(part)
+            return
         for part, version in versions:
             part.version = version
 
