@@ -178,6 +178,10 @@ class Shard:
         self._group_max = group_max_pulses
         self._clock = clock
         self._capacity = queue_size * len(self.partitions)
+        # The shard's own thread: it runs one write or commit at a time, and
+        # never waits for one of the threads trio lends everyone else, which
+        # reads of a store that answers slowly may all hold.
+        self._thread = trio.CapacityLimiter(1)
         self._send, self._receive = trio.open_memory_channel[Message](self._capacity)
         self._queued = 0  # partitions' writes waiting in the channel
         self._transactions = 0
@@ -273,7 +277,9 @@ class Shard:
         }
         started = time.perf_counter()
         try:
-            written = await trio.to_thread.run_sync(self._write, writes, self._clock())
+            written = await trio.to_thread.run_sync(
+                self._write, writes, self._clock(), limiter=self._thread
+            )
         except Exception as exc:
             # No thread to write in, or the store's thread out of memory before
             # its COMMIT (after it, the store keeps the outcomes): nothing of the
@@ -352,6 +358,7 @@ class Shard:
                 message.day,
                 message.now_us,
                 message.max_records,
+                limiter=self._thread,
             )
         except StoreError as exc:
             message.reply.fail(exc)

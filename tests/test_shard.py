@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 from ingestor.errors import Draining, Overloaded, StoreError, StoreFull
-from ingestor.model import Outcome, Pulse
+from ingestor.model import BatchSummary, Outcome, Pulse
 from ingestor.shard import Commit, Ingest, Replies, Reply, Shard, Written
 from ingestor.store.sqlite import SQLiteStore
 
@@ -66,6 +67,11 @@ class HeldStore:
         if self.fail_partition is not None and self.fail_partition[0] == partition:
             raise self.fail_partition[1]
         return self.inner.write_pulses(partition, pulses, received_us, encoded, ids)
+
+    def commit_day(
+        self, partition: int, day: str, now_us: int, max_records: int
+    ) -> list[BatchSummary]:
+        return self.inner.commit_day(partition, day, now_us, max_records)
 
     @contextlib.contextmanager
     def writing_together(self) -> Iterator[None]:
@@ -324,3 +330,28 @@ async def test_replies_wake_their_task_once_all_have_come() -> None:
 async def test_replies_with_none_to_wait_for_return_at_once() -> None:
     with trio.fail_after(1):
         await Replies[str]().wait()
+
+
+async def test_writes_and_commits_never_wait_for_threads_that_reads_hold(held: HeldStore) -> None:
+    """Every thread trio lends by default taken (reads of a store that answers
+    slowly, each waiting in a thread): a shard's writes and commits still run,
+    at once. They waited for one of those threads, and requests for them."""
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    released = threading.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        for _ in range(int(trio.to_thread.current_default_thread_limiter().total_tokens)):
+            nursery.start_soon(trio.to_thread.run_sync, released.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.to_thread.current_default_thread_limiter().available_tokens == 0
+        try:
+            with trio.fail_after(5):
+                reply: Reply[Written] = Reply()
+                shard.submit_nowait(ingest(reply, make_pulse(1, pulse_id="a")))
+                assert await outcomes(reply) == ["accepted"]
+                committed: Reply[list[BatchSummary]] = Reply()
+                await shard.submit(Commit(0, "2026-11-28", NOW, 100, committed))
+                assert len(await committed.receive()) == 1
+        finally:
+            released.set()
+        shard.close()
