@@ -43,6 +43,28 @@ def totals(store: SQLiteStore) -> dict[str, tuple[str, int]]:
     }
 
 
+def spans_as_days(conn: sqlite3.Connection) -> None:
+    """In the open transaction: the spans as the `pulse_days` rows, a (tenant, day,
+    log row) each, that schema 2 kept, with both its indexes by log row."""
+    spans = conn.execute("SELECT tenant_id, day, seqs FROM pulse_spans").fetchall()
+    assert spans
+    conn.execute(
+        "CREATE TABLE pulse_days (tenant_id TEXT NOT NULL, day TEXT NOT NULL,"
+        " seq INTEGER NOT NULL, PRIMARY KEY (tenant_id, day, seq)) STRICT, WITHOUT ROWID"
+    )
+    conn.execute("CREATE INDEX pulse_days_by_seq ON pulse_days (seq)")
+    conn.execute("CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq)")
+    conn.executemany(
+        "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
+        [
+            (tenant, day, seq)
+            for tenant, day, seqs in spans
+            for seq in sqlite_store._unpack_seqs(seqs)
+        ],
+    )
+    conn.execute("DROP TABLE pulse_spans")
+
+
 def as_version_2(path: Path) -> int:
     """Turn the store file at `path` into one version 2 wrote; the log rows it has."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -53,23 +75,7 @@ def as_version_2(path: Path) -> int:
             assert body[:1] in (b"\x00", b"\x01")
             old = msgspec.json.encode(sqlite_store._decode_pulses(body))
             conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (old, seq))
-        spans = conn.execute("SELECT tenant_id, day, seqs FROM pulse_spans").fetchall()
-        assert spans
-        conn.execute(
-            "CREATE TABLE pulse_days (tenant_id TEXT NOT NULL, day TEXT NOT NULL,"
-            " seq INTEGER NOT NULL, PRIMARY KEY (tenant_id, day, seq)) STRICT, WITHOUT ROWID"
-        )
-        conn.execute("CREATE INDEX pulse_days_by_seq ON pulse_days (seq)")
-        conn.execute("CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq)")
-        conn.executemany(
-            "INSERT INTO pulse_days (tenant_id, day, seq) VALUES (?, ?, ?)",
-            [
-                (tenant, day, seq)
-                for tenant, day, seqs in spans
-                for seq in sqlite_store._unpack_seqs(seqs)
-            ],
-        )
-        conn.execute("DROP TABLE pulse_spans")
+        spans_as_days(conn)
         conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
         conn.execute("PRAGMA user_version = 2")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")

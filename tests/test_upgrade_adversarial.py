@@ -54,7 +54,7 @@ from ingestor.partition import partition_of
 from ingestor.store.postgres import PostgresStore
 from tests.support.fixtures import QUIET_COMMITTER
 from tests.support.server import ServerError, ServerProcess
-from tests.test_sqlite_upgrade import as_version_2, as_version_3
+from tests.test_sqlite_upgrade import as_version_2, as_version_3, spans_as_days
 
 pytestmark = pytest.mark.e2e
 
@@ -331,23 +331,7 @@ def _v3_with_days(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
-        spans = conn.execute("SELECT tenant_id, day, seqs FROM pulse_spans").fetchall()
-        assert spans
-        conn.execute(
-            "CREATE TABLE pulse_days (tenant_id TEXT NOT NULL, day TEXT NOT NULL,"
-            " seq INTEGER NOT NULL, PRIMARY KEY (tenant_id, day, seq)) STRICT, WITHOUT ROWID"
-        )
-        conn.execute("CREATE INDEX pulse_days_by_seq ON pulse_days (seq)")
-        conn.execute("CREATE INDEX pulse_ids_by_seq ON pulse_ids (seq)")
-        conn.executemany(
-            "INSERT INTO pulse_days VALUES (?, ?, ?)",
-            [
-                (tenant, day, seq)
-                for tenant, day, seqs in spans
-                for seq in sqlite_store._unpack_seqs(seqs)
-            ],
-        )
-        conn.execute("DROP TABLE pulse_spans")
+        spans_as_days(conn)
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -497,6 +481,16 @@ async def test_an_upgrade_killed_at_random_moments_completes_later_and_loses_not
 # -- a disk that is full ------------------------------------------------------
 
 
+async def _refused_start(server: ServerProcess) -> str:
+    """Start `server`, which must stop before it is ready; what it printed."""
+    try:
+        with pytest.raises(ServerError, match="before it was ready"):
+            await server.start()
+    finally:
+        await server.aclose()
+    return server.output_of_run()
+
+
 def _cannot(reason: str) -> None:
     """Skip where this machine cannot fill a disk; a CI run (root) must run it."""
     if os.environ.get("CI"):
@@ -552,12 +546,7 @@ async def test_a_store_created_on_a_full_disk_is_refused_in_one_line(tmp_path: P
         data_dir.mkdir()
         _fill(disk)
         server = _output_in(ServerProcess(data_dir, env=ENV, ready_timeout=20), tmp_path / "run")
-        try:
-            with pytest.raises(ServerError, match="before it was ready"):
-                await server.start()
-        finally:
-            await server.aclose()
-        output = server.output_of_run()
+        output = await _refused_start(server)
         assert server.exit_codes[-1] not in (0, None), output
         assert "Traceback" not in output, output
         assert "full" in output or "No space left" in output, output
@@ -577,12 +566,7 @@ async def test_a_store_on_a_read_only_disk_is_refused_with_a_message_naming_it(
             ServerProcess(made.data_dir, env=ENV, ready_timeout=20), tmp_path / "run"
         )
         _remount_read_only(disk)
-        try:
-            with pytest.raises(ServerError, match="before it was ready"):
-                await server.start()
-        finally:
-            await server.aclose()
-        output = server.output_of_run()
+        output = await _refused_start(server)
         assert "Traceback" not in output, output
         assert str(store_file) in output or "read-only" in output, output
 

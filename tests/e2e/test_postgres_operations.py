@@ -713,6 +713,23 @@ class CommitCutter:
             nursery.start_soon(pump, downstream)
 
 
+@contextlib.asynccontextmanager
+async def behind_a_cutter(
+    private_postgres: PrivatePostgres, database: str, tmp_path: Path, blackout: float = 0.0
+) -> AsyncIterator[tuple[CommitCutter, ServerProcess]]:
+    """A server on `database` through a `CommitCutter`, which closes new
+    connections for `blackout` seconds after each COMMIT it cuts."""
+    cutter = CommitCutter(private_postgres.port)
+    cutter.blackout = blackout
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(cutter.serve)
+        proxied = database.replace(f":{private_postgres.port}/", f":{port}/")
+        url = f"{proxied}?sslmode=disable&gssencmode=disable"
+        async with instances(tmp_path, url) as [server]:
+            yield cutter, server
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_write_whose_commit_answer_is_lost_is_not_answered_not_stored(
     private_postgres: PrivatePostgres, database: str, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
@@ -721,23 +738,17 @@ async def test_a_write_whose_commit_answer_is_lost_is_not_answered_not_stored(
     (pg_xact_status); it answered 503 "store_unavailable" (a 503 is "nothing
     was stored: retry"), and a client that retries as told counts a pulse
     without an id twice."""
-    cutter = CommitCutter(private_postgres.port)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(cutter.serve)
-        proxied = database.replace(f":{private_postgres.port}/", f":{port}/")
-        url = f"{proxied}?sslmode=disable&gssencmode=disable"
-        async with instances(tmp_path, url) as [server]:
-            # With an id the retry is recognised: counted once (holds).
-            cutter.armed = 1
-            first = await post_one(http, server, pulse("tenant-1", "7", pulse_id="with-id"))
-            again = await post_one(http, server, pulse("tenant-1", "7", pulse_id="with-id"))
-            # Without an id: answered 503, so the client sends it again.
-            cutter.armed = 1
-            lost = await post_one(http, server, pulse("tenant-2", "5", pulse_id=None))
-            retried = await post_one(http, server, pulse("tenant-2", "5", pulse_id=None))
-            assert cutter.cut == 2, "the proxy cut no COMMIT: the test proved nothing"
-            totals = await aggregates(http, server)
-        nursery.cancel_scope.cancel()
+    async with behind_a_cutter(private_postgres, database, tmp_path) as (cutter, server):
+        # With an id the retry is recognised: counted once (holds).
+        cutter.armed = 1
+        first = await post_one(http, server, pulse("tenant-1", "7", pulse_id="with-id"))
+        again = await post_one(http, server, pulse("tenant-1", "7", pulse_id="with-id"))
+        # Without an id: answered 503, so the client sends it again.
+        cutter.armed = 1
+        lost = await post_one(http, server, pulse("tenant-2", "5", pulse_id=None))
+        retried = await post_one(http, server, pulse("tenant-2", "5", pulse_id=None))
+        assert cutter.cut == 2, "the proxy cut no COMMIT: the test proved nothing"
+        totals = await aggregates(http, server)
     day = yesterday()
     with_id = totals[("tenant-1", "sku", "call", day)]
     without = totals[("tenant-2", "sku", "call", day)]
@@ -758,20 +769,14 @@ async def test_a_commit_whose_outcome_cannot_be_learned_is_500_outcome_unknown(
     timeout once the COMMIT is cut: the instance cannot learn the outcome, and
     must say so (500 outcome_unknown), not "not stored, retry" (503). The pulse
     was stored: its retry with the same id is a duplicate, counted once."""
-    cutter = CommitCutter(private_postgres.port)
-    cutter.blackout = 2 * BUSY + 1
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(cutter.serve)
-        proxied = database.replace(f":{private_postgres.port}/", f":{port}/")
-        url = f"{proxied}?sslmode=disable&gssencmode=disable"
-        async with instances(tmp_path, url) as [server]:
-            cutter.armed = 1
-            lost = await post_one(http, server, pulse("tenant-3", "4", pulse_id="unknown-1"))
-            assert cutter.cut == 1, "the proxy cut no COMMIT: the test proved nothing"
-            await trio.sleep(max(0.0, cutter._dark_until - trio.current_time()) + 0.2)
-            again = await post_one(http, server, pulse("tenant-3", "4", pulse_id="unknown-1"))
-            totals = await aggregates(http, server)
-        nursery.cancel_scope.cancel()
+    blackout = 2 * BUSY + 1
+    async with behind_a_cutter(private_postgres, database, tmp_path, blackout) as (cutter, server):
+        cutter.armed = 1
+        lost = await post_one(http, server, pulse("tenant-3", "4", pulse_id="unknown-1"))
+        assert cutter.cut == 1, "the proxy cut no COMMIT: the test proved nothing"
+        await trio.sleep(blackout + 0.2)
+        again = await post_one(http, server, pulse("tenant-3", "4", pulse_id="unknown-1"))
+        totals = await aggregates(http, server)
     assert (lost.status, lost.code) == (500, "outcome_unknown"), lost.describe()
     assert again.status == 202, again.describe()  # a duplicate: the same id and payload
     assert totals[("tenant-3", "sku", "call", yesterday())] == Total(Decimal(4), 1)
