@@ -621,19 +621,15 @@ class PostgresStore:
     @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:
         """One transaction holding partition `partition`'s lock. Any error: nothing
-        kept, or `StoreOutcomeUnknown` if the database could not say."""
+        kept, but `StoreOutcomeUnknown` if the connection went as it committed."""
         with _translated(what), self._pool.connection() as conn:
             committing = False
             try:
                 with self._watchdog.watch(conn), conn.transaction():
                     # Waits (up to lock_timeout) for the partition's writer in
                     # any instance; released at COMMIT or ROLLBACK, or when the
-                    # session dies. The transaction's id, for `_committed`.
-                    row = conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, %s), pg_current_xact_id()::text",
-                        (self._lock, partition),
-                    ).fetchone()
-                    xid = row[1] if row is not None else ""
+                    # session dies.
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._lock, partition))
                     yield conn
                     committing = True
                     # Leaving the block COMMITs: with synchronous_commit on, the
@@ -647,34 +643,16 @@ class PostgresStore:
                 raise
             except psycopg.OperationalError as exc:
                 # The connection went as COMMIT was sent: the database may have
-                # committed. Answered "not stored", a retry of pulses without
-                # ids counted them twice.
-                if not committing or not self._committed(xid, what, exc):
+                # committed. Answered "not stored", a retry of pulses without ids
+                # counted them twice. Asking the database (pg_xact_status) cannot
+                # tell either: after a crash, an id the transaction had taken may
+                # be given to another, which commits.
+                if not committing:
                     raise
-
-    def _committed(self, xid: str, what: str, lost: psycopg.OperationalError) -> bool:
-        """Whether transaction `xid`, whose COMMIT's answer was lost, committed: asked
-        of a new session until the database says, within the busy timeout. Raises
-        `StoreOutcomeUnknown` if it cannot be asked."""
-        deadline = time.monotonic() + self._connector.busy_timeout
-        while True:
-            status: str | None = None
-            with contextlib.suppress(StoreError, psycopg.Error):
-                conn = self._connector.connect()
-                try:
-                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
-                    status = None if row is None else str(row[0])
-                finally:
-                    conn.close()
-            if status in ("committed", "aborted"):
-                return status == "committed"
-            if time.monotonic() > deadline:  # 'in progress', or no answer
-                message = without_secrets(str(lost), self._connector.url)
+                message = without_secrets(str(exc), self._connector.url)
                 raise StoreOutcomeUnknown(
-                    f"{what}: lost the connection to PostgreSQL as it committed ({message}),"
-                    " and it could not say whether it had"
-                ) from lost
-            time.sleep(0.05)
+                    f"{what}: lost the connection to PostgreSQL as it committed: {message}"
+                ) from exc
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[Connection]:
