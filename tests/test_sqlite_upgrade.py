@@ -195,6 +195,27 @@ def test_a_store_of_a_later_version_is_refused(tmp_path: Path) -> None:
         open_store(directory)
 
 
+def digests_as_before(conn: sqlite3.Connection) -> None:
+    """In the open transaction: each pulse with a client id carries the digest of
+    its payload, in its log row and in `pulse_ids`, as intake gave it before
+    schema 4."""
+    for seq, body in conn.execute("SELECT seq, body FROM pulse_log").fetchall():
+        pulses = [
+            msgspec.structs.replace(p, fingerprint=payload_digest(p)) if p.client_id else p
+            for p in sqlite_store._decode_pulses(body)
+        ]
+        row = sqlite_store._log_row(encode_pulses(pulses), body[:1] == sqlite_store._IDS)
+        conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (row, seq))
+        conn.executemany(
+            "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?",
+            [
+                (p.fingerprint, sqlite_store._id_key(p.tenant_id, p.pulse_id))
+                for p in pulses
+                if p.client_id
+            ],
+        )
+
+
 def as_version_3(path: Path) -> None:
     """Turn the store file at `path` into one version 3 wrote: each pulse with a
     client id carries the digest of its payload, in its log row and in
@@ -202,22 +223,7 @@ def as_version_3(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
-        for seq, body in conn.execute("SELECT seq, body FROM pulse_log").fetchall():
-            pulses = [
-                msgspec.structs.replace(p, fingerprint=payload_digest(p)) if p.client_id else p
-                for p in sqlite_store._decode_pulses(body)
-            ]
-            ids = body[:1] == b"\x01"
-            row = sqlite_store._log_row(encode_pulses(pulses), ids)
-            conn.execute("UPDATE pulse_log SET body = ? WHERE seq = ?", (row, seq))
-            conn.executemany(
-                "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?",
-                [
-                    (p.fingerprint, sqlite_store._id_key(p.tenant_id, p.pulse_id))
-                    for p in pulses
-                    if p.client_id
-                ],
-            )
+        digests_as_before(conn)
         conn.execute("ALTER TABLE pulse_log DROP COLUMN ids")
         conn.execute("PRAGMA user_version = 3")
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")

@@ -43,18 +43,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
 import trio
 
 import ingestor.store.sqlite as sqlite_store
-from ingestor.model import encode_pulses, payload_digest
 from ingestor.partition import partition_of
 from ingestor.store.postgres import PostgresStore
 from tests.support.fixtures import QUIET_COMMITTER
 from tests.support.server import ServerError, ServerProcess
-from tests.test_sqlite_upgrade import as_version_2, as_version_3, spans_as_days
+from tests.test_sqlite_upgrade import (
+    as_version_2,
+    as_version_3,
+    digests_as_before,
+    spans_as_days,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -264,21 +267,7 @@ def _with_digests(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
-        for seq, body in conn.execute("SELECT seq, body FROM pulse_log").fetchall():
-            pulses = [
-                msgspec.structs.replace(p, fingerprint=payload_digest(p)) if p.client_id else p
-                for p in sqlite_store._decode_pulses(body)
-            ]
-            row = sqlite_store._log_row(encode_pulses(pulses), body[:1] == sqlite_store._IDS)
-            conn.execute("UPDATE pulse_log SET body = ?, ids = NULL WHERE seq = ?", (row, seq))
-            conn.executemany(
-                "UPDATE pulse_ids SET fingerprint = ? WHERE id_key = ?",
-                [
-                    (p.fingerprint, sqlite_store._id_key(p.tenant_id, p.pulse_id))
-                    for p in pulses
-                    if p.client_id
-                ],
-            )
+        digests_as_before(conn)
         conn.execute("COMMIT")
     finally:
         conn.close()
