@@ -67,6 +67,11 @@ class Deliverer:
         self._store = store
         self._sink = sink
         self._limit = trio.Semaphore(concurrency)  # acquired here, released by the child
+        # Threads of its own for the store's calls, one a delivery and one for
+        # the pass: a sink's answer is recorded without waiting for one of the
+        # threads trio lends everyone else, which slow reads may all hold (its
+        # lease could end meanwhile, and the batch be sent again).
+        self._threads = trio.CapacityLimiter(concurrency + 1)
         self._concurrency = concurrency
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -96,7 +101,7 @@ class Deliverer:
         async with self._pass:
             now = self._clock()
             due = await trio.to_thread.run_sync(
-                self._store.due_batches, now, 100, now + self._furthest_us
+                self._store.due_batches, now, 100, now + self._furthest_us, limiter=self._threads
             )
             async with trio.open_nursery() as nursery:
                 for batch in due:
@@ -144,7 +149,8 @@ class Deliverer:
                             error=error,
                             next_attempt_us=next_at,
                             now_us=self._clock(),
-                        )
+                        ),
+                        limiter=self._threads,
                     )
             except Exception as exc:
                 if not _passing(exc):
@@ -172,7 +178,8 @@ class Deliverer:
                     error="the service stopped before the sink answered",
                     next_attempt_us=now,
                     now_us=now,
-                )
+                ),
+                limiter=self._threads,
             )
 
     async def _claim(self, batch: DueBatch) -> bool:
@@ -187,7 +194,8 @@ class Deliverer:
                     now_us=now,
                     latest_us=now + self._furthest_us,
                     lease_us=now + self._lease_us,
-                )
+                ),
+                limiter=self._threads,
             )
         except Exception as exc:
             if not _passing(exc):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from quart.typing import TestClientProtocol as Client
@@ -17,6 +19,7 @@ from ingestor.runtime import Runtime
 from ingestor.sinks.memory import MemorySink
 
 from .conftest import FakeClock, pulse
+from .support.server import wait_until
 
 
 @given(
@@ -109,3 +112,35 @@ async def test_outbox_statistics_track_pending(
     sink.unblock()
     await runtime.deliverer.deliver_due()
     assert await trio.to_thread.run_sync(runtime.store.outbox_statistics) == (0, None)
+
+
+async def test_deliveries_never_wait_for_threads_that_reads_hold(
+    client: Client, runtime: Runtime, sink: MemorySink
+) -> None:
+    """Every thread trio lends by default taken (reads of a store that answers
+    slowly, each waiting in a thread) while the sink holds a batch: its answer
+    is still recorded at once. Waiting for one of those threads, it could go
+    unrecorded past the batch's lease, and the batch be sent again."""
+    sink.block()
+    batch_id = await committed_batch(client, runtime)
+
+    async def sent() -> bool:  # by the service's own deliverer
+        return batch_id in sink.attempts
+
+    await wait_until(sent, within=5, what="the batch sent")
+    released = threading.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(int(trio.to_thread.current_default_thread_limiter().total_tokens)):
+            nursery.start_soon(trio.to_thread.run_sync, released.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.to_thread.current_default_thread_limiter().available_tokens == 0
+        sink.unblock()
+        try:
+            with trio.fail_after(5):
+                # Waits for the pass that sent it, its outcome recorded; then
+                # finds nothing due.
+                assert await runtime.deliverer.deliver_due() == 0
+        finally:
+            released.set()
+    assert sink.attempts == [batch_id]
+    assert (await view(client, batch_id))["status"] == "delivered"
