@@ -283,14 +283,8 @@ class Shard:
         except Exception as exc:
             # No thread to write in, or the store's thread out of memory before
             # its COMMIT (after it, the store keeps the outcomes): nothing of the
-            # round is kept. The shard goes on, where this ended the process.
-            # Any other error is a defect: the process ends, and its supervisor
-            # starts it again.
-            exhausted = out_of_resources(exc)
-            if exhausted is None:
-                raise
-            log.error("a round of writes failed", extra={"fields": {"error": repr(exc)}})
-            written = dict.fromkeys(writes, StoreError(f"write pulses: {exhausted}"))
+            # round is kept.
+            written = dict.fromkeys(writes, _exhausted(exc, "write pulses"))
         self._count(writes, written, time.perf_counter() - started)
         # Replies go out only now, after the transaction is durable.
         starts = dict.fromkeys(writes, 0)
@@ -363,11 +357,19 @@ class Shard:
         except StoreError as exc:
             message.reply.fail(exc)
             return
-        except Exception as exc:  # as in `_ingest`
-            exhausted = out_of_resources(exc)
-            if exhausted is None:
-                raise
-            log.error("a commit failed", extra={"fields": {"error": repr(exc)}})
-            message.reply.fail(StoreError(f"commit: {exhausted}"))
+        except Exception as exc:
+            message.reply.fail(_exhausted(exc, "commit"))
             return
         message.reply.send(batches)
+
+
+def _exhausted(exc: Exception, what: str) -> StoreError:
+    """`exc`, raised by a call to the store's thread, as the StoreError its callers
+    get, if the process ran out of threads or memory: the shard goes on, where
+    this ended the process. Any other error is a defect, raised again: the
+    process ends, and its supervisor starts it again."""
+    exhausted = out_of_resources(exc)
+    if exhausted is None:
+        raise exc
+    log.error(f"{what} failed", extra={"fields": {"error": repr(exc)}})
+    return StoreError(f"{what}: {exhausted}")
