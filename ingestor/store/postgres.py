@@ -406,8 +406,11 @@ class _Watchdog:
             with self._lock:
                 for deadline, fd in self._watched.values():
                     if deadline < now:
-                        with contextlib.suppress(OSError):
-                            socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+                        with (
+                            contextlib.suppress(OSError),
+                            socket.socket(fileno=os.dup(fd)) as dup,
+                        ):
+                            dup.shutdown(socket.SHUT_RDWR)
 
 
 class _CheckAll:
