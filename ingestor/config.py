@@ -76,6 +76,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     store_busy_timeout: Seconds = 10
     graceful_timeout: Seconds = 30
     workers: Count = 1
+    worker_timeout: Seconds = 30
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api_keys: tuple[ApiKey, ...] = ()

@@ -19,7 +19,16 @@ instance still fails.
 
 SIGTERM or SIGINT is passed on to every worker, which drains as a single
 process would; a worker that dies on its own is restarted, after a pause
-that doubles, up to 30 s, while it keeps dying soon after its start. The
+that doubles, up to 30 s, while it keeps dying soon after its start.
+
+A worker that stops without dying is killed and restarted as if it had
+died: stopped (SIGSTOP, a debugger), stuck in a loop, or blocked in a
+call that never returns. Its event loop sets a heartbeat in memory it
+shares with the supervisor every `_BEAT` s; one older than
+`worker_timeout` gets the worker SIGKILLed. On SQLite a stuck worker may
+hold the store's writers' lock, and then every other worker's writes
+would wait on it for ever, all answered 503; the kernel releases its locks
+when it dies. The
 workers answer each other on Unix sockets in a directory of the
 supervisor's (`WorkerGroup`): a scrape of /metrics, taken by any worker,
 shows every worker's series.
@@ -55,6 +64,7 @@ _RESTART_PAUSE = 1.0  # before restarting a worker that died
 _RESTART_PAUSE_MAX = 30.0  # ... doubled each time it dies again soon after its start
 _STEADY = 60.0  # a worker that lived this long died by accident: back to the first pause
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_BEAT = 1.0  # how often a worker's event loop shows it runs (see the module docstring)
 
 
 def _die_with_parent() -> None:
@@ -72,17 +82,31 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings: Settings, sockets: Sockets, index: int, directory: str) -> None:
+async def _beat(heart: ctypes.c_double) -> None:
+    """Show the supervisor, every `_BEAT` s, that this event loop runs."""
+    while True:
+        heart.value = time.monotonic()
+        await trio.sleep(_BEAT)
+
+
+def _worker(
+    settings: Settings, sockets: Sockets, index: int, directory: str, heart: ctypes.c_double
+) -> None:
     from .service import serve
 
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     log.info("worker start", extra={"fields": {"worker": index}})
     group = WorkerGroup(index, settings.workers, directory)
+
+    async def main() -> None:
+        # A system task: it beats while the store opens and while the service
+        # drains, and ends with the main task, whose errors stay its own.
+        trio.lowlevel.spawn_system_task(_beat, heart)
+        await serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
+
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
-        trio.run(
-            lambda: serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
-        )
+        trio.run(main)
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:
@@ -132,15 +156,30 @@ def run_workers(settings: Settings) -> int:
     directory = tempfile.mkdtemp(prefix="ingestor-", dir=parent if len(parent) <= 64 else "/tmp")
     context = multiprocessing.get_context("spawn")
     stopping = False
+    # Each worker's last heartbeat, on the monotonic clock every process shares.
+    hearts = [context.Value("d", 0.0, lock=False) for _ in range(settings.workers)]
 
     def start(index: int) -> BaseProcess:
+        hearts[index].value = time.monotonic()  # its imports and start count from now
         process = context.Process(
             target=_worker,
-            args=(settings, every[index], index, directory),
+            args=(settings, every[index], index, directory, hearts[index]),
             name=f"ingestor-worker-{index}",
         )
         process.start()
         return process
+
+    def kill_if_stuck(index: int) -> None:
+        """Kill worker `index` if its heartbeat is older than `worker_timeout`."""
+        silent = time.monotonic() - hearts[index].value
+        if silent <= settings.worker_timeout:
+            return
+        log.error(
+            "worker stopped answering, killing it",
+            extra={"fields": {"worker": index, "silent_s": round(silent, 1)}},
+        )
+        processes[index].kill()
+        hearts[index].value = time.monotonic()  # one kill: it is dead once the kernel is done
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -176,6 +215,7 @@ def run_workers(settings: Settings) -> int:
                 continue
             process.join(timeout=0.2)
             if process.exitcode is None:
+                kill_if_stuck(index)
                 continue
             if stopping:
                 # Killed by the SIGTERM we sent: it came before the worker

@@ -15,8 +15,9 @@ real processes:
                            SIGKILLed; another one must deliver the batch
     reads                  every worker answers the same, and a pulse
                            acknowledged by one is read by any other
-    restarts               a worker killed again and again; SIGTERM arriving
-                           while the supervisor waits to restart one
+    restarts               a worker killed again and again; one stopped
+                           (SIGSTOP) until the supervisor kills it; SIGTERM
+                           arriving while the supervisor waits to restart one
     two groups             a second `serve --workers` group on the same data
                            dir, on another port
 
@@ -401,6 +402,45 @@ async def test_worker_killed_again_and_again_is_restarted_and_counts_stay_exact(
         workers = group.pids()
         assert await group.server.terminate() == 0, group.server.tail()
         assert [pid for pid in workers if alive(pid)] == []
+
+
+async def test_a_stopped_worker_is_killed_and_replaced_and_counts_stay_exact(
+    tmp_path: Path,
+) -> None:
+    """One worker SIGSTOPped under load, as a debugger, a frozen container or a
+    call that never returns leaves it: alive, holding its socket's backlog and
+    perhaps the store's writers' lock, serving nothing. The supervisor must kill
+    it once its heartbeat is `worker_timeout` old and start another; every
+    request routed to it is then answered, and totals stay exact.
+
+    Was: nothing noticed it. The connections the kernel gave its socket waited
+    for ever, and had it held the writers' lock, every write of the group would
+    have been answered 503 for as long as it stayed stopped.
+    """
+    ledger = Ledger()
+    factory = PulseFactory(prefix="z", tenants=TENANTS, id_share=1.0)
+    async with running(tmp_path / "data", workers=2, INGESTOR_WORKER_TIMEOUT="3") as group:
+        load = Load(group.server, ledger, factory, clients=4, seed=75, keepalive=False, timeout=30)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load.run)
+            await load.flowing(200)
+            victim = group.pids()[0]
+            os.kill(victim, signal.SIGSTOP)
+
+            async def replaced() -> list[int]:
+                found = group.pids()
+                return found if len(found) == 2 and victim not in found else []
+
+            await wait_until(replaced, within=30, what="the stopped worker replaced")
+            await group.all_serving(group.workers + 1)
+            await load.flowing(200, what="load after the replacement")
+            load.stop()
+        assert not alive(victim)
+        assert load.problems == [], load.problems[:5]
+        output = group.server.output_of_run()
+        assert output.count("worker stopped answering, killing it") == 1, output[-3000:]
+        assert output.count("worker died, restarting") == 1, output[-3000:]
+        await audit(group.server, ledger)
 
 
 async def test_sigterm_while_a_worker_waits_to_be_restarted_stops_the_group(
