@@ -8,6 +8,11 @@ the writer may have died between its rename and that fsync. A process
 killed mid-write leaves its temporary file (`.<batch_id>.json.<pid>.tmp`)
 behind; the first write into a day's directory by a later process removes
 those whose process is gone.
+
+A new directory lasts a power loss only once its entry in its parent is on
+disk too: the first write into a day's directory by each process makes it,
+and the sink's own directory, with their entries fsynced, whoever created
+them (a writer may have died before it synced what it made).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class FileSink:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._swept: set[Path] = set()
+        self._prepared: set[Path] = set()
 
     def path_of(self, batch_id: str, day: str) -> Path:
         return self.directory / day / f"{batch_id}.json"
@@ -61,11 +66,10 @@ class FileSink:
 
     def _write(self, batch_id: str, day: str, body: bytes) -> None:
         final = self.path_of(batch_id, day)
+        self._prepare(final.parent)
         if final.exists():
             _fsync_path(final.parent)  # the delivered point, which its writer may not have reached
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._sweep(final.parent)
         temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
             with open(temporary, "wb") as f:
@@ -79,11 +83,16 @@ class FileSink:
         # Delivered point: once the directory entry is on disk, so is the batch.
         _fsync_path(final.parent)
 
-    def _sweep(self, directory: Path) -> None:
-        """Once per directory and process: remove temporary files of dead writers."""
-        if directory in self._swept:
+    def _prepare(self, directory: Path) -> None:
+        """Once per day's directory and process: make it and the sink's directory,
+        each entry durable in its parent, and remove temporary files of dead
+        writers."""
+        if directory in self._prepared:
             return
-        self._swept.add(directory)
+        for made in (self.directory, directory):
+            made.mkdir(parents=True, exist_ok=True)
+            _fsync_path(made.parent)
+        self._prepared.add(directory)
         for leftover in directory.glob(".*.tmp"):
             pid = leftover.name.rsplit(".", 2)[-2]
             if pid.isdigit() and not _alive(int(pid)):
