@@ -212,3 +212,17 @@ def postgres_url(postgres_database: str) -> Iterator[str]:
     """A new, empty schema of the session's database."""
     with new_schema(postgres_database) as url:
         yield url
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The path of each descriptor `os.fsync` is called on during the test, in order."""
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced

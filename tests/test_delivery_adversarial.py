@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -343,7 +342,7 @@ async def test_a_store_that_cannot_record_outcomes_does_not_make_the_deliverer_s
 
 
 async def test_the_file_sink_makes_a_file_found_in_place_durable_before_confirming(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fsynced: list[Path]
 ) -> None:
     """The file sink's delivered point is "the directory entry is on disk".
 
@@ -357,16 +356,8 @@ async def test_the_file_sink_makes_a_file_found_in_place_durable_before_confirmi
     final = sink.path_of("b-1", DAY)
     final.parent.mkdir(parents=True)
     final.write_bytes(b'{"batch_id":"b-1"}')  # renamed into place, then the writer was killed
-    synced: list[Path] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
     await sink.deliver("b-1", DAY, b'{"batch_id":"b-1"}')
-    assert final.parent in synced, f"confirmed with only {synced} synced"
+    assert final.parent in fsynced, f"confirmed with only {fsynced} synced"
 
 
 async def test_a_retry_is_not_stalled_by_the_wall_clock_stepping_back(

@@ -48,7 +48,7 @@ async def test_os_errors_are_retryable(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("made_before", [False, True], ids=["new", "made-by-a-dead-writer"])
 async def test_new_directories_are_durable_in_their_parents_before_a_delivery_returns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made_before: bool
+    tmp_path: Path, fsynced: list[Path], made_before: bool
 ) -> None:
     """A file fsynced into a directory that is itself only in the page cache of
     its parent is lost with it on a power loss, although the outbox calls the
@@ -64,14 +64,6 @@ async def test_new_directories_are_durable_in_their_parents_before_a_delivery_re
     final = sink.path_of("b4", "2026-11-28")
     if made_before:
         final.parent.mkdir(parents=True)
-    synced: list[Path] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
     await sink.deliver("b4", "2026-11-28", b"{}")
-    assert {tmp_path, tmp_path / "deliveries", final.parent} <= set(synced), synced
-    assert synced[-1] == final.parent  # the file's own entry, last: the delivered point
+    assert {tmp_path, tmp_path / "deliveries", final.parent} <= set(fsynced), fsynced
+    assert fsynced[-1] == final.parent  # the file's own entry, last: the delivered point
