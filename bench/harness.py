@@ -421,6 +421,26 @@ def core_busy(cpu: str) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
+def _refuse_unclean(server: Server, raw: dict[str, Any], non_2xx: int) -> None:
+    """Raise RuntimeError if a run's figures would not be the server's own.
+
+    wrk's latencies cover every answer, the 503s of a server shedding load
+    among them, and leave out those slower than its timeout, though it
+    counts their statuses: a run with either, or with a connection that
+    failed, would report a latency no client had. A server that exited
+    during the load took only part of it.
+    """
+    process = getattr(server, "process", None)
+    if process is not None and process.poll() is not None:
+        raise RuntimeError(f"the server exited with {process.returncode} during the load")
+    errors = {kind: n for kind, n in raw["errors"].items() if kind != "status" and n}
+    if non_2xx or errors:
+        raise RuntimeError(
+            f"{non_2xx} answers not 2xx, socket errors {errors or 'none'}"
+            f" (first error: {raw.get('first_error')}): the run's figures are not the server's"
+        )
+
+
 def measure(server: Server, wrk: str | None, load: Load, duration: int) -> dict[str, Any]:
     """Load `server` for `duration` s; rates, latency, status counts, server CPU."""
     core_before = core_busy(SERVER_CPU)
@@ -438,6 +458,9 @@ def measure(server: Server, wrk: str | None, load: Load, duration: int) -> dict[
     core_share = busy / total if total else float("nan")
     statuses = {k: int(v) for k, v in raw["statuses"].items()}
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+    _refuse_unclean(server, raw, raw["requests"] - ok)
+    # The pulses the server said it took; a load of pages has none to count.
+    accepted = raw.get("accepted", ok * load.pulses_per_request)
     lat = raw["latency_us"]
     return {
         "tool": raw["tool"],
@@ -447,7 +470,8 @@ def measure(server: Server, wrk: str | None, load: Load, duration: int) -> dict[
         "ok_requests": ok,
         "requests_per_s": round(ok / seconds, 1),
         "pulses_per_request": load.pulses_per_request,
-        "pulses_per_s": round(ok * load.pulses_per_request / seconds, 1),
+        "accepted_pulses": accepted,
+        "pulses_per_s": round(accepted / seconds, 1),
         "latency_ms": {
             k: round(lat[k] / 1000, 3) for k in ("p50", "p90", "p99", "p999", "max", "mean")
         },

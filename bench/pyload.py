@@ -84,6 +84,7 @@ def main() -> None:
     statuses: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     first_error: list[str] = []
+    accepted = [0]  # pulses the server said it took, as report.lua sums them
     lock = threading.Lock()
     start = time.perf_counter()
     end = start + opts.duration
@@ -113,6 +114,8 @@ def main() -> None:
                 statuses[str(response.status)] += 1
                 if response.status >= 300 and not first_error:
                     first_error.append(f"{response.status} {text[:300].decode(errors='replace')}")
+                if make is pulse_bodies and response.status < 300:
+                    accepted[0] += int(json.loads(text).get("accepted", 0))
         conn.close()
 
     threads = [threading.Thread(target=worker, args=(i + 1,)) for i in range(opts.connections)]
@@ -153,6 +156,7 @@ def main() -> None:
                 },
                 "statuses": dict(statuses),
                 "first_error": first_error[0] if first_error else None,
+                **({"accepted": accepted[0]} if make is pulse_bodies else {}),
             }
         )
     )

@@ -63,6 +63,13 @@ def _cell(stat: tuple[float, float, float], digits: int = 0) -> str:
     return f"{_num(mid, digits)} ({_num(low, digits)}{DASH}{_num(high, digits)})"
 
 
+def _fewer(runs: list[Record], meta: Record) -> str:
+    """ " (1 of 3 runs)" after a scenario whose figures rest on fewer runs than
+    the bench asked for (it failed), else nothing."""
+    asked = meta.get("runs") or 0
+    return f" ({len(runs)} of {asked} runs)" if len(runs) < asked else ""
+
+
 def _ratio(value: float, base: float | None) -> str:
     if not base:
         return "—"
@@ -70,9 +77,8 @@ def _ratio(value: float, base: float | None) -> str:
 
 
 def _baseline_for(r: Record, by: dict[str, list[Record]]) -> list[Record] | None:
-    return by.get(f"base-{r['shape']}-{'ids' if r['ids'] else 'noids'}") or by.get(
-        f"base-{r['shape']}-ids"
-    )
+    """The baseline's runs of the same body shape and ids: none, no ratio."""
+    return by.get(f"base-{r['shape']}-{'ids' if r['ids'] else 'noids'}")
 
 
 def _problems(runs: list[Record]) -> str:
@@ -152,7 +158,8 @@ def render(meta: Record, runs: list[Record], other: list[Record]) -> str:
         base_p = median([r["pulses_per_s"] for r in base]) if base else None
         base_p99 = median([r["latency_ms"]["p99"] for r in base]) if base else None
         lines.append(
-            f"| {name} | {rs[0]['connections']} | {_cell(pulses)} | {_ratio(pulses[0], base_p)} "
+            f"| {name}{_fewer(rs, meta)} | {rs[0]['connections']} | {_cell(pulses)} "
+            f"| {_ratio(pulses[0], base_p)} "
             f"| {_cell(reqs, 1)} | {_cell(p50, 1)} | {_cell(p99, 1)} "
             f"| {_ratio(p99[0], base_p99)} | {cpu:.2f} | {_problems(rs)} |"
         )
@@ -172,7 +179,8 @@ def render(meta: Record, runs: list[Record], other: list[Record]) -> str:
             rs = by[name]
             rows = _stat(rs, lambda r: r["rows_per_s"])
             lines.append(
-                f"| {name} | {_cell(_stat(rs, lambda r: r['requests_per_s']), 1)} "
+                f"| {name}{_fewer(rs, meta)} "
+                f"| {_cell(_stat(rs, lambda r: r['requests_per_s']), 1)} "
                 f"| {_cell(rows)} "
                 f"| {_ratio(rows[0], base_rows) if name.startswith('svc') else '—'} "
                 f"| {_cell(_stat(rs, lambda r: r['latency_ms']['p50']), 1)} "
@@ -285,7 +293,7 @@ def chart(runs: list[Record], out: Path) -> Path | None:
             "#999999"
             if by[n][0]["target"] == "baseline"
             else "#1f77b4"
-            if by[n][0].get("durability") == "fsync"
+            if by[n][0].get("durability", "fsync") == "fsync"  # reads: the default
             else "#2ca02c"
             for n in names
         ]

@@ -192,10 +192,10 @@ def _ingest_once(
         )
         extra: dict[str, Any] = {}
         if target == "service":
-            # A 2xx means stored: every acknowledged pulse must be in the totals.
+            # Every pulse the server said it accepted must be in the totals.
             # (More may be stored: requests still in flight when wrk stopped.)
             stored = h.stored_pulses(server.port) - before
-            acked = result["statuses"].get("202", 0) * count
+            acked = result["accepted_pulses"]
             extra = {
                 "acked_pulses": acked,
                 "stored_pulses": stored,
@@ -321,6 +321,7 @@ def run_buckets(rec: Recorder, options: Options, logs: Path) -> None:
                         "aggregates",
                         "service",
                         index,
+                        durability="fsync",
                         buckets=rows,
                         page=PAGE,
                         rows_per_s=round(result["requests_per_s"] * PAGE, 1),
