@@ -50,6 +50,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from .clock import SharedClock
 from .errors import StoreError
 from .runtime import Runtime, WorkerGroup
 from .store import WriterLock
@@ -189,6 +190,12 @@ class ServiceCollector:
             "Outbox batches created by commits.",
             value=committer.batches_created,
         )
+        if isinstance(runtime.clock, SharedClock):
+            yield GaugeMetricFamily(
+                "ingestor_clock_offset_seconds",
+                "How far the store's clock, which the service keeps, is ahead of this machine's.",
+                value=runtime.clock.offset_us / 1e6,
+            )
         yield GaugeMetricFamily(
             "ingestor_committer_leading",
             "1 when this instance runs the periodic commits for the store.",

@@ -30,7 +30,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
-from .clock import wall_clock_us
+from .clock import SharedClock, wall_clock_us
 from .committer import Committer
 from .config import Settings, shown_url
 from .deliverer import Deliverer
@@ -57,12 +57,18 @@ async def open_service(
     *,
     store: Store | None = None,
     sink: Sink | None = None,
-    clock: Callable[[], int] = wall_clock_us,
+    clock: Callable[[], int] | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Start the store, shards, committer and deliverer; stop them in reverse."""
+    """Start the store, shards, committer and deliverer; stop them in reverse.
+
+    Without a `clock`, the service keeps the store's (`clock.SharedClock`)
+    on PostgreSQL, and this machine's on SQLite.
+    """
     if store is None:
         store = await trio.to_thread.run_sync(open_store, settings)
     sink = sink or open_sink(settings)
+    shared = SharedClock(store.clock_us) if clock is None and settings.on_postgres else None
+    clock = clock or shared or wall_clock_us
     try:
         rules = Rules(
             late_window_s=settings.late_window,
@@ -123,6 +129,8 @@ async def open_service(
             for shard in shards:
                 await actors.start(shard.run)
             async with trio.open_nursery() as timers:
+                if shared is not None:
+                    await timers.start(shared.run)
                 await timers.start(committer.run)
                 await timers.start(deliverer.run)
                 runtime.ready = True

@@ -215,6 +215,12 @@ class Store(Protocol):
         an operator to redeliver). A count over a partial index each."""
         ...
 
+    def clock_us(self) -> int:
+        """The time by the clock every instance sharing the store keeps
+        (`clock.SharedClock`): the database's for PostgreSQL, this machine's
+        for SQLite, which only processes of this machine share."""
+        ...
+
     def writer_lock(self) -> WriterLock | None:
         """This process's turns at the store's writers' lock so far; None for a
         store whose writers take no turns (each holds the rows it writes)."""

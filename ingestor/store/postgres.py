@@ -830,6 +830,14 @@ class PostgresStore:
             row = conn.execute("SELECT value FROM meta WHERE key = 'purge_horizon'").fetchone()
         return int(row[0]) if row else None
 
+    def clock_us(self) -> int:
+        with self._reading("read the clock") as conn:
+            row = conn.execute(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
     # -- reads ----------------------------------------------------------
 
     def open_days(self, partition: int) -> list[str]:

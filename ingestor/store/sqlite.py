@@ -134,7 +134,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from ..clock import moment
+from ..clock import moment, wall_clock_us
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import (
     BucketKey,
@@ -1526,6 +1526,9 @@ class SQLiteStore:
             ).fetchone()[0]
         )
         return count
+
+    def clock_us(self) -> int:
+        return wall_clock_us()
 
     def writer_lock(self) -> WriterLock:
         file = self._file
