@@ -52,14 +52,13 @@ def moment(us: int) -> dt.datetime:
 class SharedClock:
     """The wall clock of every instance sharing a store (see the module docstring).
 
-    `read_shared` reads the shared clock (the database's) in microseconds, in
-    a worker thread; `run` keeps this machine's offset from it, within half
-    the round trip. While the database does not answer, the offset is the
-    last one measured.
+    `read_offset` measures, in a worker thread, how far the shared clock (the
+    database's) is ahead of this machine's, in microseconds; `run` keeps that
+    offset. While the database does not answer, it is the last one measured.
     """
 
-    def __init__(self, read_shared: Callable[[], int]) -> None:
-        self._read_shared = read_shared
+    def __init__(self, read_offset: Callable[[], int]) -> None:
+        self._read_offset = read_offset
         self.offset_us = 0
         self.measured = False
 
@@ -67,11 +66,7 @@ class SharedClock:
         return time.time_ns() // 1000 + self.offset_us
 
     def measure(self) -> None:
-        started = time.monotonic_ns()
-        local = time.time_ns() // 1000
-        shared = self._read_shared()
-        half_trip = (time.monotonic_ns() - started) // 2000
-        offset = shared - (local + half_trip)
+        offset = self._read_offset()
         if abs(offset) >= _NOTED_US and (
             not self.measured or abs(offset - self.offset_us) >= _NOTED_US
         ):

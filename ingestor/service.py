@@ -67,7 +67,7 @@ async def open_service(
     if store is None:
         store = await trio.to_thread.run_sync(open_store, settings)
     sink = sink or open_sink(settings)
-    shared = SharedClock(store.clock_us) if clock is None and settings.on_postgres else None
+    shared = SharedClock(store.clock_offset_us) if clock is None and settings.on_postgres else None
     clock = clock or shared or wall_clock_us
     try:
         rules = Rules(

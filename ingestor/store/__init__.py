@@ -215,10 +215,11 @@ class Store(Protocol):
         an operator to redeliver). A count over a partial index each."""
         ...
 
-    def clock_us(self) -> int:
-        """The time by the clock every instance sharing the store keeps
-        (`clock.SharedClock`): the database's for PostgreSQL, this machine's
-        for SQLite, which only processes of this machine share."""
+    def clock_offset_us(self) -> int:
+        """How far the clock every instance sharing the store keeps
+        (`clock.SharedClock`) is ahead of this machine's, in microseconds,
+        within half a round trip: the database's for PostgreSQL; 0 for SQLite,
+        which only processes of this machine share."""
         ...
 
     def writer_lock(self) -> WriterLock | None:

@@ -830,13 +830,18 @@ class PostgresStore:
             row = conn.execute("SELECT value FROM meta WHERE key = 'purge_horizon'").fetchone()
         return int(row[0]) if row else None
 
-    def clock_us(self) -> int:
+    def clock_offset_us(self) -> int:
         with self._reading("read the clock") as conn:
+            # Timed around the query alone: waiting for a pooled session is
+            # no part of the round trip.
+            started = time.monotonic_ns()
+            local = time.time_ns() // 1000
             row = conn.execute(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
             ).fetchone()
+            half_trip = (time.monotonic_ns() - started) // 2000
         assert row is not None
-        return int(row[0])
+        return int(row[0]) - (local + half_trip)
 
     # -- reads ----------------------------------------------------------
 

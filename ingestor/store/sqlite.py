@@ -134,7 +134,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from ..clock import moment, wall_clock_us
+from ..clock import moment
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import (
     BucketKey,
@@ -1527,8 +1527,8 @@ class SQLiteStore:
         )
         return count
 
-    def clock_us(self) -> int:
-        return wall_clock_us()
+    def clock_offset_us(self) -> int:
+        return 0
 
     def writer_lock(self) -> WriterLock:
         file = self._file
