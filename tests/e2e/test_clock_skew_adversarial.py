@@ -182,6 +182,23 @@ async def leads(http: httpx.AsyncClient, server: ServerProcess) -> bool:
     return (await metrics(http, server))["ingestor_committer_leading"] == 1
 
 
+def steady_and_skewed(
+    postgres_url: str, target: SinkTarget, tmp_path: Path, skew: int
+) -> tuple[ServerProcess, ServerProcess]:
+    """Two instances on the store delivering to `target`, the second `skew` s off.
+    Nothing is due for the periodic committer: the test commits, on the first."""
+    env = {
+        "INGESTOR_STORE": postgres_url,
+        "INGESTOR_SINK": target.url,
+        "INGESTOR_SINK_SECRET": SECRET,
+        "INGESTOR_COMMIT_GRACE": "3d",
+    }
+    return (
+        ServerProcess(tmp_path / "steady", env=env),
+        ServerProcess(tmp_path / "other", env=skewed(env, skew)),
+    )
+
+
 def today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
@@ -204,15 +221,7 @@ async def test_a_batch_one_instance_is_sending_is_not_sent_again_by_another(
     or more than 330 s after it (max(retry_max, 55 s) + 30 s: "the clock
     stepped back"; an instance more than 275 s behind)."""
     target.delay = 3.0
-    env = {
-        "INGESTOR_STORE": postgres_url,
-        "INGESTOR_SINK": target.url,
-        "INGESTOR_SINK_SECRET": SECRET,
-        # Nothing is due for the periodic committer: the test commits, on `steady`.
-        "INGESTOR_COMMIT_GRACE": "3d",
-    }
-    steady = ServerProcess(tmp_path / "steady", env=env)
-    other = ServerProcess(tmp_path / "other", env=skewed(env, skew))
+    steady, other = steady_and_skewed(postgres_url, target, tmp_path, skew)
     yesterday = (today() - dt.timedelta(days=1)).isoformat()
     payloads = [
         {
@@ -514,14 +523,7 @@ async def test_retries_to_a_failing_receiver_back_off_when_clocks_differ(
     commit no batch may get six (with both clocks true: 4 each)."""
     skew = 600
     target.set_mode("error")
-    env = {
-        "INGESTOR_STORE": postgres_url,
-        "INGESTOR_SINK": target.url,
-        "INGESTOR_SINK_SECRET": SECRET,
-        "INGESTOR_COMMIT_GRACE": "3d",
-    }
-    steady = ServerProcess(tmp_path / "steady", env=env)
-    other = ServerProcess(tmp_path / "other", env=skewed(env, skew))
+    steady, other = steady_and_skewed(postgres_url, target, tmp_path, skew)
     yesterday = (today() - dt.timedelta(days=1)).isoformat()
     payloads = [
         {
