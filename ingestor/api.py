@@ -324,8 +324,9 @@ def create_app(runtime: Runtime) -> Quart:
         if need == "public":
             g.principal = OPEN
             return
+        headers = request.headers
         who = keyring.authenticate(
-            request.headers.getlist("Authorization"), request.headers.getlist("Host")
+            headers.getlist("Authorization"), headers.getlist("Host"), headers.getlist("Origin")
         )
         keyring.require(who, need, f"{request.method} {rule.rule}")
         g.principal = who

@@ -28,6 +28,7 @@ import ipaddress
 import secrets
 from collections.abc import Sequence
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -109,7 +110,10 @@ class Keyring:
         return not self._keys
 
     def authenticate(
-        self, authorization: str | Sequence[str] | None, hosts: Sequence[str] = ()
+        self,
+        authorization: str | Sequence[str] | None,
+        hosts: Sequence[str] = (),
+        origins: Sequence[str] = (),
     ) -> Principal:
         """The principal of a request's Authorization header (or of its every
         value, as a request gives them), or raise Unauthorized.
@@ -118,6 +122,11 @@ class Keyring:
         a web page a browser on this machine opens can reach 127.0.0.1 by DNS
         rebinding, as its own origin, but its requests name the page's host.
         A request naming none (HTTP/1.0, an empty Host) comes from no browser.
+        Nor may it come from a page of another site (`origins`, its Origin
+        headers): a page may POST to 127.0.0.1 without a CORS preflight
+        (`/aggregates/commit?date=` needs no body), and with no key asked
+        for, commit a day. Browsers name the page's origin on every POST and
+        every cross-origin fetch; a key is no cookie: a page has none to send.
         """
         if not self._keys:
             for host in hosts:
@@ -125,6 +134,12 @@ class Keyring:
                     raise Forbidden(
                         "a server without API keys answers only requests to localhost,"
                         f" 127.0.0.1 or [::1]; this one is to {host[:100]!r}"
+                    )
+            for origin in origins:
+                if not _loopback_origin(origin):
+                    raise Forbidden(
+                        "a server without API keys answers no request a web page of"
+                        f" another site sends; this one's Origin is {origin[:100]!r}"
                     )
             return OPEN
         if authorization is not None and not isinstance(authorization, str):
@@ -158,6 +173,15 @@ class Keyring:
             raise Forbidden(
                 f"{what} needs a key with role {roles}; this key's role is {principal.role}"
             )
+
+
+def _loopback_origin(origin: str) -> bool:
+    """Whether an Origin header names a page of this machine ("null": of none)."""
+    try:
+        host = urlsplit(origin).netloc if "://" in origin else ""
+    except ValueError:  # "http://[::1"
+        return False
+    return bool(host) and _loopback(host)
 
 
 def _loopback(host: str) -> bool:

@@ -75,6 +75,7 @@ class PulseRoute:
         given = content_type = None
         authorization: list[str] = []
         hosts: list[str] = []
+        origins: list[str] = []
         length: bytes | None = None
         size = 0
         for name, value in scope["headers"]:  # type: ignore[typeddict-item]
@@ -89,6 +90,8 @@ class PulseRoute:
                 given = value.decode("latin-1")
             elif name == b"host":
                 hosts.append(value.decode("latin-1"))
+            elif name == b"origin":
+                origins.append(value.decode("latin-1"))
         rid = self._new_request_id(given)
         token = request_id.set(rid)
         headers: list[tuple[bytes, bytes]] = [_JSON, (b"x-request-id", rid.encode())]
@@ -100,7 +103,7 @@ class PulseRoute:
                     header_bytes=size,
                     max_header_bytes=self._max_headers,
                 )
-                principal = self._keyring.authenticate(authorization, hosts)
+                principal = self._keyring.authenticate(authorization, hosts, origins)
                 self._keyring.require(principal, self._need, "POST /pulses")
                 body = await self._read_body(receive, length)
                 status, payload = await self._ingest(self._runtime, body, content_type, principal)

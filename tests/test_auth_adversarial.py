@@ -556,6 +556,44 @@ async def test_open_mode_answers_only_a_loopback_host_so_no_web_page_can_rebind_
         assert response.status_code in (400, 403, 421), host
 
 
+async def test_open_mode_takes_no_request_a_page_of_another_site_sends(client: Client) -> None:
+    """Was: a web page of any site, opened in a browser on the machine of an
+    open server, committed a day by `fetch("http://127.0.0.1:8081/aggregates/
+    commit?date=...", {method: "POST", mode: "no-cors"})`: a request without a
+    body or a custom header is sent without a CORS preflight, names the
+    loopback host it is sent to, and in open mode needs no key. The day's
+    usage so far went downstream as an initial batch before the day ended.
+
+    Browsers name the page's origin in `Origin` on every such POST (and on
+    every cross-origin fetch), "null" for a sandboxed frame or a file. Fix:
+    in open mode, a request with an Origin that is not a loopback one is
+    403. A page served from this machine (a dashboard on localhost:3000)
+    still may.
+    """
+    assert (await client.post("/pulses", json=pulse(used_amount="7"))).status_code == 202
+    today = (await (await client.get("/aggregates")).get_json())["aggregates"][0]["date"]
+    for origin in ("https://attacker.example", "http://10.0.0.7:8081", "null"):
+        commit = await client.post(f"/aggregates/commit?date={today}", headers={"Origin": origin})
+        assert commit.status_code == 403, (origin, await commit.get_data())
+        error = (await commit.get_json())["error"]
+        assert "Origin" in error["message"], error
+        posted = await client.post(
+            "/pulses", json=pulse(used_amount="1"), headers={"Origin": origin}
+        )
+        assert posted.status_code == 403, origin
+        read = await client.get("/aggregates", headers={"Origin": origin})
+        assert read.status_code == 403, origin
+    [bucket] = (await (await client.get("/aggregates")).get_json())["aggregates"]
+    assert (bucket["used_amount"], bucket["committed_amount"]) == ("7", "0"), bucket
+    for origin in ("http://localhost:3000", "http://127.0.0.1:8081", "http://[::1]"):
+        posted = await client.post(
+            "/pulses", json=pulse(used_amount="1"), headers={"Origin": origin}
+        )
+        assert posted.status_code == 202, origin
+    [bucket] = (await (await client.get("/aggregates")).get_json())["aggregates"]
+    assert bucket["used_amount"] == "10", bucket
+
+
 # -- what /metrics and answers show -------------------------------------------------------------
 
 
