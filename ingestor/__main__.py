@@ -7,6 +7,7 @@ billing-ingestor keys new --role ingest|read|admin [--tenant T ...]
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tomllib
 
@@ -74,6 +75,23 @@ def _new_key(role: Role, tenants: list[str]) -> int:
     return 0
 
 
+def _raise_open_files_limit() -> None:
+    """Take the hard limit of open files as the soft one, as Go's runtime does.
+
+    Each client connection holds a descriptor. A soft limit below the hard
+    one (systemd gives a service 1,024, and a shell's `ulimit -n` may give
+    less) left the clients past it waiting to be accepted until another
+    closed, 75 s for an idle keep-alive one, while the hard limit, set by
+    the operator or the platform, would have held them all.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit the kernel caps lower (nr_open)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"billing-ingestor: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    _raise_open_files_limit()
     from .service import serve
     from .workers import run_workers
 

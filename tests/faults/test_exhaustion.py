@@ -19,6 +19,10 @@ Real server processes and real sockets; the limits are the kernel's
    sibling worker stuck while holding `writer.lock`) while GET /aggregates
    keep coming: POST /pulses must be answered, 503 `store_busy` or 202,
    within about its busy timeout, however many reads wait.
+4. Many clients at once. The server is started with a soft RLIMIT_NOFILE of
+   128, as systemd gives a service (1,024) or a shell's `ulimit -n` may, and
+   a hard limit far above it. 300 keep-alive connections, each holding on
+   after its answer as a client's pool does, must every one be answered.
 """
 
 from __future__ import annotations
@@ -410,3 +414,73 @@ async def test_reads_waiting_on_a_locked_store_do_not_hold_up_the_answer_to_a_po
         f" which waits out the busy timeout in turn (read latencies"
         f" {sorted(round(s, 1) for _, s in reads)} s)"
     )
+
+
+# -- 4. many clients ------------------------------------------------------------------
+
+SOFT_FDS = 128  # the soft RLIMIT_NOFILE the server starts with
+CLIENTS = 300  # keep-alive connections open at once: more than SOFT_FDS
+
+
+class LowSoftLimit(ServerProcess):
+    """The server started with a soft RLIMIT_NOFILE of SOFT_FDS, its hard limit kept."""
+
+    def command(self) -> list[str]:
+        command = super().command()
+        shim = (
+            "import os, resource, sys;"
+            f" resource.setrlimit(resource.RLIMIT_NOFILE, ({SOFT_FDS},"
+            " resource.getrlimit(resource.RLIMIT_NOFILE)[1]));"
+            " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        return [command[0], "-c", shim, *command[1:]]
+
+
+async def test_many_keep_alive_clients_are_all_served_whatever_soft_limit_it_started_with(
+    tmp_path: Path, report: Report
+) -> None:
+    """Was: a server started under a soft limit of open files (systemd's 1,024,
+    a shell's `ulimit -n`) answered only as many clients as that limit held
+    connections; a client past it waited in the accept queue until another
+    closed, 75 s for an idle keep-alive one, while the hard limit would have
+    held them all. Fix: at start the server raises its soft limit to the hard
+    one, as Go's runtime does for every program.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * CLIENTS:
+        raise AssertionError(f"this machine's hard limit, {hard}, is too low for the test")
+    server = LowSoftLimit(tmp_path / "data", env={**QUIET_COMMITTER, "INGESTOR_DURABILITY": "os"})
+    async with server:
+        pid = running_pid(server)
+        soft, _ = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        connections: list[Connection] = []
+        answers: list[int] = []
+
+        async def client(number: int) -> None:
+            connection = await Connection.open(server)
+            connections.append(connection)
+            status, _, _ = await connection.request("POST", "/pulses", pulse(f"many-{number}"))
+            answers.append(status)
+
+        try:
+            with trio.move_on_after(5 * ANSWER_S):
+                async with trio.open_nursery() as nursery:
+                    for number in range(CLIENTS):
+                        nursery.start_soon(client, number)
+            held = open_fds(pid)
+            stored = await counted(connections[0]) if answers else 0
+        finally:
+            for connection in connections:
+                await connection.aclose()
+    report(
+        f"exhaustion, many clients: started with a soft limit of {SOFT_FDS}, running with"
+        f" {soft}; {len(answers)} of {CLIENTS} connections answered, {held} descriptors held,"
+        f" {stored} pulses counted"
+    )
+    assert len(answers) == CLIENTS, (
+        f"{CLIENTS - len(answers)} of {CLIENTS} clients got no answer within"
+        f" {5 * ANSWER_S:g} s: the server ran with a soft limit of {soft} open files"
+        f" (hard {hard}) and held {held}"
+    )
+    assert Counter(answers) == {202: CLIENTS}, Counter(answers)
+    assert stored == CLIENTS, (stored, CLIENTS)
