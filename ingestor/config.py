@@ -175,6 +175,11 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return text
 
 
+# Workers beat once a second (`workers._BEAT`): a shorter timeout would kill
+# a healthy worker between two beats.
+WORKER_TIMEOUT_MIN = 3.0
+
+
 def _check(settings: Settings) -> None:
     host, sep, port = settings.bind.rpartition(":")
     if not sep or not host or not _PORT.fullmatch(port) or not 0 <= int(port) <= 65535:
@@ -186,6 +191,15 @@ def _check(settings: Settings) -> None:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ConfigError(f"{name}: unknown IANA time zone {zone!r}") from None
+    if not settings.data_dir.strip():
+        # What a compose file's `${DATA_DIR}` gives when the variable is unset:
+        # taken as ".", it made a store in whatever directory the server ran in.
+        raise ConfigError("data_dir: empty; name a directory (the default is ./data)")
+    if settings.worker_timeout < WORKER_TIMEOUT_MIN:
+        raise ConfigError(
+            f"worker_timeout: must be at least {WORKER_TIMEOUT_MIN:g}s (a worker shows it"
+            f" runs once a second), got {settings.worker_timeout:g}s"
+        )
     if settings.store != "sqlite" and not settings.on_postgres:
         raise ConfigError(
             f"store: expected 'sqlite' or a postgresql:// URL, got {shown_url(settings.store)!r}"

@@ -65,6 +65,9 @@ _RESTART_PAUSE_MAX = 30.0  # ... doubled each time it dies again soon after its 
 _STEADY = 60.0  # a worker that lived this long died by accident: back to the first pause
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _BEAT = 1.0  # how often a worker's event loop shows it runs (see the module docstring)
+# A worker's start, before its event loop beats (a Python process's imports,
+# slower on a loaded machine), is given this long on top of `worker_timeout`.
+_STARTING = 10.0
 
 
 def _die_with_parent() -> None:
@@ -160,7 +163,7 @@ def run_workers(settings: Settings) -> int:
     hearts = [context.Value("d", 0.0, lock=False) for _ in range(settings.workers)]
 
     def start(index: int) -> BaseProcess:
-        hearts[index].value = time.monotonic()  # its imports and start count from now
+        hearts[index].value = time.monotonic() + _STARTING
         process = context.Process(
             target=_worker,
             args=(settings, every[index], index, directory, hearts[index]),
