@@ -216,7 +216,11 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # connections would stay open for ever; a connection that sends nothing
     # for this long is closed instead.
     config.read_timeout = 75
-    config.h11_max_incomplete_size = 16 * 1024
+    # A head still arriving is held up to this many bytes, then answered 431 by
+    # hypercorn. Above `max_header_bytes`, which the edge checks once the head
+    # is whole: the request line and the separators are not counted in it,
+    # and a head that came in two reads was refused at hypercorn's 16 KiB.
+    config.h11_max_incomplete_size = settings.max_header_bytes + 16 * 1024
     # Connections the kernel holds for us until they are accepted (capped by
     # net.core.somaxconn). Past hypercorn's 100, a burst of new connections
     # overflows the queue and the kernel drops or resets some: 240 clients
