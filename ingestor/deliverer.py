@@ -27,6 +27,7 @@ is ahead has not ended yet.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import random
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from .store import DueBatch, Store
 __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
-_IDLE_POLL = 1.0  # also picks up batches committed by other processes
+_IDLE_POLL = 1.0  # also picks up batches committed by other processes (at most this long idle)
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -83,6 +84,9 @@ class Deliverer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = trio.Event()
+        # When this process's retries are due, soonest first: a retry sooner
+        # than the idle poll (`retry_initial` under 1 s) waits for it, not the poll.
+        self._retries: list[int] = []
         # One pass at a time: a pass reads the due batches and waits for all of
         # them, so a second pass never works from a list read before the
         # first one recorded its outcomes.
@@ -224,7 +228,19 @@ class Deliverer:
                 }
             },
         )
-        return "pending", error, self._clock() + int(delay * 1_000_000)
+        next_at = self._clock() + int(delay * 1_000_000)
+        heapq.heappush(self._retries, next_at)
+        return "pending", error, next_at
+
+    def _idle_for(self) -> float:
+        """Seconds to wait, unless woken, before the next pass: the idle poll, or
+        less, until this process's next retry is due."""
+        now = self._clock()
+        while self._retries and self._retries[0] <= now:
+            heapq.heappop(self._retries)
+        if not self._retries:
+            return _IDLE_POLL
+        return min(_IDLE_POLL, (self._retries[0] - now) / 1_000_000)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -246,7 +262,7 @@ class Deliverer:
             # A batch whose outcome the store did not take is due again at
             # once: sent again now, it would be sent in a busy loop.
             if attempted == 0 or self.unrecorded > unrecorded:
-                with trio.move_on_after(_IDLE_POLL):
+                with trio.move_on_after(self._idle_for()):
                     await self._wake.wait()
 
 
