@@ -7,6 +7,7 @@ billing-ingestor keys new --role ingest|read|admin [--tenant T ...]
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import sys
 import tomllib
@@ -92,6 +93,12 @@ def _raise_open_files_limit() -> None:
             return
 
 
+def _one_line(exc: Exception) -> str:
+    """`exc`'s message on one line: a driver's may span several (libpq's
+    "Connection refused" is followed by a line "Is the server running ...")."""
+    return re.sub(r"\s*[\r\n]\s*", " ", str(exc)).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, bind=args.bind, data_dir=args.data_dir, workers=args.workers
         )
     except ConfigError as exc:
-        print(f"billing-ingestor: configuration error: {exc}", file=sys.stderr)
+        print(f"billing-ingestor: configuration error: {_one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_files_limit()
@@ -113,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_workers(settings)
         trio.run(serve, settings)
     except StoreError as exc:
-        print(f"billing-ingestor: store error: {exc}", file=sys.stderr)
+        print(f"billing-ingestor: store error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"billing-ingestor: cannot start: {exc}", file=sys.stderr)
+        print(f"billing-ingestor: cannot start: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the service took signals: nothing had started
         return 0
