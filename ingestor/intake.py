@@ -558,7 +558,7 @@ def _bound(body: bytes, separator: bytes, what: str, rules: Rules) -> None:
     Counting costs 0.5 ns a byte: a body too short to hold that many is not counted.
     """
     limit = _SEPARATORS_A_PULSE * rules.max_batch
-    if len(body) >= limit and (count := body.count(separator)) >= limit:
+    if len(body) > limit and (count := body.count(separator)) > limit:
         raise RequestError(
             413,
             "too_many_pulses",
