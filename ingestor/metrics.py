@@ -194,7 +194,7 @@ class ServiceCollector:
             yield GaugeMetricFamily(
                 "ingestor_clock_offset_seconds",
                 "How far the store's clock, which the service keeps, is ahead of this machine's.",
-                value=runtime.clock.offset_us / 1e6,
+                value=runtime.clock.offset_us() / 1e6,
             )
         yield GaugeMetricFamily(
             "ingestor_committer_leading",

@@ -217,8 +217,9 @@ class Store(Protocol):
 
     def clock_offset_us(self) -> int:
         """How far the clock every instance sharing the store keeps
-        (`clock.SharedClock`) is ahead of this machine's, in microseconds,
-        within half a round trip: the database's for PostgreSQL; 0 for SQLite,
+        (`clock.SharedClock`) is ahead of this machine's monotonic clock
+        (`time.monotonic_ns`), in microseconds, within half a round trip: the
+        database's for PostgreSQL; this machine's wall clock for SQLite,
         which only processes of this machine share."""
         ...
 

@@ -835,13 +835,12 @@ class PostgresStore:
             # Timed around the query alone: waiting for a pooled session is
             # no part of the round trip.
             started = time.monotonic_ns()
-            local = time.time_ns() // 1000
             row = conn.execute(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
             ).fetchone()
-            half_trip = (time.monotonic_ns() - started) // 2000
+            ended = time.monotonic_ns()
         assert row is not None
-        return int(row[0]) - (local + half_trip)
+        return int(row[0]) - (started + ended) // 2000
 
     # -- reads ----------------------------------------------------------
 

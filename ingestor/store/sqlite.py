@@ -1528,7 +1528,7 @@ class SQLiteStore:
         return count
 
     def clock_offset_us(self) -> int:
-        return 0
+        return (time.time_ns() - time.monotonic_ns()) // 1000
 
     def writer_lock(self) -> WriterLock:
         file = self._file
