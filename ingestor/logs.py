@@ -71,3 +71,29 @@ def setup_logging(level: str, fmt: str) -> None:
     # (a receiver's token) included; the deliverer logs what matters.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    accepts = logging.getLogger("trio.serve_listeners")
+    accepts.filters[:] = [_NoTracebackEvery(_ACCEPT_FAILURE_EVERY_S)]
+
+
+# trio's listener logs each accept that fails for want of descriptors (EMFILE)
+# as an ERROR with its traceback, and retries every 0.1 s: a process at its
+# open-file limit wrote ten tracebacks a second a listener, for as long as
+# the limit lasted, and buried every other line.
+_ACCEPT_FAILURE_EVERY_S = 10.0
+
+
+class _NoTracebackEvery(logging.Filter):
+    """One line, without its traceback, every `seconds` at most."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._seconds = seconds
+        self._last = -seconds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.created - self._last < self._seconds:
+            return False
+        self._last = record.created
+        record.exc_info = None  # the message names the error
+        record.exc_text = None
+        return True
