@@ -365,10 +365,12 @@ def create_app(runtime: Runtime) -> Quart:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error", extra={"fields": {"path": request.path}})
         overloaded = out_of_resources(exc)
-        if overloaded is not None:
+        if overloaded is not None:  # no defect: answered 503, said in one line
+            fields = {"path": request.path, "error": repr(exc)}
+            log.warning("out of resources", extra={"fields": fields})
             return _for_error(overloaded)
+        log.exception("unexpected error", extra={"fields": {"path": request.path}})
         return error_response(500, "internal", "internal error; see the server log")
 
     async def post_pulses() -> Response:

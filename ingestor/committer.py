@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from .clock import moment, wall_clock_us
-from .errors import Draining, StoreError
+from .errors import Draining, StoreError, out_of_resources
 from .model import BatchSummary
 from .shard import Commit, Reply, Shard
 from .store import Store
@@ -273,8 +273,9 @@ class Committer:
 
 
 def _tick_failed(what: str, exc: Exception) -> None:
-    fields = {"fields": {"error": str(exc)}}
-    if isinstance(exc, StoreError):
+    fields = {"fields": {"error": str(exc) or repr(exc)}}
+    if isinstance(exc, StoreError) or out_of_resources(exc) is not None:
+        # Said in one line: the next tick tries again, as the deliverer does.
         log.warning(f"{what} failed", extra=fields)
     else:
         log.exception(f"{what} failed", extra=fields)

@@ -113,10 +113,16 @@ class PulseRoute:
                 status, payload, extra = self._error_parts(exc)
                 headers += [(k.lower().encode(), v.encode()) for k, v in extra]
             except Exception as exc:
-                log.exception("unexpected error", extra={"fields": {"path": "/pulses"}})
+                exhausted = out_of_resources(exc)
+                if exhausted is None:
+                    log.exception("unexpected error", extra={"fields": {"path": "/pulses"}})
+                else:  # no defect: answered 503, said in one line
+                    log.warning(
+                        "out of resources",
+                        extra={"fields": {"path": "/pulses", "error": repr(exc)}},
+                    )
                 status, payload, extra = self._error_parts(
-                    out_of_resources(exc)
-                    or RequestError(500, "internal", "internal error; see the server log")
+                    exhausted or RequestError(500, "internal", "internal error; see the server log")
                 )
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -267,14 +267,22 @@ class Shard:
         for request in group:
             for partition in request.pulses:
                 by_partition.setdefault(partition, []).append(request)
-        writes = {
-            partition: (
-                [p for request in requests for p in request.pulses[partition]],
-                join_encoded([request.encoded[partition] for request in requests]),
-                any(request.ids for request in requests),
-            )
-            for partition, requests in by_partition.items()
-        }
+        try:
+            writes = {
+                partition: (
+                    [p for request in requests for p in request.pulses[partition]],
+                    join_encoded([request.encoded[partition] for request in requests]),
+                    any(request.ids for request in requests),
+                )
+                for partition, requests in by_partition.items()
+            }
+        except Exception as exc:
+            # Out of memory joining the round: nothing is written, each
+            # request is answered 503, and the shard goes on.
+            failed = _exhausted(exc, "join pulses")
+            for request in group:
+                request.reply.send(dict.fromkeys(request.pulses, failed))
+            return
         started = time.perf_counter()
         try:
             written = await trio.to_thread.run_sync(

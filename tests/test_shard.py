@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from ingestor.errors import Draining, Overloaded, StoreError, StoreFull
-from ingestor.model import BatchSummary, Outcome, Pulse
+from ingestor.model import BatchSummary, Outcome, Pulse, join_encoded
 from ingestor.shard import Commit, Ingest, Replies, Reply, Shard, Written
 from ingestor.store.sqlite import SQLiteStore
 
@@ -172,6 +172,35 @@ async def test_store_failure_fails_the_group_and_the_shard_goes_on(held: HeldSto
         shard.close()
     day = dt.date(2026, 11, 28).isoformat()
     assert held.inner.open_days(0) == [day]
+
+
+async def test_out_of_memory_joining_a_round_fails_it_and_the_shard_goes_on(
+    held: HeldStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: a MemoryError while the round's log rows were joined, before its
+    write, escaped the shard and ended the process (a worker short of memory,
+    tests/faults/test_workers_exhaustion.py)."""
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+    joins: list[int] = []
+
+    def join(parts: Sequence[bytes]) -> bytes:
+        joins.append(len(parts))
+        if len(joins) == 1:
+            raise MemoryError
+        return join_encoded(parts)
+
+    monkeypatch.setattr("ingestor.shard.join_encoded", join)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        failed: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(failed, make_pulse(1, pulse_id="x")))
+        with pytest.raises(StoreError, match="out of memory"):
+            await outcomes(failed)
+        retried: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(retried, make_pulse(1, pulse_id="x")))
+        assert await outcomes(retried) == ["accepted"]  # nothing of the failed one kept
+        shard.close()
+    assert held.calls == [1]  # the failed round wrote nothing
 
 
 async def test_closed_shard_refuses_with_draining(held: HeldStore) -> None:
