@@ -83,6 +83,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     max_line_bytes: Count = 64 * 1024
     body_timeout: Seconds = 30
     max_in_flight: Count = 1024
+    max_in_flight_bytes: Count = 256 * 1024 * 1024
     max_header_bytes: Count = 16 * 1024
 
     @property
@@ -199,6 +200,11 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"worker_timeout: must be at least {WORKER_TIMEOUT_MIN:g}s (a worker shows it"
             f" runs once a second), got {settings.worker_timeout:g}s"
+        )
+    if settings.max_in_flight_bytes < settings.max_body_bytes:
+        raise ConfigError(
+            f"max_in_flight_bytes: must be at least max_body_bytes ({settings.max_body_bytes}),"
+            f" or a body of that size could never be taken; got {settings.max_in_flight_bytes}"
         )
     if settings.store != "sqlite" and not settings.on_postgres:
         raise ConfigError(

@@ -4,7 +4,8 @@ Every other route goes through Quart. This one does, in order, what the
 app's before/after hooks and error handlers do for them, with nothing else:
 
     request id ─▶ 503 over max_in_flight ─▶ 431 headers ─▶ key and role
-      ─▶ body (413 over max_body_bytes, 408 past body_timeout) ─▶ api.ingest
+      ─▶ body (413 over max_body_bytes, 503 over max_in_flight_bytes,
+         408 past body_timeout) ─▶ api.ingest
       ─▶ answer with X-Request-Id, and count it in the metrics
 
 so its contract is the same as the framework's, and the API tests, which go
@@ -26,7 +27,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .auth import Keyring
 from .edge import OVER_LIMIT, admit
-from .errors import IngestorError, RequestError, out_of_resources
+from .errors import IngestorError, Overloaded, RequestError, out_of_resources
 from .logs import request_id
 from .metrics import Metrics
 from .routes import NEEDS
@@ -65,6 +66,11 @@ class PulseRoute:
         self._limit = limit
         self._need = NEEDS["post_pulses"]
         self._max_body = settings.max_body_bytes
+        # Bytes of the bodies of requests in flight, from their arrival to their
+        # answer: max_in_flight alone let 1,024 requests of 16 MiB each, and
+        # their decoded pulses, take tens of GB.
+        self._budget = settings.max_in_flight_bytes
+        self.bytes_in_flight = 0
         self._max_headers = settings.max_header_bytes
         self._body_timeout = settings.body_timeout
 
@@ -94,6 +100,7 @@ class PulseRoute:
                 origins.append(value.decode("latin-1"))
         rid = self._new_request_id(given)
         token = request_id.set(rid)
+        held = _Held()
         headers: list[tuple[bytes, bytes]] = [_JSON, (b"x-request-id", rid.encode())]
         try:
             try:
@@ -105,7 +112,7 @@ class PulseRoute:
                 )
                 principal = self._keyring.authenticate(authorization, hosts, origins)
                 self._keyring.require(principal, self._need, "POST /pulses")
-                body = await self._read_body(receive, length)
+                body = await self._read_body(receive, length, held)
                 status, payload = await self._ingest(self._runtime, body, content_type, principal)
             except _Gone:
                 return
@@ -128,10 +135,28 @@ class PulseRoute:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": payload, "more_body": False})
         finally:
+            self.bytes_in_flight -= held.bytes
             request_id.reset(token)
         self._metrics.observe("POST", "/pulses", status, time.perf_counter() - started)
 
-    async def _read_body(self, receive: ASGIReceiveCallable, length: bytes | None) -> bytes:
+    def _take(self, held: _Held, size: int) -> None:
+        """Count `size` more bytes of a body in flight, or raise Overloaded: with
+        the bodies in flight, past `max_in_flight_bytes`. A declared length is
+        taken whole before the body is read; a chunked body as it comes."""
+        more = size - held.bytes
+        if more <= 0:
+            return
+        if self.bytes_in_flight + more > self._budget:
+            raise Overloaded(
+                f"the bodies of the requests in flight would exceed {self._budget} bytes"
+                " (max_in_flight_bytes); retry later"
+            )
+        self.bytes_in_flight += more
+        held.bytes = size
+
+    async def _read_body(
+        self, receive: ASGIReceiveCallable, length: bytes | None, held: _Held
+    ) -> bytes:
         limit = self._max_body
         if length is not None:
             try:
@@ -140,6 +165,7 @@ class PulseRoute:
                 raise RequestError(400, "bad_request", "Content-Length is not a number") from None
             if declared > limit:
                 raise _too_large(limit)
+            self._take(held, declared)
         chunks: list[bytes] = []
         received = 0
         with trio.move_on_after(self._body_timeout) as timer:
@@ -151,6 +177,7 @@ class PulseRoute:
                 received += len(chunk)
                 if received > limit:
                     raise _too_large(limit)
+                self._take(held, received)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
@@ -161,6 +188,15 @@ class PulseRoute:
                 f"the request body did not arrive within {self._body_timeout:g} s (body_timeout)",
             )
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Held:
+    """The bytes of `max_in_flight_bytes` one request holds."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 class _Gone(Exception):

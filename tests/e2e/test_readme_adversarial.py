@@ -370,6 +370,7 @@ BAD_VALUES: dict[str, dict[str, str]] = {
     "max_line_bytes": {"INGESTOR_MAX_LINE_BYTES": "64 KiB"},
     "max_header_bytes": {"INGESTOR_MAX_HEADER_BYTES": "-1"},
     "store_busy_timeout": {"INGESTOR_STORE_BUSY_TIMEOUT": "10 seconds"},
+    "max_in_flight_bytes": {"INGESTOR_MAX_IN_FLIGHT_BYTES": "1048576"},  # < max_body_bytes
     "group_max_pulses": {"INGESTOR_GROUP_MAX_PULSES": "1000000"},  # over its bound
     "delivery_concurrency": {"INGESTOR_DELIVERY_CONCURRENCY": "0"},
     "graceful_timeout": {"INGESTOR_GRACEFUL_TIMEOUT": "-30s"},

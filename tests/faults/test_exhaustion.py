@@ -23,6 +23,11 @@ Real server processes and real sockets; the limits are the kernel's
    128, as systemd gives a service (1,024) or a shell's `ulimit -n` may, and
    a hard limit far above it. 300 keep-alive connections, each holding on
    after its answer as a client's pool does, must every one be answered.
+5. Large bodies at once. Bodies in flight are held from their first byte to
+   their answer, and `max_in_flight` bounds their count, not their size:
+   with `max_in_flight_bytes` set, a body that would take the bodies in
+   flight past it is 503 with Retry-After before it is read, and the others
+   are stored.
 """
 
 from __future__ import annotations
@@ -116,6 +121,10 @@ class Connection:
         if body:
             head += "Content-Type: application/json\r\n"
         await self.stream.send_all(head.encode() + b"\r\n" + body)
+        return await self.answer()
+
+    async def answer(self) -> Answer:
+        """The next response on the connection."""
         while b"\r\n\r\n" not in self._buffer:
             await self._receive()
         head_bytes, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
@@ -484,3 +493,80 @@ async def test_many_keep_alive_clients_are_all_served_whatever_soft_limit_it_sta
     )
     assert Counter(answers) == {202: CLIENTS}, Counter(answers)
     assert stored == CLIENTS, (stored, CLIENTS)
+
+
+# -- 5. large bodies at once ------------------------------------------------------------
+
+BUDGET = 3 * 1024 * 1024  # max_in_flight_bytes
+BODY = 1400 * 1024  # two of these fit in BUDGET, three do not
+
+
+def large_body(prefix: str) -> bytes:
+    """A JSON array of pulses with ids, padded by their ids to BODY bytes."""
+    pulses = []
+    size = 2
+    number = 0
+    while size < BODY - 400:
+        entry = pulse(f"{prefix}-{number}-" + "x" * 100)
+        pulses.append(entry)
+        size += len(entry) + 1
+        number += 1
+    return b"[" + b",".join(pulses) + b"]"
+
+
+async def test_bodies_past_max_in_flight_bytes_are_503_before_they_are_read(
+    tmp_path: Path, report: Report
+) -> None:
+    """Was: `max_in_flight` (1,024) bounded the requests in flight, not their
+    bodies (16 MiB each, and their decoded pulses as much again): a few
+    hundred large uploads at once took gigabytes, and the process was killed
+    for its memory instead of answering 503 (DESIGN §3.6)."""
+    env = {
+        **QUIET_COMMITTER,
+        "INGESTOR_DURABILITY": "os",
+        "INGESTOR_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+        "INGESTOR_MAX_IN_FLIGHT_BYTES": str(BUDGET),
+    }
+    server = ServerProcess(tmp_path / "data", env=env)
+    bodies = [large_body(f"big{n}") for n in range(3)]
+    async with server:
+        host = f"{server.host}:{server.port}"
+        streams = []
+        for body in bodies:
+            stream = await trio.open_tcp_stream(server.host, server.port)
+            head = (
+                f"POST /pulses HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + body[:1000])  # held: the rest comes later
+            streams.append(stream)
+            await trio.sleep(0.2)  # each is taken in turn
+        third = Connection(streams[2], host)
+        with trio.fail_after(ANSWER_S * 5):
+            refused, headers, why = await third.answer()
+        answers = []
+        for stream, body in zip(streams[:2], bodies[:2], strict=True):
+            await stream.send_all(body[1000:])
+            with trio.fail_after(ANSWER_S * 5):
+                answers.append((await Connection(stream, host).answer())[0])
+        for stream in streams:
+            await stream.aclose()
+        again = await once(server, "POST", "/pulses", bodies[2])
+        kept = await Connection.open(server)
+        try:
+            stored = await counted(kept)
+        finally:
+            await kept.aclose()
+    per_body = bodies[0].count(b'"id"')
+    report(
+        f"exhaustion, large bodies: max_in_flight_bytes {BUDGET}, bodies of {len(bodies[0])} bytes:"
+        f" the third answered {refused} before it was sent, the first two {answers}, the third"
+        f" sent again {again and again[0]}; {stored} pulses counted"
+    )
+    assert refused == 503, (refused, why)
+    assert headers.get("retry-after"), headers
+    assert b"max_in_flight_bytes" in why, why
+    assert answers == [202, 202], answers
+    assert again is not None, "the third, sent again alone, got no answer"
+    assert again[0] == 202, again
+    assert stored == 3 * per_body, (stored, per_body)
