@@ -27,7 +27,6 @@ A docstring that says "Was:" tells a defect the test found, since fixed.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import itertools
 import os
 import random
@@ -35,7 +34,6 @@ import signal
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +60,8 @@ from tests.support.server import (
     check_bounds,
     check_pulses_stored_once,
     collect_pages,
+    day_before,
+    random_pulse,
     send_pulses,
     totals_of,
     wait_until,
@@ -76,21 +76,8 @@ TENANTS = [f"wt{n}" for n in range(6)]  # spread over several partitions
 SECRET = "workers-adversarial-secret"
 
 
-def day_before(days: int) -> str:
-    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)).isoformat()
-
-
 def pulse_of(rng: random.Random, pulse_id: str, day: str) -> dict[str, Any]:
-    midnight = dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC)
-    moment = midnight + dt.timedelta(microseconds=rng.randrange(86_400 * 10**6))
-    return {
-        "tenant_id": rng.choice(TENANTS),
-        "product_sku": rng.choice(["sku1", "sku2"]),
-        "use_unit": "api_call",
-        "used_amount": f"{Decimal(rng.randint(1, 10**9)).scaleb(-rng.randint(0, 9)):f}",
-        "timestamp": moment.isoformat(),
-        "id": pulse_id,
-    }
+    return random_pulse(rng, pulse_id, day, TENANTS)
 
 
 class Group:

@@ -86,7 +86,9 @@ from tests.support.server import (
     ServerError,
     ServerProcess,
     collect_pages,
+    day_before,
     encode_body,
+    random_pulse,
     send_pulses,
     totals_of,
     wait_until,
@@ -103,21 +105,8 @@ AS_ROOM = 32 << 20  # address space left to the worker of the memory test
 SKUS = [f"sku-{n}-" + "x" * 120 for n in range(7)]
 
 
-def day_before(days: int) -> str:
-    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)).isoformat()
-
-
 def pulse_of(rng: random.Random, pulse_id: str, day: str) -> dict[str, Any]:
-    midnight = dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC)
-    moment = midnight + dt.timedelta(microseconds=rng.randrange(86_400 * 10**6))
-    return {
-        "tenant_id": rng.choice(TENANTS),
-        "product_sku": rng.choice(["sku1", "sku2"]),
-        "use_unit": "api_call",
-        "used_amount": f"{Decimal(rng.randint(1, 10**9)).scaleb(-rng.randint(0, 9)):f}",
-        "timestamp": moment.isoformat(),
-        "id": pulse_id,
-    }
+    return random_pulse(rng, pulse_id, day, TENANTS)
 
 
 # -- a small disk -----------------------------------------------------------------

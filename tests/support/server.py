@@ -12,6 +12,8 @@
     send_pulses     POST pulses as one object, a JSON array or NDJSON, and
                     record the answer in a Ledger.
     collect_pages   follow `next_cursor` through every page of a listing.
+    random_pulse    a pulse with an id, a random amount and a random moment of
+                    a given day (`day_before`), for one of the given tenants.
     wait_until      poll a condition until it holds or a deadline passes.
 
 Everything is trio-native (the suites run under pytest-trio) and speaks HTTP
@@ -23,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -53,10 +56,12 @@ __all__ = [
     "check_bounds",
     "check_pulses_stored_once",
     "collect_pages",
+    "day_before",
     "encode_body",
     "exact_sum",
     "exchange",
     "free_port",
+    "random_pulse",
     "send_pulses",
     "totals_of",
     "wait_until",
@@ -384,6 +389,28 @@ class Attempt:
 # Decimal's default context keeps 28 digits and rounds silently; sums of 18+9 digit
 # amounts need more. This one is wide enough and traps any rounding instead.
 _EXACT = Context(prec=400, traps=[Inexact, Rounded])
+
+
+def day_before(days: int) -> str:
+    """The date `days` before today (UTC), ISO."""
+    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)).isoformat()
+
+
+def random_pulse(
+    rng: random.Random, pulse_id: str, day: str, tenants: Sequence[str]
+) -> dict[str, Any]:
+    """A pulse with id `pulse_id` of one of `tenants`, at a random moment of `day`,
+    with a random amount of up to 9 decimals."""
+    midnight = dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC)
+    moment = midnight + dt.timedelta(microseconds=rng.randrange(86_400 * 10**6))
+    return {
+        "tenant_id": rng.choice(tenants),
+        "product_sku": rng.choice(["sku1", "sku2"]),
+        "use_unit": "api_call",
+        "used_amount": f"{Decimal(rng.randint(1, 10**9)).scaleb(-rng.randint(0, 9)):f}",
+        "timestamp": moment.isoformat(),
+        "id": pulse_id,
+    }
 
 
 def exact_sum(values: Iterable[Decimal]) -> Decimal:
