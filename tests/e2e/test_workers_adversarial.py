@@ -33,7 +33,7 @@ import random
 import signal
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +55,13 @@ from tests.faults.sink_target import SinkTarget
 from tests.support.fixtures import ABORTED_UPLOAD_WARNINGS
 from tests.support.server import (
     Ledger,
-    Payload,
     ServerProcess,
     check_bounds,
     check_pulses_stored_once,
     collect_pages,
     day_before,
+    post_until_stored,
     random_pulse,
-    send_pulses,
     totals_of,
     wait_until,
 )
@@ -167,20 +166,6 @@ def indexed_ids(data_dir: Path) -> int:
     return int(count)
 
 
-async def post_until_answered(
-    http: httpx.AsyncClient, url: str, ledger: Ledger, payloads: Sequence[Payload]
-) -> None:
-    """POST `payloads` as one array, resending what must be resent (503, no answer)."""
-    left = list(payloads)
-    for _ in range(200):
-        sent = await send_pulses(http, url, ledger, left, "array")
-        left = [a.payload for a in sent.attempts if a.needs_retry]
-        if not left:
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(f"{len(left)} pulses never stored; last: {sent.error or sent.response}")
-
-
 # -- exactly once per id, across workers ----------------------------------------------
 
 
@@ -203,7 +188,7 @@ async def test_same_ids_raced_on_every_worker_are_counted_once(tmp_path: Path) -
                 for copy in range(12):
                     body = list(originals if copy % 4 else variants + originals[40:])
                     random.Random(copy).shuffle(body)
-                    nursery.start_soon(post_until_answered, http, group.url, ledger, body)
+                    nursery.start_soon(post_until_stored, http, group.url, ledger, body)
         assert ledger.problems() == []
         assert ledger.unresolved() == []
         answers = defaultdict(Counter)
@@ -245,7 +230,7 @@ async def test_ids_merged_into_the_index_stay_known_to_every_worker(tmp_path: Pa
 
                 async def run(mine: list[list[dict[str, Any]]] = mine) -> None:
                     for chunk in mine:
-                        await post_until_answered(http, url, ledger, chunk)
+                        await post_until_stored(http, url, ledger, chunk)
 
                 nursery.start_soon(run)
 
@@ -309,12 +294,12 @@ async def test_commits_raced_on_every_worker_make_each_batch_once(tmp_path: Path
     ):
         for _ in range(3):
             fresh = [pulse_of(rng, f"c-{next(serial)}", rng.choice(days)) for _ in range(300)]
-            await post_until_answered(http, group.url, ledger, fresh)
+            await post_until_stored(http, group.url, ledger, fresh)
             async with trio.open_nursery() as nursery:
                 for n in range(16):
                     nursery.start_soon(commit, http, group.url, days[n % 2])
                 late = [pulse_of(rng, f"c-{next(serial)}", rng.choice(days)) for _ in range(60)]
-                nursery.start_soon(post_until_answered, http, group.url, ledger, late)
+                nursery.start_soon(post_until_stored, http, group.url, ledger, late)
         made = Counter(batch["batch_id"] for batch in answered)
         assert [bid for bid, n in made.items() if n > 1] == [], "a batch was made twice"
         counts = await audit(group.server, ledger)
@@ -496,7 +481,7 @@ async def test_batch_in_flight_on_a_killed_worker_is_delivered_by_another(
         ) as group:
             async with httpx.AsyncClient(timeout=30.0) as http:
                 pulses = [pulse_of(rng, f"d-{n}", day) for n in range(200)]
-                await post_until_answered(http, group.url, ledger, pulses)
+                await post_until_stored(http, group.url, ledger, pulses)
                 made = await commit_days(http, group.url, [day])
                 assert len(made) >= 2
 
@@ -570,7 +555,7 @@ async def test_each_batch_is_sent_once_when_the_receiver_is_slow(tmp_path: Path)
             httpx.AsyncClient(timeout=30.0) as http,
         ):
             pulses = [pulse_of(rng, f"s-{n}", day) for n in range(50)]
-            await post_until_answered(http, group.url, ledger, pulses)
+            await post_until_stored(http, group.url, ledger, pulses)
             made = await commit_days(http, group.url, [day])
             rows = await wait_all_delivered(http, group.url, within=30)
         nursery.cancel_scope.cancel()
@@ -601,7 +586,7 @@ async def test_reads_agree_whichever_worker_answers(tmp_path: Path) -> None:
         for n in range(60):
             tenant = TENANTS[n % len(TENANTS)]
             pulse = {**pulse_of(rng, f"rw-{n}", day), "tenant_id": tenant}
-            await post_until_answered(http, group.url, ledger, [pulse])
+            await post_until_stored(http, group.url, ledger, [pulse])
             want = ledger.expected_totals()
             got = totals_of(
                 (await http.get(f"{group.url}/aggregates", params={"tenant_id": tenant})).json()[
@@ -668,7 +653,7 @@ async def test_second_group_on_the_same_data_dir_stays_exact(tmp_path: Path) -> 
                             body = list(pulses)
                             random.Random(copy).shuffle(body)
                             nursery.start_soon(
-                                post_until_answered, http, urls[copy % 2], ledger, body
+                                post_until_stored, http, urls[copy % 2], ledger, body
                             )
                         for n in range(6):
                             nursery.start_soon(commit_days, http, urls[n % 2], days)

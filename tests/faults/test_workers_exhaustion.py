@@ -66,7 +66,7 @@ import resource
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -82,14 +82,13 @@ from tests.faults.conftest import Report
 from tests.faults.harness import Load, PulseFactory, audit, check_bounds, wait_all_delivered
 from tests.support.server import (
     Ledger,
-    Payload,
     ServerError,
     ServerProcess,
     collect_pages,
     day_before,
     encode_body,
+    post_until_stored,
     random_pulse,
-    send_pulses,
     totals_of,
     wait_until,
 )
@@ -101,6 +100,7 @@ TENANTS = [f"wx{n}" for n in range(6)]
 BULK_IDS = 22_000  # more than the 20,000 recent ids that start a merge
 FILES = 64  # RLIMIT_NOFILE of the group in the open-files test (a worker idles at ~24)
 AS_ROOM = 32 << 20  # address space left to the worker of the memory test
+ROUNDS = 600  # sends of an array until each of its pulses is stored (a disk heals slowly)
 # Long SKU names: more bytes a pulse, so more memory a request for the same work.
 SKUS = [f"sku-{n}-" + "x" * 120 for n in range(7)]
 
@@ -314,20 +314,6 @@ async def group_on(
     )
 
 
-async def post_until_stored(
-    http: httpx.AsyncClient, url: str, ledger: Ledger, payloads: Sequence[Payload]
-) -> None:
-    """POST `payloads` (all with ids) as one array, resending what must be resent."""
-    left = list(payloads)
-    for _ in range(600):
-        sent = await send_pulses(http, url, ledger, left, "array")
-        left = [a.payload for a in sent.attempts if a.needs_retry]
-        if not left:
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(f"{len(left)} pulses never stored; last: {sent.error or sent.response}")
-
-
 async def send_in_parallel(url: str, ledger: Ledger, chunks: list[list[dict[str, Any]]]) -> None:
     """Each chunk as one array, until stored, by four clients on fresh connections."""
     async with (
@@ -338,7 +324,7 @@ async def send_in_parallel(url: str, ledger: Ledger, chunks: list[list[dict[str,
 
             async def run(mine: list[list[dict[str, Any]]] = chunks[client::4]) -> None:
                 for chunk in mine:
-                    await post_until_stored(http, url, ledger, chunk)
+                    await post_until_stored(http, url, ledger, chunk, rounds=ROUNDS)
 
             nursery.start_soon(run)
 
@@ -809,7 +795,9 @@ async def test_a_worker_short_of_memory_loses_nothing_and_the_group_goes_on_serv
         )
         async with httpx.AsyncClient(timeout=60.0) as http:
             for start in range(0, len(unique), 5000):
-                await post_until_stored(http, group.url, ledger, unique[start : start + 5000])
+                await post_until_stored(
+                    http, group.url, ledger, unique[start : start + 5000], rounds=ROUNDS
+                )
             rows = await collect_pages(http, f"{group.url}/aggregates", "aggregates", limit=1000)
         accepted = Counter(a.identity for a in ledger.attempts if a.answer == "accepted")
         assert set(accepted.values()) == {1}, "an id was accepted twice"
@@ -873,6 +861,7 @@ async def test_a_group_restarted_on_a_full_disk_says_why_or_serves_and_loses_not
                         group.url,
                         ledger,
                         [pulse_of(rng, f"cr-{n}-{i}", yesterday) for i in range(250)],
+                        rounds=ROUNDS,
                     )
             assert await group.stop() == 0, group.server.tail()
             left = sorted(p.name for p in (disk / "data" / "store").iterdir())
@@ -908,7 +897,7 @@ async def test_a_group_restarted_on_a_full_disk_says_why_or_serves_and_loses_not
             await group.start()
             async with httpx.AsyncClient(timeout=30.0) as http:
                 await post_until_stored(
-                    http, group.url, ledger, [pulse_of(rng, "cr-after", yesterday)]
+                    http, group.url, ledger, [pulse_of(rng, "cr-after", yesterday)], rounds=ROUNDS
                 )
             await audit(group.server, ledger)
             assert await group.stop() == 0, group.server.tail()

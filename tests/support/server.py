@@ -10,7 +10,8 @@
                     server must hold, and can tell a lost pulse from one
                     counted twice.
     send_pulses     POST pulses as one object, a JSON array or NDJSON, and
-                    record the answer in a Ledger.
+                    record the answer in a Ledger; `post_until_stored` sends
+                    again what must be sent again until none is left.
     collect_pages   follow `next_cursor` through every page of a listing.
     random_pulse    a pulse with an id, a random amount and a random moment of
                     a given day (`day_before`), for one of the given tenants.
@@ -61,6 +62,7 @@ __all__ = [
     "exact_sum",
     "exchange",
     "free_port",
+    "post_until_stored",
     "random_pulse",
     "send_pulses",
     "totals_of",
@@ -729,6 +731,26 @@ async def send_pulses(
         return Sent(None, attempts, error)
     ledger.answered(attempts, response)
     return Sent(response, attempts)
+
+
+async def post_until_stored(
+    http: httpx.AsyncClient,
+    url: str,
+    ledger: Ledger,
+    payloads: Sequence[Payload],
+    *,
+    rounds: int = 200,
+) -> None:
+    """POST `payloads` (all with ids) as one array, sending again what must be
+    sent again (503, no answer), at most `rounds` times, 50 ms apart."""
+    left = list(payloads)
+    for _ in range(rounds):
+        sent = await send_pulses(http, url, ledger, left, "array")
+        left = [a.payload for a in sent.attempts if a.needs_retry]
+        if not left:
+            return
+        await trio.sleep(0.05)
+    raise AssertionError(f"{len(left)} pulses never stored; last: {sent.error or sent.response}")
 
 
 # -- reading listings ----------------------------------------------------------
