@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.e2e.cluster_support import unavailable
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 if str(BENCH) not in sys.path:
@@ -130,12 +131,6 @@ SINGLE = harness.Load.pulses("single", 1, True, 64)
 ARRAY1000 = harness.Load.pulses("array", 1000, True, 4)
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def _measure(monkeypatch: pytest.MonkeyPatch, stdout: str, load: Any) -> Record:
     """harness.measure over a wrk run whose output was `stdout`."""
 
@@ -217,7 +212,7 @@ def test_p99_is_not_the_latency_of_error_answers(monkeypatch: pytest.MonkeyPatch
 def _need_wrk() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
-        _missing("wrk is not installed (apt-get install wrk)")
+        unavailable("wrk is not installed (apt-get install wrk)")
     assert wrk is not None
     return wrk
 

@@ -13,6 +13,9 @@
     metrics           GET /metrics as {name: value}
     child_pids        a process's children, from /proc (no psutil); `alive`
     connection_owner  which process holds the server side of a TCP connection
+    unavailable       skip a test that lacks something of the machine, or fail
+                      it when the CI variable is set
+    libfaketimes      where Debian's libfaketime may be, to try in turn
 
 nats-py speaks asyncio only: inside a trio test each NATS call runs in
 `asyncio.run` in a worker thread (`on_nats`). psycopg is only used by the
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -57,6 +61,7 @@ __all__ = [
     "on_nats",
     "require_nats",
     "require_postgres",
+    "unavailable",
 ]
 
 T = TypeVar("T")
@@ -66,10 +71,25 @@ NATS_URL = os.environ.get("TEST_NATS_URL", "nats://127.0.0.1:4222")
 _HOW = "start them with `bash .ci/services`"
 
 
-def _missing(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
+    """Skip: the machine lacks what the test needs; fail under CI, whose green
+    run must have run it."""
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def libfaketimes() -> list[str]:
+    """The paths where a libfaketime may be (Debian's package `faketime`), first
+    the usual ones; the caller tries each on a child process."""
+    usual = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ]
+    found = [path for path in usual if os.path.exists(path)]
+    return found + sorted(set(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")) - set(found))
 
 
 def require_postgres() -> str:
@@ -78,7 +98,7 @@ def require_postgres() -> str:
         with psycopg.connect(ADMIN_URL, connect_timeout=3):
             pass
     except psycopg.OperationalError as exc:
-        _missing(f"PostgreSQL is not reachable at {ADMIN_URL} ({exc}); {_HOW}")
+        unavailable(f"PostgreSQL is not reachable at {ADMIN_URL} ({exc}); {_HOW}")
     return ADMIN_URL
 
 
@@ -89,7 +109,7 @@ def require_nats() -> str:
         with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), 2):
             pass
     except OSError as exc:
-        _missing(f"NATS is not reachable at {NATS_URL} ({exc}); {_HOW}")
+        unavailable(f"NATS is not reachable at {NATS_URL} ({exc}); {_HOW}")
 
     async def account(client: Client) -> None:
         await client.jetstream().account_info()
@@ -97,7 +117,7 @@ def require_nats() -> str:
     try:
         asyncio.run(_on_nats(account))
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        _missing(f"NATS at {NATS_URL} does not offer JetStream ({exc!r}); {_HOW}")
+        unavailable(f"NATS at {NATS_URL} does not offer JetStream ({exc!r}); {_HOW}")
     return NATS_URL
 
 

@@ -38,32 +38,34 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import email.utils
-import glob
 import os
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from decimal import Decimal
+from collections.abc import AsyncIterator, Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from tests.e2e.cluster_support import fresh_database, metrics, require_postgres
+from tests.e2e.cluster_support import (
+    fresh_database,
+    libfaketimes,
+    metrics,
+    require_postgres,
+    unavailable,
+)
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.faults.sink_target import SinkTarget
 from tests.support.server import (
-    BucketKey,
     Ledger,
     ServerProcess,
-    Total,
     collect_pages,
-    exact_sum,
+    outbox_problems,
     send_pulses,
     totals_of,
     wait_until,
@@ -72,28 +74,15 @@ from tests.support.server import (
 pytestmark = [pytest.mark.e2e, *ABORTED_UPLOADS]
 
 SECRET = "clock-skew-secret"
-_FAKETIME_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-    "/usr/lib/faketime/libfaketime.so.1",
-    "/usr/local/lib/faketime/libfaketime.so.1",
-)
 
 
 # -- the environment ---------------------------------------------------------------
 
 
-def _missing(message: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @cache
 def _libfaketime() -> str | None:
     """The path of a libfaketime that really moves a child's wall clock, or None."""
-    found = [p for p in _FAKETIME_PATHS if os.path.exists(p)]
-    found += sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    found = libfaketimes()
     for path in found:
         env = {**os.environ, **_faked(path, 3600)}
         try:
@@ -127,7 +116,7 @@ def skewed(env: Mapping[str, str], seconds: int) -> dict[str, str]:
     """`env` for a server whose wall clock is `seconds` ahead (negative: behind)."""
     library = _libfaketime()
     if library is None:
-        _missing("libfaketime is not installed or does not work (apt-get install -y faketime)")
+        unavailable("libfaketime is not installed or does not work (apt-get install -y faketime)")
     return {**env, **_faked(library, seconds)}
 
 
@@ -364,34 +353,6 @@ async def test_a_purge_by_a_leader_whose_clock_is_ahead_keeps_the_ids_of_the_ded
 
 
 # -- 3. a day committed by a leader that is ahead ------------------------------------
-
-
-def outbox_problems(
-    batches: Sequence[Mapping[str, Any]], expected: Mapping[BucketKey, Total]
-) -> list[str]:
-    """Each bucket's records: revisions 1..n, the deltas adding up to its total."""
-    records: dict[BucketKey, list[Mapping[str, Any]]] = defaultdict(list)
-    for batch in batches:
-        for record in batch["records"]:
-            key = (record["tenant_id"], record["product_sku"], record["use_unit"], batch["date"])
-            records[key].append(record)
-    problems = []
-    for key in sorted(set(records) | set(expected)):
-        found = sorted(records.get(key, []), key=lambda r: int(r["revision"]))
-        total = expected.get(key, Total(Decimal(0), 0))
-        revisions = [int(r["revision"]) for r in found]
-        amount = exact_sum(Decimal(r["used_amount"]) for r in found)
-        count = sum(int(r["pulse_count"]) for r in found)
-        if revisions != list(range(1, len(found) + 1)):
-            problems.append(f"{key}: revisions {revisions}")
-        if (amount, count) != (total.amount, total.count):
-            problems.append(
-                f"{key}: batches carry {amount} in {count} pulses, the bucket holds"
-                f" {total.amount} in {total.count}"
-            )
-        if found and Decimal(found[-1]["total_amount"]) != total.amount:
-            problems.append(f"{key}: last revision's total {found[-1]['total_amount']}")
-    return problems
 
 
 async def test_instances_two_days_apart_keep_one_day_and_exact_corrections(

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -89,7 +89,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.e2e.cluster_support import fresh_database, require_postgres
+from tests.e2e.cluster_support import fresh_database, libfaketimes, require_postgres, unavailable
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.support.server import (
     ServerProcess,
@@ -97,17 +97,12 @@ from tests.support.server import (
     collect_pages,
     exact_sum,
     free_port,
+    outbox_problems,
     wait_until,
 )
 
 pytestmark = [pytest.mark.e2e, *ABORTED_UPLOADS]
 
-_FAKETIME_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-    "/usr/lib/faketime/libfaketime.so.1",
-    "/usr/local/lib/faketime/libfaketime.so.1",
-)
 
 UTC = dt.UTC
 NEW_YORK = ZoneInfo("America/New_York")
@@ -130,12 +125,6 @@ BucketKey = tuple[str, str, str, str]  # tenant, sku, unit, date
 
 
 # -- the environment -----------------------------------------------------------------
-
-
-def _missing(message: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -163,8 +152,7 @@ def _faked(library: str, timestamp_file: Path) -> dict[str, str]:
 @cache
 def _libfaketime() -> str | None:
     """A libfaketime whose timestamp file moves a child's wall clock while it runs."""
-    found = [p for p in _FAKETIME_PATHS if os.path.exists(p)]
-    found += sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    found = libfaketimes()
     probe = (
         "import sys, time\n"
         "print(time.time(), flush=True)\n"
@@ -224,7 +212,9 @@ class ServerClock:
     def env(self) -> dict[str, str]:
         library = _libfaketime()
         if library is None:
-            _missing("libfaketime is not installed or does not work (apt-get install -y faketime)")
+            unavailable(
+                "libfaketime is not installed or does not work (apt-get install -y faketime)"
+            )
         return _faked(library, self.path)
 
 
@@ -426,7 +416,7 @@ def faked_postgres(base: Path, env: Mapping[str, str]) -> Iterator[str]:
     every jump. Stopped and removed afterwards."""
     bindir = _postgres_bin()
     if bindir is None:
-        _missing("PostgreSQL's initdb is not installed (apt-get install -y postgresql)")
+        unavailable("PostgreSQL's initdb is not installed (apt-get install -y postgresql)")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(base, "postgres")
@@ -951,32 +941,10 @@ class Weeks:
         return batches
 
     async def check_deliveries(self, batches: Mapping[str, Mapping[str, Any]]) -> None:
-        records: dict[BucketKey, list[Mapping[str, Any]]] = defaultdict(list)
-        for batch in batches.values():
-            for r in batch["records"]:
-                records[(r["tenant_id"], r["product_sku"], r["use_unit"], batch["date"])].append(r)
-        problems = []
-        for key in sorted(records.keys() | self.totals.keys()):
-            found = sorted(records.get(key, []), key=lambda r: int(r["revision"]))
-            total = self.totals.get(key, Total(Decimal(0), 0))
-            revisions = [int(r["revision"]) for r in found]
-            delta = exact_sum(Decimal(r["used_amount"]) for r in found)
-            count = sum(int(r["pulse_count"]) for r in found)
-            if revisions != list(range(1, len(found) + 1)):
-                problems.append(f"{key}: revisions {revisions}")
-            if (delta, count) != (total.amount, total.count):
-                problems.append(
-                    f"{key}: its batches carry {delta} in {count} pulses, the bucket holds"
-                    f" {total.amount} in {total.count}"
-                )
-            if found and (Decimal(found[-1]["total_amount"]), found[-1]["total_count"]) != (
-                total.amount,
-                total.count,
-            ):
-                problems.append(f"{key}: the last revision's total is {found[-1]}")
+        problems = outbox_problems(batches.values(), self.totals)
         if problems:
             self.failures["every committed unit is in exactly one batch"] = [
-                f"{len(problems)} of {len(records)} buckets",
+                f"{len(problems)} problems over {len(self.totals)} buckets",
                 *problems[:8],
             ]
 

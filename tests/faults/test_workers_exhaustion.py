@@ -74,10 +74,9 @@ from typing import Any
 
 import httpx
 import msgspec
-import pytest
 import trio
 
-from tests.e2e.cluster_support import alive, child_pids, connection_owner
+from tests.e2e.cluster_support import alive, child_pids, connection_owner, unavailable
 from tests.faults.conftest import Report
 from tests.faults.harness import Load, PulseFactory, audit, check_bounds, wait_all_delivered
 from tests.support.server import (
@@ -112,25 +111,19 @@ def pulse_of(rng: random.Random, pulse_id: str, day: str) -> dict[str, Any]:
 # -- a small disk -----------------------------------------------------------------
 
 
-def _unavailable(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @contextlib.contextmanager
 def small_disk(where: Path, size_mib: int) -> Iterator[Path]:
     """A tmpfs of `size_mib` MiB mounted at `where` for the block (root only)."""
     where.mkdir()
     if os.geteuid() != 0 or os.environ.get("FAULTS_NO_MOUNT"):
-        _unavailable("a small disk needs root to mount a tmpfs (and FAULTS_NO_MOUNT unset)")
+        unavailable("a small disk needs root to mount a tmpfs (and FAULTS_NO_MOUNT unset)")
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(where)],
         capture_output=True,
         check=False,
     )
     if done.returncode != 0:
-        _unavailable(f"cannot mount a tmpfs: {done.stderr.decode(errors='replace').strip()}")
+        unavailable(f"cannot mount a tmpfs: {done.stderr.decode(errors='replace').strip()}")
     try:
         yield where
     finally:

@@ -13,6 +13,8 @@
                     record the answer in a Ledger; `post_until_stored` sends
                     again what must be sent again until none is left.
     collect_pages   follow `next_cursor` through every page of a listing.
+    outbox_problems what is wrong with the outbox's batches against the totals
+                    of their buckets (revisions 1..n adding up to each).
     random_pulse    a pulse with an id, a random amount and a random moment of
                     a given day (`day_before`), for one of the given tenants.
     wait_until      poll a condition until it holds or a deadline passes.
@@ -62,6 +64,7 @@ __all__ = [
     "exact_sum",
     "exchange",
     "free_port",
+    "outbox_problems",
     "post_until_stored",
     "random_pulse",
     "send_pulses",
@@ -413,6 +416,39 @@ def random_pulse(
         "timestamp": moment.isoformat(),
         "id": pulse_id,
     }
+
+
+def outbox_problems(
+    batches: Iterable[Mapping[str, Any]], expected: Mapping[BucketKey, Total]
+) -> list[str]:
+    """What is wrong with `batches` (as GET /batches/{id} shows them) against the
+    buckets' totals `expected`: each bucket's records must be revisions 1..n,
+    their deltas adding up to its total, the last one's total that total."""
+    records: dict[BucketKey, list[Mapping[str, Any]]] = defaultdict(list)
+    for batch in batches:
+        for r in batch["records"]:
+            records[(r["tenant_id"], r["product_sku"], r["use_unit"], batch["date"])].append(r)
+    problems = []
+    for key in sorted(records.keys() | expected.keys()):
+        found = sorted(records.get(key, []), key=lambda r: int(r["revision"]))
+        total = expected.get(key, Total(Decimal(0), 0))
+        revisions = [int(r["revision"]) for r in found]
+        delta = exact_sum(Decimal(r["used_amount"]) for r in found)
+        count = sum(int(r["pulse_count"]) for r in found)
+        if revisions != list(range(1, len(found) + 1)):
+            problems.append(f"{key}: revisions {revisions}")
+        if (delta, count) != (total.amount, total.count):
+            problems.append(
+                f"{key}: its batches carry {delta} in {count} pulses, the bucket holds"
+                f" {total.amount} in {total.count}"
+            )
+        last = found[-1] if found else None
+        if last and (Decimal(last["total_amount"]), int(last["total_count"])) != (
+            total.amount,
+            total.count,
+        ):
+            problems.append(f"{key}: the last revision's total is {last}")
+    return problems
 
 
 def exact_sum(values: Iterable[Decimal]) -> Decimal:
