@@ -29,6 +29,9 @@ __all__ = ["Committer", "day_closes_at"]
 
 log = logging.getLogger("ingestor.committer")
 _LEAD_RETRY = 5.0  # seconds between tries to take over from a lost leader
+# A leader that has not told the store it leads for this many of those
+# seconds loses the lead (`Store.lead_committer`'s lapse): 20 s.
+_LAPSE_PINGS = 4
 # How long a purge horizon is in the store before ids older than it are
 # forgotten: every instance reads it at least every _LEAD_RETRY.
 _ANNOUNCED_US = int(2 * _LEAD_RETRY * 1_000_000)
@@ -237,22 +240,23 @@ class Committer:
         Only one instance among those sharing the store leads; the others try
         to take over every few seconds, so losing the leader moves the job
         quickly. (Committing from several instances would also be safe, as
-        every commit is one transaction; leading only saves the work.)
+        every commit is one transaction; leading only saves the work.) The
+        leader tells the store it is there every few seconds while it waits:
+        one that stops without dying loses the lead (`Store.lead_committer`).
         """
         task_status.started()
         retry_lead = min(self._interval, _LEAD_RETRY)
         await self._note_zones_when_due()  # at start: the leader learns of this one's zones
         while True:
-            await trio.sleep(self._interval if self.leading else retry_lead)
+            if self.leading:
+                await self._sleep_leading(retry_lead)
+            else:
+                await trio.sleep(retry_lead)
             await self._note_zones_when_due()
             # Each step apart: a failed commit does not skip the purge (the
             # log and the ids would grow), and nothing of one tick, not even
             # an error no store raises, stops the committer or the service.
-            try:
-                self.leading = await trio.to_thread.run_sync(self._store.lead_committer)
-            except Exception as exc:
-                self.leading = False
-                _tick_failed("leading", exc)
+            await self._lead(retry_lead)
             if self.leading:
                 try:
                     await self.commit_due()
@@ -270,6 +274,30 @@ class Committer:
             self.ticks += 1
             self._ticked.set()
             self._ticked = trio.Event()
+
+    async def _lead(self, every: float) -> None:
+        """Lead, or go on leading, if the store agrees; the caller asks again
+        within `every` seconds while it leads."""
+        try:
+            self.leading = await trio.to_thread.run_sync(
+                self._store.lead_committer, _LAPSE_PINGS * every
+            )
+        except Exception as exc:
+            self.leading = False
+            _tick_failed("leading", exc)
+
+    async def _sleep_leading(self, every: float) -> None:
+        """The leader's wait for its next tick, `interval`: it tells the store it
+        leads every `every` seconds meanwhile, and stops waiting once it no
+        longer does. A tick's own work longer than the lapse may lose it the
+        lead, which only moves the work: commits and purges are safe from
+        several instances."""
+        deadline = trio.current_time() + self._interval
+        while self.leading and trio.current_time() + every < deadline:
+            await trio.sleep(every)
+            await self._lead(every)
+        if self.leading:
+            await trio.sleep_until(deadline)
 
 
 def _tick_failed(what: str, exc: Exception) -> None:

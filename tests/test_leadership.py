@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 from pathlib import Path
 
@@ -97,3 +98,63 @@ async def test_a_follower_committer_does_not_commit(
             nursery.cancel_scope.cancel()
     finally:
         follower_store.close()
+
+
+class RecordedLeads:
+    """A store whose `lead_committer` answers are recorded, and can be refused."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.asked: list[tuple[float, float]] = []  # (when, lapse)
+        self.refuse_after: float | None = None
+
+    def lead_committer(self, lapse: float) -> bool:
+        now = trio.from_thread.run_sync(trio.current_time)
+        self.asked.append((now, lapse))
+        if self.refuse_after is not None and now > self.refuse_after:
+            return False
+        return self.store.lead_committer(lapse)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+async def test_the_leader_tells_the_store_every_few_seconds_between_its_ticks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With a commit interval of a minute, the leader still calls the store
+    every 5 s, with a lapse of 20 s: a leader that stops loses the lead in
+    20 s, not in three intervals. And a call that finds the lead lost ends
+    the wait: the next tick tries again at once, not a minute later."""
+    store = open_store(tmp_path / "s")
+    recorded = RecordedLeads(store)
+    committer = Committer(
+        [],
+        recorded,  # type: ignore[arg-type]
+        zones=set(),
+        interval=60,
+        grace=0,
+        max_records=10,
+        dedup_window=3600,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run)
+            await committer.wait_ticks(3)
+            assert committer.leading
+            times = [when for when, _ in recorded.asked]
+            assert {lapse for _, lapse in recorded.asked} == {20.0}
+            gaps = {round(b - a, 3) for a, b in itertools.pairwise(times)}
+            assert gaps == {5.0}, times
+            assert len(times) >= 2 * 12  # two intervals of twelve calls
+            recorded.refuse_after = trio.current_time()
+            ticks = committer.ticks
+            await committer.wait_ticks(ticks + 1)
+            assert not committer.leading
+            refused = [when for when, _ in recorded.asked if when > recorded.refuse_after]
+            # The first refusal ends the leader's wait; its tick asks once more.
+            assert refused[1] - refused[0] < 1, refused
+            assert refused[0] - recorded.refuse_after <= 5
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
@@ -18,6 +18,7 @@ from ..config import Settings
 from ..model import Aggregate, BatchSummary, BatchView, Outcome, Pulse, StoredPulse
 
 __all__ = [
+    "LEAD_LAPSE",
     "AggregateQuery",
     "BatchQuery",
     "DueBatch",
@@ -26,6 +27,10 @@ __all__ = [
     "WriterLock",
     "open_store",
 ]
+
+# How long the committers' leader may go without `Store.lead_committer` before
+# it loses the lead: the committer calls it every few seconds while it leads.
+LEAD_LAPSE: Final = 20.0
 
 
 class AggregateQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -192,12 +197,14 @@ class Store(Protocol):
         """
         ...
 
-    def lead_committer(self) -> bool:
+    def lead_committer(self, lapse: float = LEAD_LAPSE) -> bool:
         """Try to become (or stay) the one committer among all instances on this store.
 
         Non-blocking. True while this store object holds the leadership; it is
         released when the holder closes the store or its process dies, so
-        another instance takes over at its next try.
+        another instance takes over at its next try. A holder that calls no
+        more for `lapse` seconds (its process stopped without dying, its
+        machine paused or cut off) loses it too, where the store can tell.
         """
         ...
 

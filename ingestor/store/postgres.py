@@ -58,7 +58,7 @@ from ..model import (
 )
 from ..money import format_nanos
 from ..partition import partition_of
-from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
+from . import LEAD_LAPSE, AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
 from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["PostgresStore"]
@@ -505,6 +505,24 @@ class _Connector:
         return conn
 
 
+def _end_when_silent(conn: Connection, lapse: float) -> None:
+    """Have the server end `conn`'s session once it has been idle, or its peer
+    silent, for about `lapse` seconds (see `PostgresStore.lead_committer`).
+    Over a Unix socket there are no keepalives: the server ignores them."""
+    probe = str(max(1, round(lapse / 4)))
+    settings = [
+        ("tcp_keepalives_idle", probe),
+        ("tcp_keepalives_interval", probe),
+        ("tcp_keepalives_count", "3"),
+    ]
+    if conn.info.server_version >= 140000:
+        settings.append(("idle_session_timeout", str(max(1, round(lapse * 1000)))))
+    conn.execute(
+        "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in settings),
+        [value for setting in settings for value in setting],
+    )
+
+
 class PostgresStore:
     """The `Store` on one PostgreSQL database shared by every instance.
 
@@ -588,12 +606,19 @@ class PostgresStore:
         # per partition runs them side by side (`write_lanes`).
         return contextlib.nullcontext()
 
-    def lead_committer(self) -> bool:
+    def lead_committer(self, lapse: float = LEAD_LAPSE) -> bool:
         """Hold a session-level advisory lock on a connection of our own.
 
         The lock lives exactly as long as that session: closing the store,
         the process dying or the server ending the session releases it, and
-        then another instance's next try takes it.
+        then another instance's next try takes it. A process that stops
+        without dying (SIGSTOP, a paused container or machine) or is cut off
+        leaves its session open, and kept the lock, so that no instance
+        committed, until the server's keepalives gave up (two hours by
+        default). So the server is asked to end the session once it has been
+        idle for `lapse` (`idle_session_timeout`, PostgreSQL 14 and later), or
+        its peer has not answered keepalives for about as long (on 13, only
+        that: a stopped process on a running machine keeps the lock there).
         """
         with self._leader_guard:
             if self._leader is not None:
@@ -609,6 +634,7 @@ class PostgresStore:
             conn = self._connector.connect()
             try:
                 with _translated("lead committer"):
+                    _end_when_silent(conn, lapse)
                     row = conn.execute(
                         "SELECT pg_try_advisory_lock(%s, %s)", (self._lock, _LEADER)
                     ).fetchone()

@@ -160,7 +160,7 @@ from ..model import (
 )
 from ..money import format_nanos, parse_nanos
 from ..partition import partition_of
-from . import AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
+from . import LEAD_LAPSE, AggregateQuery, BatchQuery, DueBatch, PulseQuery, WriterLock
 from .filters import aggregate_filter, batch_filter, where
 
 __all__ = ["SQLiteStore"]
@@ -991,9 +991,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise _translate(exc, "write pulses") from exc
 
-    def lead_committer(self) -> bool:
+    def lead_committer(self, lapse: float = LEAD_LAPSE) -> bool:
         # An flock on a file beside the store: held by one open file
         # description at a time, dropped by the kernel when its process dies.
+        # `lapse` is not needed: a worker that stops without dying is killed by
+        # its supervisor (`worker_timeout`), and the flock goes with it.
         if self._leader_fd is not None:
             return True
         try:

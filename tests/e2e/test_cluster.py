@@ -70,6 +70,7 @@ from tests.support.server import (
     collect_pages,
     encode_body,
     exact_sum,
+    post_until_stored,
     send_pulses,
     totals_of,
     wait_until,
@@ -670,6 +671,50 @@ async def revisions(http: httpx.AsyncClient, server: ServerProcess) -> dict[Buck
     }
 
 
+LATE_BUCKETS = [(t, s, u) for t in TENANTS[:4] for s in SKUS for u in UNITS]
+
+
+async def post_late_wave(
+    http: httpx.AsyncClient,
+    servers: Sequence[ServerProcess],
+    ledger: Ledger,
+    rng: random.Random,
+    *,
+    wave: str,
+    day: str,
+    until_stored: bool = False,
+) -> set[BucketKey]:
+    """Four rounds over `servers` of twelve new pulses of `day` each, all 202
+    (or, `until_stored`, sent again after a 503 until they are); the buckets
+    they touched."""
+    touched: set[BucketKey] = set()
+    for n, server in enumerate(list(servers) * 4):
+        payloads = []
+        for k in range(12):
+            tenant, sku, unit = rng.choice(LATE_BUCKETS)
+            payloads.append(
+                new_pulse(
+                    rng, f"{wave}-{n}-{k}", day, tenant_id=tenant, product_sku=sku, use_unit=unit
+                )
+            )
+        if until_stored:
+            await post_until_stored(http, server.url, ledger, payloads)
+            touched.update((p["tenant_id"], p["product_sku"], p["use_unit"], day) for p in payloads)
+            continue
+        sent = await send_pulses(http, server.url, ledger, payloads)
+        assert sent.response is not None, sent.error
+        assert sent.response.status_code == 202, sent.response.text
+        touched.update(ledger.bucket_of(attempt) for attempt in sent.attempts)
+    return touched
+
+
+async def all_committed(http: httpx.AsyncClient, server: ServerProcess) -> bool:
+    rows = await collect_pages(
+        http, f"{server.url}/aggregates", "aggregates", {"status": "open"}, limit=500
+    )
+    return not rows
+
+
 async def leaders(http: httpx.AsyncClient, servers: Sequence[ServerProcess]) -> list[ServerProcess]:
     found = []
     for server in servers:
@@ -692,35 +737,9 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
     yesterday = day_before(1)
     rng = random.Random(77)
     ledger = Ledger()
-    buckets = [(t, s, u) for t in TENANTS[:4] for s in SKUS for u in UNITS]
 
     async def post_late(servers: Sequence[ServerProcess], wave: str) -> set[BucketKey]:
-        touched: set[BucketKey] = set()
-        for n, server in enumerate(list(servers) * 4):
-            payloads = []
-            for k in range(12):
-                tenant, sku, unit = rng.choice(buckets)
-                payloads.append(
-                    new_pulse(
-                        rng,
-                        f"{wave}-{n}-{k}",
-                        yesterday,
-                        tenant_id=tenant,
-                        product_sku=sku,
-                        use_unit=unit,
-                    )
-                )
-            sent = await send_pulses(http, server.url, ledger, payloads)
-            assert sent.response is not None, sent.error
-            assert sent.response.status_code == 202, sent.response.text
-            touched.update(ledger.bucket_of(attempt) for attempt in sent.attempts)
-        return touched
-
-    async def all_committed(server: ServerProcess) -> bool:
-        rows = await collect_pages(
-            http, f"{server.url}/aggregates", "aggregates", {"status": "open"}, limit=500
-        )
-        return not rows
+        return await post_late_wave(http, servers, ledger, rng, wave=wave, day=yesterday)
 
     async with Cluster(tmp_path, 3, env) as cluster:
         with trio.fail_after(40):
@@ -734,7 +753,7 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
 
             await post_late(list(cluster), "early")
             await wait_until(
-                lambda: all_committed(others[0]),
+                lambda: all_committed(http, others[0]),
                 within=10,
                 interval=0.1,
                 what="first wave committed",
@@ -767,7 +786,7 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
 
             late_buckets = await post_late(others, "late")
             await wait_until(
-                lambda: all_committed(bystander),
+                lambda: all_committed(http, bystander),
                 within=10,
                 interval=0.1,
                 what="late wave committed",
@@ -795,6 +814,82 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
         f"\nleader {leader.data_dir.name} killed; {successor.data_dir.name} led"
         f" {takeover:.2f} s later and committed {len(later)} correction batches"
     )
+
+
+async def test_a_frozen_leader_loses_the_lead_and_takes_no_part_once_thawed(
+    postgres_url: str, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """SIGSTOP the leader (a paused container or VM, a process that stops
+    without dying): its process, and its session holding the leader's lock, do
+    not go away. Another instance must lead and commit the late pulses sent
+    meanwhile; the frozen one, thawed, must find it no longer leads and commit
+    nothing, and every bucket is committed once, exactly.
+
+    Stopped inside a transaction (its purges run every second here), it also
+    holds a partition's lock until the server ends the transaction, after
+    three busy timeouts: writes to that partition are 503 until then, and
+    sent again."""
+    env = {
+        "INGESTOR_STORE": postgres_url,
+        "INGESTOR_COMMIT_INTERVAL": "1",
+        "INGESTOR_COMMIT_GRACE": "1",
+        "INGESTOR_STORE_BUSY_TIMEOUT": "2",
+    }
+    yesterday = day_before(1)
+    rng = random.Random(78)
+    ledger = Ledger()
+    async with Cluster(tmp_path, 2, env) as cluster:
+
+        async def one_leader() -> list[ServerProcess]:
+            found = await leaders(http, cluster.running())
+            return found if len(found) == 1 else []
+
+        [leader] = await wait_until(one_leader, within=10, interval=0.1, what="a leader")
+        [other] = [s for s in cluster if s is not leader]
+        await post_late_wave(http, [other], ledger, rng, wave="before", day=yesterday)
+        await wait_until(
+            lambda: all_committed(http, other), within=10, interval=0.1, what="committed"
+        )
+        assert leader.pid is not None
+        os.kill(leader.pid, signal.SIGSTOP)
+        stopped_at = trio.current_time()
+        try:
+            await post_late_wave(
+                http, [other], ledger, rng, wave="frozen", day=yesterday, until_stored=True
+            )
+
+            async def other_leads() -> bool:
+                return (await metrics(http, other))["ingestor_committer_leading"] == 1
+
+            await wait_until(other_leads, within=30, interval=0.2, what="the other leading")
+            takeover = trio.current_time() - stopped_at
+            await wait_until(
+                lambda: all_committed(http, other),
+                within=20,
+                interval=0.1,
+                what="the pulses sent while the leader was frozen committed",
+            )
+        finally:
+            os.kill(leader.pid, signal.SIGCONT)
+        commits_before = len(commit_lines(leader, yesterday))
+
+        async def leader_knows() -> bool:
+            return (await metrics(http, leader))["ingestor_committer_leading"] == 0
+
+        await wait_until(leader_knows, within=15, interval=0.2, what="the thawed one not leading")
+        assert await leaders(http, list(cluster)) == [other]
+        await post_late_wave(http, [leader, other], ledger, rng, wave="thawed", day=yesterday)
+        await wait_until(
+            lambda: all_committed(http, leader), within=10, interval=0.1, what="last wave"
+        )
+        assert len(commit_lines(leader, yesterday)) == commits_before, leader.tail()
+        assert ledger.problems() == []
+        expected = ledger.expected_totals()
+        rows = await collect_pages(http, f"{other.url}/aggregates", "aggregates", limit=500)
+        assert totals_of(rows) == expected
+        every = await batches_with_records(http, other, [yesterday])
+        assert check_outbox(every, expected) == []
+    print(f"\nleader SIGSTOPped; the other led {takeover:.2f} s later")
 
 
 # -- 3. --workers 2 on SQLite ------------------------------------------------------
