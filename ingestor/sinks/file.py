@@ -4,7 +4,11 @@ The bytes are written to a temporary file, fsynced, and renamed into place,
 then the directory is fsynced: a crash leaves either the whole file or none.
 A batch whose file already exists was written before (its content never
 changes), so it is not written twice; its directory is fsynced again, since
-the writer may have died between its rename and that fsync. A process
+the writer may have died between its rename and that fsync. Unless the file
+holds other bytes: a store restored from a backup, or rolled back, makes
+its later batches again under the same ids, with the usage that came since.
+Such a batch is refused for good (it stays `failed`, for an operator to
+compare with the file), not taken for delivered and its usage billed nowhere. A process
 killed mid-write leaves its temporary file (`.<batch_id>.json.<pid>.tmp`)
 behind; the first write into a day's directory by a later process removes
 those whose process is gone.
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import SinkRetryable
+from ..errors import SinkRejected, SinkRetryable
 
 __all__ = ["FileSink"]
 
@@ -67,7 +71,16 @@ class FileSink:
     def _write(self, batch_id: str, day: str, body: bytes) -> None:
         final = self.path_of(batch_id, day)
         self._prepare(final.parent)
-        if final.exists():
+        try:
+            held = final.read_bytes()
+        except FileNotFoundError:
+            pass
+        else:
+            if held != body:
+                raise SinkRejected(
+                    f"{final} holds another batch under the id {batch_id}: was the store"
+                    " restored from a backup, or rolled back? Compare them before redelivering."
+                )
             _fsync_path(final.parent)  # the delivered point, which its writer may not have reached
             return
         temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")

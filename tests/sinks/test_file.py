@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestor.errors import SinkRetryable
+from ingestor.errors import SinkRejected, SinkRetryable
 from ingestor.sinks.file import FileSink
 
 
@@ -27,6 +27,18 @@ async def test_an_existing_batch_is_not_written_again(tmp_path: Path) -> None:
     await sink.deliver("b1", "2026-11-28", b"first")
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+async def test_another_batch_under_an_existing_id_is_refused_and_the_file_kept(
+    tmp_path: Path,
+) -> None:
+    """A store restored from a backup makes its later batches again under the
+    same ids: one with other usage is not a repeat of the file's."""
+    sink = FileSink(tmp_path)
+    await sink.deliver("b1", "2026-11-28", b"first")
+    with pytest.raises(SinkRejected, match="restored"):
+        await sink.deliver("b1", "2026-11-28", b"other usage")
+    assert sink.path_of("b1", "2026-11-28").read_bytes() == b"first"
 
 
 async def test_a_stale_temporary_does_not_count_as_delivered(tmp_path: Path) -> None:
