@@ -280,8 +280,10 @@ def create_app(runtime: Runtime) -> Quart:
     edge = Edge(app.asgi_app, limit=settings.max_in_flight)
     app.asgi_app = edge  # type: ignore[method-assign]
     runtime.edge = edge
-    metrics = runtime.metrics = Metrics(runtime, lambda: edge.in_flight)
-    edge.routes[("POST", "/pulses")] = PulseRoute(
+    metrics = runtime.metrics = Metrics(
+        runtime, lambda: edge.in_flight, lambda: pulses.bytes_in_flight
+    )
+    pulses = edge.routes[("POST", "/pulses")] = PulseRoute(
         runtime,
         keyring,
         metrics,

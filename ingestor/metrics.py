@@ -103,9 +103,15 @@ class _StoreCounts(msgspec.Struct, frozen=True):
 class ServiceCollector:
     """Series read from the service's actors and store when Prometheus scrapes."""
 
-    def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        in_flight: Callable[[], int],
+        bytes_in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._runtime = runtime
         self._in_flight = in_flight
+        self._bytes_in_flight = bytes_in_flight
         self._store: _StoreCounts | None = None
         self._reading = False  # a worker thread is reading the store's counts
 
@@ -164,6 +170,11 @@ class ServiceCollector:
             "ingestor_http_requests_in_flight",
             "Requests being handled now.",
             value=self._in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "ingestor_http_request_bytes_in_flight",
+            "Bytes of POST /pulses bodies the requests in flight hold (max_in_flight_bytes).",
+            value=self._bytes_in_flight(),
         )
         yield GaugeMetricFamily(
             "ingestor_ready",
@@ -312,7 +323,12 @@ def _writer_lock_series(lock: WriterLock) -> Iterator[Metric]:
 class Metrics:
     """One app's registry: the per-request instruments and the scrape-time collector."""
 
-    def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        in_flight: Callable[[], int],
+        bytes_in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests = Counter(
             "ingestor_http_requests",
@@ -328,7 +344,7 @@ class Metrics:
             registry=self.registry,
         )
         self._runtime = runtime
-        self._service = ServiceCollector(runtime, in_flight)
+        self._service = ServiceCollector(runtime, in_flight, bytes_in_flight)
         self.registry.register(self._service)
 
     def observe(self, method: str, route: str, code: int, seconds: float) -> None:

@@ -154,6 +154,14 @@ async def once(server: ServerProcess, method: str, path: str, body: bytes = b"")
     return None
 
 
+def gauge(exposition: bytes, name: str) -> float:
+    """The value of the unlabelled series `name` in a /metrics answer."""
+    for line in exposition.decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 async def counted(connection: Connection) -> int:
     status, _, body = await connection.request("GET", f"/aggregates?tenant_id={TENANT}")
     assert status == 200, body
@@ -544,6 +552,9 @@ async def test_bodies_past_max_in_flight_bytes_are_503_before_they_are_read(
         third = Connection(streams[2], host)
         with trio.fail_after(ANSWER_S * 5):
             refused, headers, why = await third.answer()
+        scraped = await once(server, "GET", "/metrics")
+        assert scraped is not None
+        held = gauge(scraped[2], "ingestor_http_request_bytes_in_flight")
         answers = []
         for stream, body in zip(streams[:2], bodies[:2], strict=True):
             await stream.send_all(body[1000:])
@@ -552,6 +563,9 @@ async def test_bodies_past_max_in_flight_bytes_are_503_before_they_are_read(
         for stream in streams:
             await stream.aclose()
         again = await once(server, "POST", "/pulses", bodies[2])
+        scraped = await once(server, "GET", "/metrics")
+        assert scraped is not None
+        held_after = gauge(scraped[2], "ingestor_http_request_bytes_in_flight")
         kept = await Connection.open(server)
         try:
             stored = await counted(kept)
@@ -561,7 +575,8 @@ async def test_bodies_past_max_in_flight_bytes_are_503_before_they_are_read(
     report(
         f"exhaustion, large bodies: max_in_flight_bytes {BUDGET}, bodies of {len(bodies[0])} bytes:"
         f" the third answered {refused} before it was sent, the first two {answers}, the third"
-        f" sent again {again and again[0]}; {stored} pulses counted"
+        f" sent again {again and again[0]}; {stored} pulses counted; bytes in flight"
+        f" {held} while two were held, {held_after} after"
     )
     assert refused == 503, (refused, why)
     assert headers.get("retry-after"), headers
@@ -570,3 +585,5 @@ async def test_bodies_past_max_in_flight_bytes_are_503_before_they_are_read(
     assert again is not None, "the third, sent again alone, got no answer"
     assert again[0] == 202, again
     assert stored == 3 * per_body, (stored, per_body)
+    assert held == 2 * len(bodies[0]), held  # their declared lengths, taken before the bodies
+    assert held_after == 0, held_after
