@@ -282,6 +282,7 @@ def _build(
         rules.names.clear()
     name = rules.names.setdefault
     known_nanos = KNOWN_NANOS.get
+    raw = msgspec.Raw
     ids = False
     up: Container[int] | None = None  # `rounded()`, once a whole second asks
     located = enumerate(decoded) if positions is None else zip(positions, decoded, strict=True)
@@ -289,7 +290,7 @@ def _build(
         tenant = name(p.tenant_id, p.tenant_id)
         try:
             amount = p.used_amount
-            nanos = None if isinstance(amount, msgspec.Raw) else known_nanos(amount)
+            nanos = None if isinstance(amount, raw) else known_nanos(amount)
             if nanos is None:
                 nanos = to_nanos(amount)
             if p.timestamp is None:

@@ -82,16 +82,30 @@ def bucket_deltas(accepted: Iterable[Pulse]) -> dict[BucketKey, Delta]:
     return deltas
 
 
-def add_pulses(deltas: dict[BucketKey, Delta], accepted: Iterable[Pulse]) -> None:
-    """Add accepted pulses to the per-bucket `deltas`, in place."""
+def add_pulses(deltas: dict[BucketKey, Delta], accepted: Iterable[Pulse]) -> set[tuple[str, str]]:
+    """Add accepted pulses to the per-bucket `deltas`, in place; the (tenant_id,
+    day) of each, as a set.
+
+    The set costs a check a pulse: a request's pulses come a tenant at a
+    time, mostly of one day, and intake shares their strings. A set of them
+    made apart cost the SQLite store 15% more than this loop alone.
+    """
+    spans: set[tuple[str, str]] = set()
+    tenant = day = None
     for p in accepted:
-        key = (p.day, p.tenant_id, p.product_sku, p.use_unit)
+        t = p.tenant_id
+        d = p.day
+        key = (d, t, p.product_sku, p.use_unit)
         delta = deltas.get(key)
         if delta is None:
             deltas[key] = Delta(p.nanos, 1)
         else:
             delta.nanos += p.nanos
             delta.count += 1
+        if t is not tenant or d is not day:
+            tenant, day = t, d
+            spans.add((t, d))
+    return spans
 
 
 def batch_id(store_id: str, day: str, partition: int, seq: int) -> str:

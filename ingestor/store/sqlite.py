@@ -1846,8 +1846,7 @@ def _add_deltas(
 ) -> None:
     """The bucket deltas of log row `seq` into `pending`, and `seq` into the list of
     each (tenant, day) its pulses are of, in `days`."""
-    add_pulses(pending, pulses)
-    for key in {(p.tenant_id, p.day) for p in pulses}:
+    for key in add_pulses(pending, pulses):
         rows = days.get(key)
         if rows is None:
             days[key] = [seq]
