@@ -115,13 +115,14 @@ class Deliverer:
 
     async def _deliver_one(self, batch: DueBatch) -> None:
         try:
-            if not await self._claim(batch):
+            lease = await self._claim(batch)
+            if lease is None:
                 return
             status, error, next_at = "delivered", None, None
             try:
                 await self._sink.deliver(batch.batch_id, batch.day, batch.body)
             except trio.Cancelled:
-                await self._give_back(batch)
+                await self._give_back(batch, lease)
                 raise
             except SinkRetryable as exc:
                 status, error, next_at = self._retry(batch, str(exc))
@@ -153,6 +154,7 @@ class Deliverer:
                             error=error,
                             next_attempt_us=next_at,
                             now_us=self._clock(),
+                            claimed_us=lease,
                         ),
                         limiter=self._threads,
                     )
@@ -168,7 +170,7 @@ class Deliverer:
         finally:
             self._limit.release()
 
-    async def _give_back(self, batch: DueBatch) -> None:
+    async def _give_back(self, batch: DueBatch, lease: int) -> None:
         """A delivery cancelled (the service stops): due again now, not at the
         end of its lease, for this process's next start or another process.
         Counted as an attempt: the sink may have had it."""
@@ -182,22 +184,24 @@ class Deliverer:
                     error="the service stopped before the sink answered",
                     next_attempt_us=now,
                     now_us=now,
+                    claimed_us=lease,
                 ),
                 limiter=self._threads,
             )
 
-    async def _claim(self, batch: DueBatch) -> bool:
-        """Take `batch` for this attempt (see the module docstring); False if
-        another process has it, or the store could not say."""
+    async def _claim(self, batch: DueBatch) -> int | None:
+        """Take `batch` for this attempt (see the module docstring): the end of
+        its lease; None if another process has it, or the store could not say."""
         now = self._clock()
+        lease = now + self._lease_us
         try:
-            return await trio.to_thread.run_sync(
+            taken = await trio.to_thread.run_sync(
                 lambda: self._store.claim_batch(
                     batch.partition,
                     batch.batch_id,
                     now_us=now,
                     latest_us=now + self._furthest_us,
-                    lease_us=now + self._lease_us,
+                    lease_us=lease,
                 ),
                 limiter=self._threads,
             )
@@ -210,7 +214,8 @@ class Deliverer:
                 "could not claim a batch",
                 extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
             )
-            return False
+            return None
+        return lease if taken else None
 
     def _retry(self, batch: DueBatch, error: str) -> tuple[str, str, int]:
         """The outcome of a failed attempt that is retried: its status, error, next attempt."""

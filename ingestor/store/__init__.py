@@ -163,8 +163,17 @@ class Store(Protocol):
         error: str | None,
         next_attempt_us: int | None,
         now_us: int,
+        claimed_us: int | None = None,
     ) -> None:
-        """Record one delivery attempt's outcome."""
+        """Record one delivery attempt's outcome.
+
+        `claimed_us` is the lease its `claim_batch` set. An attempt that did
+        not deliver is recorded only while the batch is still under that
+        lease: a sender that stopped past its lease (a paused machine) and
+        then failed must not move the lease another process has taken since,
+        which made the batch due again and sent twice at once. A delivery is
+        recorded whoever holds the batch.
+        """
         ...
 
     def redeliver(self, batch_id: str, now_us: int) -> bool:

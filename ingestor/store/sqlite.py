@@ -1233,14 +1233,18 @@ class SQLiteStore:
         error: str | None,
         next_attempt_us: int | None,
         now_us: int,
+        claimed_us: int | None = None,
     ) -> None:
+        ours = status == "delivered" or claimed_us is None
         with self._part(partition).transaction("record delivery") as conn:
             conn.execute(
                 "UPDATE batches SET status = ?, attempts = attempts + 1, last_error = ?,"
                 " next_attempt_at = ?,"
                 " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
-                " WHERE batch_id = ? AND status = 'pending'",
-                (status, error, next_attempt_us, status, now_us, batch_id),
+                " WHERE batch_id = ? AND status = 'pending'"
+                + ("" if ours else " AND next_attempt_at = ?"),
+                (status, error, next_attempt_us, status, now_us, batch_id)
+                + (() if ours else (claimed_us,)),
             )
 
     def redeliver(self, batch_id: str, now_us: int) -> bool:

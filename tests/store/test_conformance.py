@@ -743,6 +743,58 @@ def test_a_claimed_batch_is_not_due_until_its_lease_ends(outbox: tuple[Store, li
     assert (view.status, view.attempts, view.next_attempt_at) == ("pending", 0, moment(lease))
 
 
+def test_a_sender_past_its_lease_records_no_failure_over_the_next_claim(
+    outbox: tuple[Store, list[str]],
+) -> None:
+    """A sender stopped past its lease (a paused machine) and then failed: its
+    retry moved the lease the next sender had taken, so the batch was due
+    again, and sent twice at once. Only a delivery counts whoever claimed."""
+    store, ids = outbox
+    pa = partition_of("a", PARTITIONS)
+    latest = T0 + 1000
+    assert store.claim_batch(pa, ids[0], now_us=T0, latest_us=latest, lease_us=T0 + 50)
+    assert store.claim_batch(pa, ids[0], now_us=T0 + 50, latest_us=latest, lease_us=T0 + 100)
+    for status in ("pending", "failed"):
+        store.record_delivery(
+            pa,
+            ids[0],
+            status=status,
+            error="timed out",
+            next_attempt_us=T0 + 51,
+            now_us=T0 + 51,
+            claimed_us=T0 + 50,
+        )
+    view = store.batch(ids[0])
+    assert view is not None
+    assert (view.status, view.attempts, view.next_attempt_at) == ("pending", 0, moment(T0 + 100))
+    assert ids[0] not in [d.batch_id for d in store.due_batches(T0 + 60, 10, latest)]
+    store.record_delivery(
+        pa,
+        ids[0],
+        status="pending",
+        error="refused",
+        next_attempt_us=T0 + 120,
+        now_us=T0 + 70,
+        claimed_us=T0 + 100,
+    )
+    view = store.batch(ids[0])
+    assert view is not None
+    assert (view.status, view.attempts, view.last_error) == ("pending", 1, "refused")
+    assert store.claim_batch(pa, ids[0], now_us=T0 + 120, latest_us=latest, lease_us=T0 + 200)
+    store.record_delivery(
+        pa,
+        ids[0],
+        status="delivered",
+        error=None,
+        next_attempt_us=None,
+        now_us=T0 + 130,
+        claimed_us=T0 + 100,
+    )
+    view = store.batch(ids[0])
+    assert view is not None
+    assert (view.status, view.attempts) == ("delivered", 2)
+
+
 def test_two_stores_racing_to_claim_one_batch_take_it_once(backend: Backend) -> None:
     first, second = backend.open(), backend.open()
     write(first, [pulse("a", str(n), sku=f"s{n}") for n in range(12)])
