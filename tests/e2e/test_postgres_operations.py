@@ -653,7 +653,7 @@ async def test_a_frozen_database_gets_503_within_a_few_busy_timeouts_not_a_hang(
 
 class CommitCutter:
     """A TCP proxy to PostgreSQL that, when armed, forwards the COMMIT of a
-    transaction that copied pulses and then cuts the connection: the server
+    transaction that wrote pulses and then cuts the connection: the server
     commits, the instance never hears so (the connection lost between COMMIT
     and its answer). Plain protocol only (the URL says sslmode=disable)."""
 
@@ -677,7 +677,7 @@ class CommitCutter:
         doomed = trio.Event()
 
         async def upstream() -> None:
-            buffer, started, copying = b"", False, False
+            buffer, started, writing = b"", False, False
             while data := await client.receive_some(65536):
                 buffer += data
                 out = b""
@@ -693,16 +693,16 @@ class CommitCutter:
                     size = 1 + struct.unpack("!I", buffer[1:5])[0]
                     message, buffer = buffer[:size], buffer[size:]
                     out += message
-                    if message[:1] == b"Q":
+                    if message[:1] in (b"Q", b"P"):  # a query, or one with parameters
                         text = message[5:]
-                        if b"COPY pulses" in text:
-                            copying = True
-                        elif text.startswith(b"COMMIT"):
-                            if copying and self.armed:
+                        if b"INSERT INTO pulses" in text:
+                            writing = True
+                        elif message[:1] == b"Q" and text.startswith(b"COMMIT"):
+                            if writing and self.armed:
                                 self.armed -= 1
                                 self.cut += 1
                                 doomed.set()
-                            copying = False
+                            writing = False
                 await server.send_all(out)
                 if doomed.is_set():
                     await trio.sleep(0.3)  # the server commits; its answer goes nowhere

@@ -437,7 +437,7 @@ def _uncommitted_key_holder(url: str) -> psycopg.Connection[Any]:
 def test_a_write_stuck_on_a_key_held_by_a_lock_bypassing_writer(
     postgres_url: str, instances: list[PostgresStore], end: str
 ) -> None:
-    """The unique index is the safety net under the partition lock: the store's COPY
+    """The unique index is the safety net under the partition lock: the store's INSERT
     waits on the other transaction's key, and every ending of that wait is exact."""
     store, other = instances[0], instances[1]
     group = [pulse(nanos=5, id="k1"), pulse(nanos=3)]
@@ -456,7 +456,7 @@ def test_a_write_stuck_on_a_key_held_by_a_lock_bypassing_writer(
         [_, pid] = wait_until(
             postgres_url,
             "SELECT true, pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%%COPY pulses%%' AND datname = current_database()",
+            " AND query LIKE '%%INSERT INTO pulses%%' AND datname = current_database()",
         )
         if end == "rollback":
             holder.rollback()
