@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from ingestor.errors import Draining, Overloaded, StoreError, StoreFull
+from ingestor.errors import Draining, Overloaded, StoreBusy, StoreError, StoreFull
 from ingestor.model import BatchSummary, Outcome, Pulse, join_encoded
 from ingestor.shard import Commit, Ingest, Replies, Reply, Shard, Written
 from ingestor.store.sqlite import SQLiteStore
@@ -172,6 +172,44 @@ async def test_store_failure_fails_the_group_and_the_shard_goes_on(held: HeldSto
         shard.close()
     day = dt.date(2026, 11, 28).isoformat()
     assert held.inner.open_days(0) == [day]
+
+
+async def test_requests_waiting_behind_a_round_that_found_the_store_busy_are_refused(
+    held: HeldStore,
+) -> None:
+    """A round waits up to the busy timeout for another process's lock and
+    fails StoreBusy. What came meanwhile is refused busy too, unwritten.
+    Was: taken into the next round, it waited a busy timeout more, up to
+    twice the `store_busy_timeout` a request waits at most (4.1 s with 2 s,
+    a PostgreSQL partition held by an instance that had stopped: see
+    tests/e2e/test_frozen_adversarial.py). The shard then goes on."""
+    shard = Shard(0, [0], held, queue_size=16, group_max_pulses=1)  # type: ignore[arg-type]
+    held.gate = trio.Event()
+    held.fail_next = StoreBusy("the store stayed locked by another process")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        first: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(first, make_pulse(1)))
+        await trio.testing.wait_all_tasks_blocked()  # the shard waits in the first round
+        waiting: list[Reply[Written]] = []
+        for n in range(2, 5):
+            reply: Reply[Written] = Reply()
+            shard.submit_nowait(ingest(reply, make_pulse(n)))
+            waiting.append(reply)
+        committed: Reply[list[BatchSummary]] = Reply()
+        await shard.submit(Commit(0, "2026-11-28", NOW, 100, committed))
+        held.gate.set()
+        for reply in [first, *waiting]:
+            with pytest.raises(StoreBusy):
+                await outcomes(reply)
+        with pytest.raises(StoreBusy):
+            await committed.receive()
+        assert held.calls == [1]  # only the first round wrote
+        assert shard.statistics().queued == 0
+        later: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(later, make_pulse(9)))
+        assert await outcomes(later) == ["accepted"]
+        shard.close()
 
 
 async def test_out_of_memory_joining_a_round_fails_it_and_the_shard_goes_on(
