@@ -152,6 +152,7 @@ async def ingest(
     """POST /pulses without the framework: (status, JSON body). Raises our errors."""
     if runtime.draining:
         raise Draining("the service is shutting down")
+    await runtime.committer.fresh_horizon()
     intake = decode_pulses(
         body,
         content_type,

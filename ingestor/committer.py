@@ -38,6 +38,9 @@ _ANNOUNCED_US = int(2 * _LEAD_RETRY * 1_000_000)
 # The zones of every instance on the store (`note_zones`): each says its own
 # at start and then every minute, and counts for ten minutes after.
 _ZONES_NOTED_US = 60 * 1_000_000
+# How old this instance's reading of the purge horizon may be when it takes
+# pulses: under the `_ANNOUNCED_US` a horizon waits before ids are forgotten.
+_HORIZON_FRESH = 0.7 * _ANNOUNCED_US / 1_000_000
 _ZONES_KEPT_US = 10 * 60 * 1_000_000
 
 
@@ -83,6 +86,8 @@ class Committer:
         self.batches_created = 0
         self.ticks = 0
         self.leading = False
+        self._horizon_read: float | None = None  # trio.current_time() of the last reading
+        self._horizon_lock = trio.Lock()
         self._ticked = trio.Event()
 
     def now(self) -> dt.datetime:
@@ -266,11 +271,7 @@ class Committer:
                     await self.purge()
                 except Exception as exc:
                     _tick_failed("purge", exc)
-            # Another instance's purge, maybe with a shorter dedup window.
-            try:
-                self._on_horizon(await trio.to_thread.run_sync(self._store.purge_horizon))
-            except Exception as exc:
-                _tick_failed("reading how far purges reach", exc)
+            await self._read_horizon()
             self.ticks += 1
             self._ticked.set()
             self._ticked = trio.Event()
@@ -296,8 +297,39 @@ class Committer:
         while self.leading and trio.current_time() + every < deadline:
             await trio.sleep(every)
             await self._lead(every)
+            await self._read_horizon()
         if self.leading:
             await trio.sleep_until(deadline)
+
+    async def _read_horizon(self) -> None:
+        """Take in the store's purge horizon: another instance's purge, maybe
+        with a shorter dedup window, forgets ids `_ANNOUNCED_US` after it
+        announced it."""
+        try:
+            self._on_horizon(await trio.to_thread.run_sync(self._store.purge_horizon))
+        except Exception as exc:
+            _tick_failed("reading how far purges reach", exc)
+        else:
+            self._horizon_read = trio.current_time()
+
+    async def fresh_horizon(self) -> None:
+        """Make sure the purge horizon intake checks was read lately, reading it
+        now if not. Raises StoreError if the store cannot say.
+
+        The ticks read it every few seconds; a process that stopped without
+        dying (a paused container or VM) read none meanwhile, and once going
+        again it took the requests already waiting with what it knew before:
+        replays of ids forgotten while it was stopped counted twice.
+        """
+        if self._stale():
+            async with self._horizon_lock:
+                if self._stale():
+                    self._on_horizon(await trio.to_thread.run_sync(self._store.purge_horizon))
+                    self._horizon_read = trio.current_time()
+
+    def _stale(self) -> bool:
+        read = self._horizon_read
+        return read is None or trio.current_time() - read > _HORIZON_FRESH
 
 
 def _tick_failed(what: str, exc: Exception) -> None:
