@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,6 +46,7 @@ from ingestor.sinks.nats import NatsSink
 from ingestor.store import Store
 from ingestor.store.postgres import PostgresStore
 from ingestor.store.sqlite import SQLiteStore
+from tests.support.server import read_request, signed
 
 from .conftest import FakeClock, pulse
 from .sinks.test_nats import nats_server, on_nats
@@ -76,8 +75,7 @@ class Exchange:
 
     @property
     def signature_ok(self) -> bool:
-        digest = hmac.new(SECRET.encode(), self.body, hashlib.sha256).hexdigest()
-        return self.headers.get("x-ingestor-signature") == f"sha256={digest}"
+        return signed(SECRET, self.headers, self.body)
 
     async def respond(
         self, status: int, body: bytes = b'{"ok":true}', headers: tuple[tuple[str, str], ...] = ()
@@ -148,28 +146,11 @@ class Downstream:
                     connection.start_next_cycle()
 
     async def _read(self, stream: trio.SocketStream, connection: h11.Connection) -> Exchange | None:
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return None
-                connection.receive_data(data)
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body.extend(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return None
-        assert request is not None
-        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-        return Exchange(
-            headers.get("idempotency-key", ""), bytes(body), headers, stream, connection
-        )
+        received = await read_request(stream, connection)
+        if received is None:
+            return None
+        headers, body = received
+        return Exchange(headers.get("idempotency-key", ""), body, headers, stream, connection)
 
 
 @contextlib.asynccontextmanager

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import itertools
 import os
 import random
@@ -87,7 +85,9 @@ from tests.support.server import (
     encode_body,
     free_port,
     post_until_stored,
+    read_request,
     send_pulses,
+    signed,
     totals_of,
     wait_until,
 )
@@ -408,18 +408,15 @@ class Receiver:
         try:
             async with stream:
                 while True:
-                    head, body = await self._request(stream, connection)
-                    if head is None:
+                    received = await read_request(stream, connection)
+                    if received is None:
                         return
-                    headers = {k.decode().lower(): v.decode() for k, v in head.headers}
+                    headers, body = received
                     batch_id = headers.get("idempotency-key", "")
-                    digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
                     post = Post(
                         batch_id,
                         body,
-                        hmac.compare_digest(
-                            headers.get("x-ingestor-signature", ""), f"sha256={digest}"
-                        ),
+                        signed(self.secret, headers, body),
                         peer_port,
                         trio.current_time(),
                         connection_owner(self.senders, peer_port, self.port),
@@ -454,28 +451,6 @@ class Receiver:
         finally:
             if post is not None and post.ended is None:
                 post.ended = trio.current_time()
-
-    @staticmethod
-    async def _request(
-        stream: trio.SocketStream, connection: h11.Connection
-    ) -> tuple[h11.Request | None, bytes]:
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return None, b""
-                connection.receive_data(data)
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body.extend(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return head, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None, b""
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ SinkTarget      a small HTTP/1.1 server (h11 on trio) in the test's own
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from typing import Literal
 import h11
 import trio
 
-from tests.support.server import free_port
+from tests.support.server import free_port, read_request, signed
 
 __all__ = ["Delivery", "Mode", "SinkTarget"]
 
@@ -128,32 +126,14 @@ class SinkTarget:
 
     async def _one_exchange(self, stream: trio.SocketStream, connection: h11.Connection) -> bool:
         """Read one request and answer it per the mode; False when the connection ends."""
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return False
-                connection.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body.extend(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                return False
-        assert request is not None
-        headers = {name.decode().lower(): value.decode() for name, value in request.headers}
+        received = await read_request(stream, connection)
+        if received is None:
+            return False
+        headers, body = received
         batch_id = headers.get("idempotency-key", "")
-        digest = hmac.new(self.secret.encode(), bytes(body), hashlib.sha256).hexdigest()
-        signed = headers.get("x-ingestor-signature", "")
-        signature_ok = hmac.compare_digest(signed, f"sha256={digest}")
+        signature_ok = signed(self.secret, headers, body)
         mode = self.mode
-        delivery = Delivery(batch_id, bytes(body), signature_ok, None)
+        delivery = Delivery(batch_id, body, signature_ok, None)
         self.received.append(delivery)
         self.in_flight += 1
         try:

@@ -26,6 +26,8 @@ with httpx.AsyncClient. The only waits are polls bounded by a deadline.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import itertools
 import os
 import random
@@ -41,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, TypeVar
 
+import h11
 import httpx
 import msgspec
 import trio
@@ -905,6 +908,37 @@ async def wait_until(
         if trio.current_time() >= deadline:
             raise AssertionError(f"{what}: still not so after {within} s (last: {value!r})")
         await trio.sleep(interval)
+
+
+async def read_request(
+    stream: trio.SocketStream, connection: h11.Connection
+) -> tuple[dict[str, str], bytes] | None:
+    """One HTTP/1.1 request read from `stream` by a server's `connection`: its
+    headers (names in lower case) and its body; None once the client has gone.
+    How the tests' stand-ins for a billing system read the http sink's POSTs."""
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            connection.receive_data(data)
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body.extend(event.data)
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            return {k.decode().lower(): v.decode() for k, v in request.headers}, bytes(body)
+        else:  # the connection closed
+            return None
+
+
+def signed(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether `body` bears the http sink's signature with `secret`."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(headers.get("x-ingestor-signature", ""), f"sha256={digest}")
 
 
 async def exchange(server: ServerProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
