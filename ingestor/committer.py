@@ -35,12 +35,12 @@ _LAPSE_PINGS = 4
 # How long a purge horizon is in the store before ids older than it are
 # forgotten: every instance reads it at least every _LEAD_RETRY.
 _ANNOUNCED_US = int(2 * _LEAD_RETRY * 1_000_000)
-# The zones of every instance on the store (`note_zones`): each says its own
-# at start and then every minute, and counts for ten minutes after.
-_ZONES_NOTED_US = 60 * 1_000_000
 # How old this instance's reading of the purge horizon may be when it takes
 # pulses: under the `_ANNOUNCED_US` a horizon waits before ids are forgotten.
 _HORIZON_FRESH = 0.7 * _ANNOUNCED_US / 1_000_000
+# The zones of every instance on the store (`note_zones`): each says its own
+# at start and then every minute, and counts for ten minutes after.
+_ZONES_NOTED_US = 60 * 1_000_000
 _ZONES_KEPT_US = 10 * 60 * 1_000_000
 
 
