@@ -154,8 +154,8 @@ JOIN pulses AS p ON p.client_id AND p.tenant_id = k.tenant_id AND p.pulse_id = k
 # refused. A statement's parameters come with it: a session stopped while
 # sending them is idle in its transaction, and ended after three busy
 # timeouts. JSON encoded by msgspec also costs the instance less than the
-# COPY's rows (0.6 against 1.05 CPU µs a row of 1,000), the server a little
-# more (about 1 µs a row).
+# COPY's rows (0.6 against 1.05 CPU µs a row of 1,000), the server more
+# (about 1.6 µs a pulse, bench/RESULTS.md).
 _INSERT_PULSES = """
 INSERT INTO pulses (partition, tenant_id, pulse_id, client_id, product_sku, use_unit, day,
                     used_amount, ts, received_at, fingerprint)
