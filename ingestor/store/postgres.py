@@ -475,13 +475,22 @@ class _Connector:
         # READ the snapshot was taken by the lock's own SELECT, before the
         # wait, and every racer lost with an error). synchronous_commit on:
         # COMMIT returns once the WAL is flushed, which a 2xx promises.
+        #
+        # And the server's own sends: one blocked sending rows to an instance
+        # that stopped without dying (a paused container or VM), whose
+        # socket takes no more, waits for it however long, locks held, and
+        # statement_timeout does not end it (a commit's 20,000 buckets held
+        # their partition for the whole stop). The server's tcp_user_timeout
+        # ends that connection after three busy timeouts too. Over a Unix
+        # socket there is no such bound.
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('statement_timeout', %s, false),"
             " set_config('idle_in_transaction_session_timeout', %s, false),"
+            " set_config('tcp_user_timeout', %s, false),"
             " set_config('default_transaction_isolation', 'read committed', false),"
             " set_config('synchronous_commit', 'on', false)",
-            (self._timeout_ms, self._timeout_ms, self._idle_ms),
+            (self._timeout_ms, self._timeout_ms, self._idle_ms, self._idle_ms),
         )
 
     def connect(self) -> Connection:

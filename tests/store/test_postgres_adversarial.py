@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -621,3 +625,60 @@ def test_leadership_moves_when_the_leading_process_is_killed(
     finally:
         leader.kill()
         leader.join(10)
+
+
+# The store's session settings, on a connection without the client's own
+# bounds (keepalives, tcp_user_timeout): what the server does alone.
+_STREAMING = """
+import sys
+import psycopg
+from ingestor.store.postgres import _Connector
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+_Connector(sys.argv[1], busy_timeout=float(sys.argv[2])).configure(conn)
+with conn.transaction():
+    conn.execute("SELECT pg_advisory_xact_lock(4242)")
+    print("locked", flush=True)
+    for _ in conn.cursor().stream("SELECT repeat('x', 1000) FROM generate_series(1, 10000000)"):
+        pass
+"""
+
+
+def test_a_stopped_instance_the_server_is_sending_rows_to_lets_its_locks_go(
+    postgres_url: str,
+) -> None:
+    """An instance stopped without dying (a paused container or VM) while the
+    server sends it rows: its socket takes no more, and the server waits to
+    send, in its transaction, locks held. Neither statement_timeout nor the
+    idle-in-transaction timeout ends that (a commit's 20,000 buckets held
+    their partition for a whole stop, tests/e2e/test_frozen_adversarial.py).
+    The session's tcp_user_timeout does, after three busy timeouts.
+    Was: still held 30 s later."""
+    busy = 1.0
+    with subprocess.Popen(
+        [sys.executable, "-c", _STREAMING, postgres_url, str(busy)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "locked"
+            [_, backend] = wait_until(
+                postgres_url,
+                "SELECT wait_event = 'ClientWrite', pid FROM pg_stat_activity"
+                " WHERE query LIKE '%%generate_series(1, 10000000)%%' AND pid <> pg_backend_pid()",
+            )
+            os.kill(child.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            with psycopg.connect(postgres_url, autocommit=True) as monitor:
+                while True:
+                    held = monitor.execute(
+                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory'",
+                        (backend,),
+                    ).fetchone()
+                    if held == (0,):
+                        break
+                    assert time.monotonic() - stopped < 3 * busy + 3, "the lock is still held"
+                    time.sleep(0.1)
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
