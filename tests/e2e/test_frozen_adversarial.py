@@ -378,13 +378,14 @@ class Post:
 class Receiver:
     """A billing system behind the http sink, on trio and h11. It keeps every POST,
     with its Idempotency-Key, body, signature and the sender's port. The first
-    POST of each batch is never answered (its sender waits until it gives up:
-    a confirmation lost on its way); each later one is answered 200 after
-    `delay` seconds (a slow receiver)."""
+    POST of each batch is never answered, if `hold_first` (its sender waits
+    until it gives up: a confirmation lost on its way); every other one is
+    answered 200 after `delay` seconds (a slow receiver)."""
 
-    def __init__(self, secret: str, *, delay: float) -> None:
+    def __init__(self, secret: str, *, delay: float, hold_first: bool = True) -> None:
         self.secret = secret
         self.delay = delay
+        self.hold_first = hold_first
         self.port = free_port()
         self.posts: list[Post] = []
         self.senders: list[int] = []  # pids that may send: each POST's is looked up
@@ -423,7 +424,7 @@ class Receiver:
                     )
                     first = not self.of(batch_id)
                     self.posts.append(post)
-                    if first:
+                    if first and self.hold_first:
                         while await stream.receive_some(65536):
                             pass
                         post.ended = trio.current_time()

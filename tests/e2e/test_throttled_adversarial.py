@@ -35,10 +35,8 @@ import itertools
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import h11
 import httpx
 import pytest
 import trio
@@ -62,6 +60,8 @@ from tests.e2e.test_cluster import (
 from tests.e2e.test_frozen_adversarial import (
     SLACK,
     Answered,
+    Post,
+    Receiver,
     keep_posting,
     keep_posting_pinned,
     pin_connections,
@@ -74,9 +74,6 @@ from tests.support.server import (
     ServerProcess,
     check_pulses_stored_once,
     collect_pages,
-    free_port,
-    read_request,
-    signed,
     totals_of,
     wait_until,
 )
@@ -335,87 +332,23 @@ async def test_a_throttled_worker_and_a_healthy_one_hand_the_writers_lock_on(
 # -- 3. PostgreSQL: the committer's leader throttled -----------------------------------
 
 
-@dataclass
-class Delivery:
-    batch_id: str
-    signature_ok: bool
-    arrived: float
-    ended: float | None = None
-
-
-class PromptReceiver:
-    """A billing system behind the http sink that answers every POST 200 after
-    `delay`, and keeps when each arrived and was answered."""
-
-    def __init__(self, *, delay: float) -> None:
-        self.delay = delay
-        self.port = free_port()
-        self.posts: list[Delivery] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/billing"
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        task_status.started()
-        await trio.serve_listeners(self._serve, listeners)
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        post: Delivery | None = None
-        try:
-            async with stream:
-                while True:
-                    received = await read_request(stream, connection)
-                    if received is None:
-                        return
-                    headers, body = received
-                    post = Delivery(
-                        headers.get("idempotency-key", ""),
-                        signed(SECRET, headers, body),
-                        trio.current_time(),
-                    )
-                    self.posts.append(post)
-                    await trio.sleep(self.delay)
-                    payload = b'{"ok": true}'
-                    await stream.send_all(
-                        connection.send(
-                            h11.Response(
-                                status_code=200,
-                                headers=[
-                                    ("Content-Type", "application/json"),
-                                    ("Content-Length", str(len(payload))),
-                                ],
-                            )
-                        )
-                        + connection.send(h11.Data(data=payload))
-                        + connection.send(h11.EndOfMessage())
-                    )
-                    post.ended, post = trio.current_time(), None
-                    connection.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass
-        finally:
-            if post is not None and post.ended is None:
-                post.ended = trio.current_time()
-
-    def overlapping(self) -> list[str]:
-        """Batches two of whose POSTs were open at once."""
-        found = []
-        by_batch: dict[str, list[Delivery]] = {}
-        for post in self.posts:
-            by_batch.setdefault(post.batch_id, []).append(post)
-        for batch_id, posts in by_batch.items():
-            for a, b in itertools.pairwise(posts):
-                if a.ended is None or b.arrived < a.ended:
-                    found.append(f"{batch_id}: POSTs at {a.arrived:.2f} and {b.arrived:.2f}")
-        return found
+def overlapping(posts: Sequence[Post]) -> list[str]:
+    """Batches two of whose POSTs were open at once."""
+    found = []
+    by_batch: dict[str, list[Post]] = {}
+    for post in posts:
+        by_batch.setdefault(post.batch_id, []).append(post)
+    for batch_id, sent in by_batch.items():
+        for a, b in itertools.pairwise(sent):
+            if a.ended is None or b.arrived < a.ended:
+                found.append(f"{batch_id}: POSTs at {a.arrived:.2f} and {b.arrived:.2f}")
+    return found
 
 
 @pytest.fixture
-async def prompt_receiver() -> AsyncIterator[PromptReceiver]:
-    made = PromptReceiver(delay=0.3)
+async def prompt_receiver() -> AsyncIterator[Receiver]:
+    """A billing system that answers every POST 200 after 0.3 s."""
+    made = Receiver(SECRET, delay=0.3, hold_first=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(made.run)
         yield made
@@ -432,7 +365,7 @@ async def leading_of(http: httpx.AsyncClient, server: ServerProcess) -> float | 
 
 
 async def test_a_throttled_leader_keeps_the_lead_and_every_day_is_committed_once(
-    postgres_url: str, prompt_receiver: PromptReceiver, tmp_path: Path
+    postgres_url: str, prompt_receiver: Receiver, tmp_path: Path
 ) -> None:
     """README: "one instance at a time runs the periodic committer", and a batch
     "is sent by one process at a time". Two instances on PostgreSQL, the
@@ -526,7 +459,7 @@ async def test_a_throttled_leader_keeps_the_lead_and_every_day_is_committed_once
         assert totals_of(rows) == expected
         assert check_outbox(every, expected) == []
         assert wrong_answers(logs["slow"] + logs["healthy"]) == []
-        assert prompt_receiver.overlapping() == []
+        assert overlapping(prompt_receiver.posts) == []
         assert all(post.signature_ok for post in prompt_receiver.posts)
         assert {post.batch_id for post in prompt_receiver.posts} == set(every)
         assert both == [], f"both instances reported leading at once: {both}"
