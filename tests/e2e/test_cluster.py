@@ -723,6 +723,15 @@ async def leaders(http: httpx.AsyncClient, servers: Sequence[ServerProcess]) -> 
     return found
 
 
+async def sole_leader(
+    http: httpx.AsyncClient, servers: Sequence[ServerProcess]
+) -> list[ServerProcess]:
+    """[the one of `servers` that leads], or [] while none or several do
+    (for `wait_until`)."""
+    found = await leaders(http, servers)
+    return found if len(found) == 1 else []
+
+
 async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
     postgres_url: str, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
@@ -743,12 +752,12 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
 
     async with Cluster(tmp_path, 3, env) as cluster:
         with trio.fail_after(40):
-
-            async def one_leader() -> list[ServerProcess]:
-                found = await leaders(http, cluster.running())
-                return found if len(found) == 1 else []
-
-            [leader] = await wait_until(one_leader, within=10, interval=0.1, what="a leader")
+            [leader] = await wait_until(
+                lambda: sole_leader(http, cluster.running()),
+                within=10,
+                interval=0.1,
+                what="a leader",
+            )
             others = [s for s in cluster if s is not leader]
 
             await post_late(list(cluster), "early")
@@ -774,12 +783,11 @@ async def test_one_instance_leads_the_committer_and_a_survivor_takes_over(
             assert await leader.kill() == -9
             killed_at = trio.current_time()
 
-            async def new_leader() -> list[ServerProcess]:
-                found = await leaders(http, others)
-                return found if len(found) == 1 else []
-
             [successor] = await wait_until(
-                new_leader, within=8, interval=0.1, what="another instance leading"
+                lambda: sole_leader(http, others),
+                within=8,
+                interval=0.1,
+                what="another instance leading",
             )
             takeover = trio.current_time() - killed_at
             bystander = next(s for s in others if s is not successor)
@@ -839,12 +847,9 @@ async def test_a_frozen_leader_loses_the_lead_and_takes_no_part_once_thawed(
     rng = random.Random(78)
     ledger = Ledger()
     async with Cluster(tmp_path, 2, env) as cluster:
-
-        async def one_leader() -> list[ServerProcess]:
-            found = await leaders(http, cluster.running())
-            return found if len(found) == 1 else []
-
-        [leader] = await wait_until(one_leader, within=10, interval=0.1, what="a leader")
+        [leader] = await wait_until(
+            lambda: sole_leader(http, cluster.running()), within=10, interval=0.1, what="a leader"
+        )
         [other] = [s for s in cluster if s is not leader]
         await post_late_wave(http, [other], ledger, rng, wave="before", day=yesterday)
         await wait_until(

@@ -55,7 +55,7 @@ from tests.e2e.test_cluster import (
     batches_with_records,
     check_outbox,
     day_before,
-    leaders,
+    sole_leader,
 )
 from tests.e2e.test_frozen_adversarial import (
     SLACK,
@@ -395,12 +395,9 @@ async def test_a_throttled_leader_keeps_the_lead_and_every_day_is_committed_once
         httpx.AsyncClient(timeout=30.0) as http,
         Cluster(tmp_path, 2, env) as cluster,
     ):
-
-        async def one_leader() -> list[ServerProcess]:
-            found = await leaders(http, cluster.running())
-            return found if len(found) == 1 else []
-
-        [slow] = await wait_until(one_leader, within=15, interval=0.1, what="a leader")
+        [slow] = await wait_until(
+            lambda: sole_leader(http, cluster.running()), within=15, interval=0.1, what="a leader"
+        )
         [healthy] = [s for s in cluster if s is not slow]
         assert slow.pid is not None
         slow_pid = slow.pid
@@ -496,12 +493,9 @@ async def test_a_throttled_follower_keeps_taking_pulses(postgres_url: str, tmp_p
         httpx.AsyncClient(timeout=30.0) as http,
         Cluster(tmp_path, 2, env) as cluster,
     ):
-
-        async def one_leader() -> list[ServerProcess]:
-            found = await leaders(http, cluster.running())
-            return found if len(found) == 1 else []
-
-        [leader] = await wait_until(one_leader, within=15, interval=0.1, what="a leader")
+        [leader] = await wait_until(
+            lambda: sole_leader(http, cluster.running()), within=15, interval=0.1, what="a leader"
+        )
         [slow] = [s for s in cluster if s is not leader]
         assert slow.pid is not None
         slow_pid = slow.pid
