@@ -771,8 +771,13 @@ class PostgresStore:
                 max_records=max_records,
                 now_us=now_us,
             )
-            with conn.cursor() as cursor:
-                cursor.executemany(_INSERT_BATCH, inserts)
+            # One statement at a time, not executemany: psycopg sends that as
+            # a pipeline, and a server waiting for the rest of a pipeline
+            # applies no idle-in-transaction timeout, so an instance stopped
+            # midway (SIGSTOP, a paused VM) would hold the partition's lock
+            # for as long as it stays stopped.
+            for insert in inserts:
+                conn.execute(_INSERT_BATCH, insert)
             # Same transaction as the outbox rows above: a bucket is marked
             # committed if and only if its delta is in a batch.
             conn.execute(

@@ -802,8 +802,12 @@ async def test_a_commit_frozen_mid_transaction_is_finished_by_another_and_report
                             a_answer.append(await commit_recorded(client, a, day, log))
 
                         nursery.start_soon(commit_on_a)
+                        # Any of commit_day's statements: buckets read, last
+                        # seq read, batches inserted, buckets marked.
                         found = await stop_while_holding(
-                            a, postgres_url, statement=("buckets", "INSERT INTO batches")
+                            a,
+                            postgres_url,
+                            statement=("buckets", "max(seq)", "INSERT INTO batches"),
                         )
                         if found is None:
                             continue  # A committed the day before it was caught
@@ -815,8 +819,8 @@ async def test_a_commit_frozen_mid_transaction_is_finished_by_another_and_report
                                 if response is not None and response.status_code == 200:
                                     b_batches = response.json()["batches"]
                                     break
-                                assert trio.current_time() - frozen_at < 30, log[-1].describe(
-                                    frozen_at
+                                assert trio.current_time() - frozen_at < 30, (
+                                    f"A frozen {holding}: " + log[-1].describe(frozen_at)
                                 )
                                 await trio.sleep(0.1)
                             b_waited = trio.current_time() - frozen_at
