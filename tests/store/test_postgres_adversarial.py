@@ -631,6 +631,7 @@ def test_leadership_moves_when_the_leading_process_is_killed(
 # bounds (keepalives, tcp_user_timeout): what the server does alone.
 _STREAMING = """
 import sys
+import time
 import psycopg
 from ingestor.store.postgres import _Connector
 conn = psycopg.connect(sys.argv[1], autocommit=True)
@@ -638,8 +639,12 @@ _Connector(sys.argv[1], busy_timeout=float(sys.argv[2])).configure(conn)
 with conn.transaction():
     conn.execute("SELECT pg_advisory_xact_lock(4242)")
     print("locked", flush=True)
-    for _ in conn.cursor().stream("SELECT repeat('x', 1000) FROM generate_series(1, 10000000)"):
-        pass
+    rows = conn.cursor().stream("SELECT repeat('x', 1000) FROM generate_series(1, 10000000)")
+    for number, _ in enumerate(rows):
+        if number % 100 == 0:
+            # Slower than the server sends, on a busy machine too: its
+            # sends wait on this socket (ClientWrite) nearly all the time.
+            time.sleep(0.01)
 """
 
 
