@@ -668,7 +668,7 @@ async def test_a_crash_while_the_store_is_made_leaves_none_and_the_next_start_ma
     """The data dir has an empty `store` directory (a deployment made it); the
     first start is killed once the new store is whole but not yet in place. The
     next start serves a store of its own, and what it acknowledges survives a
-    kill -9."""
+    kill -9; it removes the killed one's staging directory once that is old."""
     data_dir = tmp_path / "data"
     (data_dir / "store").mkdir(parents=True)
     crashed = ScriptedServer(data_dir, _KILLED_AT_RENAME, ready_timeout=20)
@@ -681,10 +681,18 @@ async def test_a_crash_while_the_store_is_made_leaves_none_and_the_next_start_ma
     assert not (data_dir / "store").exists()
     [staging] = [p for p in data_dir.iterdir() if p.name.startswith(".creating-")]
     assert (staging / "store.sqlite").exists()
+    # Left an hour ago, it is litter; one made a moment ago may be another
+    # process's creation under way, and stays.
+    an_hour_ago = time.time() - 3600
+    os.utime(staging, (an_hour_ago, an_hour_ago))
+    under_way = data_dir / ".creating-0123456789ab"
+    under_way.mkdir()
 
     server = ServerProcess(data_dir, env=ENV)
     try:
         await server.start()
+        assert not staging.exists(), "the killed creation's staging directory is still there"
+        assert under_way.exists()
         moment = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
         pulses = _pulses(iter(range(1, 100)), moment, ids=True)
         async with httpx.AsyncClient(timeout=30) as http:

@@ -173,6 +173,7 @@ APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is ref
 SCHEMA_VERSION = 4
 _UPGRADABLE = (2, 3)  # the earlier versions `_upgrade` brings to this one
 _FILE = "store.sqlite"
+_STAGING_ABANDONED = 600.0  # seconds after which a creation's staging directory is litter
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
 _MERGE_AT = 20_000  # recent ids, all partitions together, that start a merge (~2 MB)
@@ -915,6 +916,12 @@ class SQLiteStore:
     def _create(directory: Path, partitions: int) -> None:
         parent = directory.parent
         parent.mkdir(parents=True, exist_ok=True)
+        # A creation killed midway leaves its staging directory behind: one
+        # takes milliseconds, so one untouched for a while is such litter.
+        for leftover in parent.glob(".creating-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime > _STAGING_ABANDONED:
+                    shutil.rmtree(leftover)
         staging = parent / f".creating-{secrets.token_hex(6)}"
         staging.mkdir()
         try:
