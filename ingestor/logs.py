@@ -9,6 +9,7 @@ API in a context variable), the same id the client gets in `X-Request-Id`.
 from __future__ import annotations
 
 import datetime as dt
+import faulthandler
 import logging
 import sys
 from contextvars import ContextVar
@@ -73,6 +74,10 @@ def setup_logging(level: str, fmt: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     accepts = logging.getLogger("trio.serve_listeners")
     accepts.filters[:] = [_NoTracebackEvery(_ACCEPT_FAILURE_EVERY_S)]
+    # A process killed by a fault no Python code can catch (SIGBUS on the
+    # store's shared memory file made immutable, SIGSEGV in C code) says so,
+    # with its threads' stacks, on the log's stream: it died without a word.
+    faulthandler.enable(sys.stderr)
 
 
 # trio's listener logs each accept that fails for want of descriptors (EMFILE)
