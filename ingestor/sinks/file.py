@@ -16,7 +16,8 @@ those whose process is gone.
 A new directory lasts a power loss only once its entry in its parent is on
 disk too: the first write into a day's directory by each process makes it,
 and the sink's own directory, with their entries fsynced, whoever created
-them (a writer may have died before it synced what it made).
+them (a writer may have died before it synced what it made); so does the
+next write after one found either gone.
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ class FileSink:
         try:
             await trio.to_thread.run_sync(self._write, batch_id, day, body)
         except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                # A directory removed, or replaced by a file, since it was
+                # made: made again at the next attempt.
+                self._prepared.discard(self.path_of(batch_id, day).parent)
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise SinkRetryable(f"writing {batch_id}: {reason}") from exc
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise SinkRetryable(f"writing {batch_id}: {reason}{where}") from exc
 
     def _write(self, batch_id: str, day: str, body: bytes) -> None:
         final = self.path_of(batch_id, day)
