@@ -448,6 +448,9 @@ def create_app(runtime: Runtime) -> Quart:
             return error_response(503, "draining", "shutting down", retry_after=5)
         if not runtime.ready:
             return error_response(503, "starting", "starting up", retry_after=1)
+        trouble = await trio.to_thread.run_sync(runtime.store.trouble)
+        if trouble is not None:
+            return error_response(503, "store_unavailable", trouble, retry_after=5)
         return ok(Readiness("ready", runtime.store.store_id))
 
     async def metrics_text() -> Response:

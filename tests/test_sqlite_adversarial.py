@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 import ingestor.store.sqlite as sqlite_store
-from ingestor.errors import StoreError
+from ingestor.errors import StoreError, StoreMismatch
 from ingestor.model import Pulse
 from ingestor.money import parse_nanos
 from ingestor.partition import partition_of
@@ -801,3 +802,114 @@ def test_memory_failing_halfway_after_a_commit_keeps_the_write_and_counts_it_onc
         )
     finally:
         store.close()
+
+
+# -- the store's files removed, moved or replaced under a running process ---------
+
+
+def _write_one(store: SQLiteStore, pulse_id: str) -> None:
+    tenant = TENANTS[0]
+    store.write_pulses(PART_OF[tenant], [make_pulse(tenant, pulse_id, 1)], NEW)
+
+
+@pytest.mark.parametrize("durability", ["os", "fsync"])
+@pytest.mark.parametrize("how", ["removed", "moved", "replaced", "wal removed", "shm removed"])
+def test_a_store_whose_files_go_refuses_writes_and_says_how_to_get_them_back(
+    tmp_path: Path, how: str, durability: str
+) -> None:
+    """SQLite writes on into the files it has open whatever their names now lead
+    to: a write acknowledged after `rm -rf data/store` was in a file gone at
+    exit. The next write is refused, /readyz's `trouble` says why and how to
+    get the data back, and nothing acknowledged before is lost (a removed
+    WAL is copied into the store file first)."""
+    directory = tmp_path / "store"
+    store = open_at(directory, (0, 1), durability)
+    try:
+        _write_one(store, "before")
+        assert store.trouble() is None
+        path = directory / "store.sqlite"
+        if how == "removed":
+            shutil.rmtree(directory)
+        elif how == "moved":
+            directory.rename(tmp_path / "elsewhere")
+        elif how == "replaced":
+            path.rename(tmp_path / "old.sqlite")
+            shutil.copyfile(tmp_path / "old.sqlite", path)
+        else:
+            path.with_name(f"store.sqlite-{how.split(maxsplit=1)[0]}").unlink()
+        with pytest.raises(StoreError, match="while the store was in use"):
+            _write_one(store, "after")
+        with pytest.raises(StoreError, match="writes are refused"):
+            _write_one(store, "again")
+        trouble = store.trouble()
+        assert trouble is not None
+        if how == "removed":
+            assert f"copy /proc/{os.getpid()}/fd/" in trouble, trouble
+        elif how == "moved":
+            assert f"now at {tmp_path / 'elsewhere' / 'store.sqlite'}" in trouble, trouble
+        elif how == "replaced":
+            assert f"now at {tmp_path / 'old.sqlite'}" in trouble, trouble
+        else:
+            assert "until the service is restarted" in trouble, trouble
+    finally:
+        store.close()
+    if how.endswith(("wal removed", "shm removed")):
+        # What the removed file held was copied into the store file: a new
+        # process, reading that file alone, finds the write made before.
+        reopened = open_at(directory, (0, 1), durability)
+        try:
+            stored = reopened.pulses(PulseQuery(tenant_id=TENANTS[0], day=DAY, limit=10))
+            assert [p.id for _, p in stored] == ["before"]
+        finally:
+            reopened.close()
+
+
+def test_a_data_dir_whose_store_is_gone_is_not_given_a_new_empty_one(tmp_path: Path) -> None:
+    """`data/store.id` keeps the id of the store the data dir holds: a start that
+    finds the store gone refuses to make a new one, which would bill from
+    nothing under new batch ids, until an operator removes that file."""
+    directory = tmp_path / "store"
+    store = open_at(directory, (0, 1))
+    store_id = store.store_id
+    store.close()
+    marker = tmp_path / "store.id"
+    assert marker.read_text() == f"{store_id}\n"
+    shutil.rmtree(directory)
+    with pytest.raises(StoreMismatch, match=f"held store {store_id}"):
+        open_at(directory, (0, 1))
+    assert not directory.exists()
+    marker.unlink()
+    fresh = open_at(directory, (0, 1))
+    try:
+        assert fresh.store_id != store_id
+        assert marker.read_text() == f"{fresh.store_id}\n"
+    finally:
+        fresh.close()
+
+
+def test_a_removed_store_copied_back_as_readyz_says_holds_every_acknowledged_pulse(
+    tmp_path: Path,
+) -> None:
+    """`rm -rf data/store` on an idle process: /readyz's check finds it, copies
+    the WAL into the removed store file, and says where to read that file; a
+    copy of it, alone, is the whole store."""
+    directory = tmp_path / "store"
+    store = open_at(directory, (0, 1))
+    try:
+        for n in range(3):
+            _write_one(store, f"before-{n}")  # in the WAL: no checkpoint yet
+        shutil.rmtree(directory)
+        trouble = store.trouble()
+        assert trouble is not None
+        found = re.search(r"copy (/proc/\d+/fd/\d+) back", trouble)
+        assert found, trouble
+        directory.mkdir()
+        shutil.copyfile(found[1], directory / "store.sqlite")
+    finally:
+        store.close()
+    restored = open_at(directory, (0, 1))
+    try:
+        stored = restored.pulses(PulseQuery(tenant_id=TENANTS[0], day=DAY, limit=10))
+        assert sorted(p.id for _, p in stored) == ["before-0", "before-1", "before-2"]
+    finally:
+        restored.close()

@@ -239,6 +239,12 @@ class Store(Protocol):
         which only processes of this machine share."""
         ...
 
+    def trouble(self) -> str | None:
+        """Why this process can no longer write to the store whatever happens
+        next, for /readyz; None while it can. Blocks: a few stats, no query,
+        and, on SQLite once its files are lost, a wait for the writers' lock."""
+        ...
+
     def writer_lock(self) -> WriterLock | None:
         """This process's turns at the store's writers' lock so far; None for a
         store whose writers take no turns (each holds the rows it writes)."""

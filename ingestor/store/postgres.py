@@ -1004,6 +1004,9 @@ class PostgresStore:
             ).fetchone()
         return int(row[0]) if row else 0
 
+    def trouble(self) -> str | None:
+        return None  # a database that cannot be written answers each write so
+
     def writer_lock(self) -> WriterLock | None:
         return None  # writers lock the rows they write, not the store
 

@@ -173,6 +173,7 @@ APPLICATION_ID = 0x42494E47  # "BING": marks our files, so a foreign file is ref
 SCHEMA_VERSION = 4
 _UPGRADABLE = (2, 3)  # the earlier versions `_upgrade` brings to this one
 _FILE = "store.sqlite"
+_MARKER = "store.id"  # beside the store's directory: the id of the store it holds
 _STAGING_ABANDONED = 600.0  # seconds after which a creation's staging directory is litter
 _WRITER_CACHE_KIB = 64 * 1024  # holds the hot part of the id index and the buckets
 _READER_CACHE_KIB = 16 * 1024
@@ -380,13 +381,24 @@ class _File:
         self.writer = _connect(path, busy_timeout, _WRITER_CACHE_KIB)
         self.reader = _connect(path, busy_timeout, _READER_CACHE_KIB)
         self._wal_fd = -1
+        # SQLite makes the WAL and its index at a connection's first read.
+        self.writer.execute("SELECT count(*) FROM meta").fetchone()
         if durability == "fsync":
-            # SQLite makes the WAL at a connection's first read, and with
-            # synchronous = NORMAL syncs its directory entry only at the
-            # first checkpoint: sync it here.
-            self.writer.execute("SELECT count(*) FROM meta").fetchone()
+            # With synchronous = NORMAL, SQLite syncs the WAL's directory
+            # entry only at the first checkpoint: sync it here.
             self._wal_fd = os.open(path.with_name(f"{path.name}-wal"), os.O_RDONLY)
             _fsync(path.parent)
+        # The files SQLite keeps open, by (device, inode): see `_check_in_place`.
+        self._files = {
+            place: _identity(place)
+            for place in (
+                path,
+                path.with_name(f"{path.name}-wal"),
+                path.with_name(f"{path.name}-shm"),
+            )
+        }
+        self.lost: str | None = None  # why the files are no longer those in use
+        self._rescued = False
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
         self._busy_timeout = busy_timeout
@@ -487,9 +499,13 @@ class _File:
         self._written.clear()
         self._lock_writers(what, deadline)
         try:
+            if self.lost is not None:
+                self._rescue()
+                raise StoreError(f"{what}: {self.lost}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                self._check_in_place(what)
                 # A crash before this line loses the whole transaction (the
                 # client got no answer); after it, all of it, unless the
                 # machine loses power before `_sync` below.
@@ -500,6 +516,8 @@ class _File:
                     part.version = None
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if self.lost is not None:
+                    self._rescue()
                 raise
         except sqlite3.Error as exc:
             raise _translate(exc, what) from exc
@@ -546,6 +564,79 @@ class _File:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
             raise StoreError(f"{what}: could not sync the store to disk: {exc}") from exc
+
+    def trouble(self) -> str | None:
+        """Why this process can write no more to the store (`_check_in_place`), or
+        None. May wait for the writers' lock, as a write does."""
+        if self.lost is None:
+            what = "check the store's files"
+            try:
+                self._check_in_place(what)
+            except StoreError:
+                with contextlib.suppress(StoreError):  # busy: the next write does it
+                    deadline = self._take_write_lock(what)
+                    try:
+                        self._lock_writers(what, deadline)
+                        try:
+                            self._rescue()
+                        finally:
+                            fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
+                    finally:
+                        self.write_lock.release()
+        return self.lost
+
+    def _check_in_place(self, what: str) -> None:
+        """Raise StoreError if the store's files are no longer those this process
+        has open: removed (`rm -rf data/store`, a cleanup script taking the WAL
+        for a temporary file) or replaced by other files.
+
+        SQLite goes on writing into files it has open whatever their names
+        now lead to: every write acknowledged after that would be in a file
+        that is gone once the process exits, or in a WAL that no other
+        process, nor the next start, reads. A stat of each file a
+        transaction, under the writers' lock. A file copied over the store's
+        own (same inode) is not seen: the README says never to.
+        """
+        if self.lost is not None:
+            raise StoreError(f"{what}: {self.lost}")
+        for place, identity in self._files.items():
+            try:
+                now = _identity(place)
+            except FileNotFoundError:
+                now = None
+            if now == identity:
+                continue
+            done = "removed" if now is None else "replaced by another file"
+            if place.name.endswith(("-wal", "-shm")):
+                self.lost = (
+                    f"{place} was {done} while the store was in use: writes are refused"
+                    f" until the service is restarted (what the store held is kept in"
+                    f" {place.with_name(_FILE)})"
+                )
+            else:
+                self.lost = (
+                    f"{place} was {done} while the store was in use: writes are refused."
+                    " Every pulse acknowledged before is in the file this process has open"
+                    + _where_now(place, identity)
+                )
+            log.error("store files gone", extra={"fields": {"error": self.lost}})
+            raise StoreError(f"{what}: {self.lost}")
+
+    def _rescue(self) -> None:
+        """Once the store's files are lost, under the writers' lock and outside a
+        transaction: copy what the WAL holds into the store file, so a WAL that
+        was removed takes nothing acknowledged with it, and a store file that
+        was removed holds, alone, every pulse acknowledged."""
+        if self._rescued:
+            return
+        self._rescued = True
+        try:
+            self.writer.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        except sqlite3.Error as exc:
+            log.error(
+                "store files gone: could not copy the WAL into the store file",
+                extra={"fields": {"error": str(exc)}},
+            )
 
     def _lock_writers(self, what: str, deadline: float) -> None:
         """Wait for this process's turn to write (see the module docstring), until
@@ -671,6 +762,82 @@ def _uri(path: Path) -> str:
     """`path` as an SQLite URI: a "#", "?" or "%" in it otherwise ends or escapes
     the path (a data dir named "x#y" opened the file "x", outside it)."""
     return f"file:{urllib.parse.quote(str(path))}"
+
+
+def _read_marker(marker: Path) -> str:
+    """The id of the store this data dir held (`_MARKER`), or "" if none is known."""
+    try:
+        return marker.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{marker}: cannot be read: {exc}") from exc
+
+
+def _keep_marker(marker: Path, store_id: str, directory: Path) -> None:
+    """Keep `store_id` in `marker`, saying so if it held another store's."""
+    held = _read_marker(marker)
+    if held == store_id:
+        return
+    if held:
+        log.warning(
+            "another store",
+            extra={
+                "fields": {
+                    "held": held,
+                    "store_id": store_id,
+                    "note": f"{directory} holds another store than before; serving it",
+                }
+            },
+        )
+    _write_marker(marker, store_id)
+
+
+def _write_marker(marker: Path, store_id: str) -> None:
+    """Remember, beside the store's directory, the id of the store it holds: a
+    start that finds the store gone (`rm -rf data/store`, a volume not mounted)
+    then refuses to make a new, empty one in its place, which would bill from
+    nothing under new batch ids as if the old had never been."""
+    temporary = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w") as f:
+            f.write(f"{store_id}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, marker)
+        _fsync(marker.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise StoreError(f"{marker}: cannot be written: {exc}") from exc
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
+def _held_at(identity: tuple[int, int]) -> tuple[str, str] | None:
+    """(where this process's open descriptor of the file `identity` can be read,
+    where that file is now) from Linux's /proc, or None."""
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            link = f"/proc/self/fd/{fd}"
+            with contextlib.suppress(OSError):
+                found = os.stat(link)
+                if (found.st_dev, found.st_ino) == identity:
+                    return f"/proc/{os.getpid()}/fd/{fd}", os.readlink(link)
+    return None
+
+
+def _where_now(place: Path, identity: tuple[int, int]) -> str:
+    """How an operator gets back the store file `identity`, no longer at `place`."""
+    held = _held_at(identity)
+    if held is None:
+        return ""
+    fd, target = held
+    if target.endswith(" (deleted)"):
+        return f", and is gone once it exits: copy {fd} back to {place} before stopping it"
+    return f", now at {target}: move it back to {place}, with its -wal and -shm files"
 
 
 def _connect(path: Path, busy_timeout: float, cache_kib: int) -> sqlite3.Connection:
@@ -887,6 +1054,7 @@ class SQLiteStore:
         the log and the watermark decide that.
         """
         path = directory / _FILE
+        marker = directory.with_name(_MARKER)
         if not path.exists():
             if (directory / "meta.sqlite").exists():
                 raise StoreMismatch(
@@ -897,6 +1065,15 @@ class SQLiteStore:
             if directory.exists() and any(directory.iterdir()) and not path.exists():
                 raise StoreMismatch(
                     f"{path}: missing, and {directory} holds other files; refusing to use it"
+                )
+            # Read before the store is looked for again: a process started
+            # with this one writes the marker only once the store it made is there.
+            held = _read_marker(marker)
+            if held and not path.exists():
+                raise StoreMismatch(
+                    f"{path}: missing, but this data dir held store {held} ({marker}):"
+                    " restore the store from a backup, or, to start a new, empty one (new"
+                    f" batch ids, every total from nothing), remove {marker}"
                 )
             try:
                 cls._create(directory, partitions)
@@ -910,6 +1087,11 @@ class SQLiteStore:
             file = _File(path, durability, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, f"open {path}") from exc
+        try:
+            _keep_marker(marker, meta["store_id"], directory)
+        except BaseException:
+            file.close()
+            raise
         return cls(directory, meta["store_id"], file, int(meta["partitions"]), worker)
 
     @staticmethod
@@ -1542,6 +1724,9 @@ class SQLiteStore:
 
     def clock_offset_us(self) -> int:
         return (time.time_ns() - time.monotonic_ns()) // 1000
+
+    def trouble(self) -> str | None:
+        return self._file.trouble()
 
     def writer_lock(self) -> WriterLock:
         file = self._file
