@@ -638,6 +638,9 @@ conn = psycopg.connect(sys.argv[1], autocommit=True)
 _Connector(sys.argv[1], busy_timeout=float(sys.argv[2])).configure(conn)
 with conn.transaction():
     conn.execute("SELECT pg_advisory_xact_lock(4242)")
+    # The window to catch the server waiting on this socket is the
+    # statement's: on a loaded machine, longer than a busy timeout.
+    conn.execute("SET LOCAL statement_timeout = '60s'")
     print("locked", flush=True)
     rows = conn.cursor().stream("SELECT repeat('x', 1000) FROM generate_series(1, 10000000)")
     for number, _ in enumerate(rows):
@@ -656,7 +659,8 @@ def test_a_stopped_instance_the_server_is_sending_rows_to_lets_its_locks_go(
     send, in its transaction, locks held. Neither statement_timeout nor the
     idle-in-transaction timeout ends that (a commit's 20,000 buckets held
     their partition for a whole stop, tests/e2e/test_frozen_adversarial.py).
-    The session's tcp_user_timeout does, after three busy timeouts.
+    The session's tcp_user_timeout does, after three busy timeouts (the
+    statement's own timeout is a minute here: nothing else can).
     Was: still held 30 s later."""
     busy = 1.0
     with subprocess.Popen(
