@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import secrets
 import socket
@@ -67,6 +68,9 @@ APPLICATION = "billing-ingestor"
 SCHEMA_VERSION = 1
 _CREATE_LOCK = 0x42494E47  # "BING": one-key advisory lock around schema creation
 _LEADER = -1  # second key of the committer's lock; partitions' locks use 0, 1, ...
+_PROBES = 5  # statements a session, two sessions, that tell a pooler sharing them
+
+log = logging.getLogger("ingestor.store")
 _PURGE_CHUNK = 5000
 
 Connection = psycopg.Connection[TupleRow]
@@ -462,6 +466,7 @@ class _Connector:
         self.kwargs.update({k: v for k, v in bound.items() if k not in given})
         self._timeout_ms = str(max(1, round(busy_timeout * 1000)))
         self._idle_ms = str(max(1, round(busy_timeout * 3000)))
+        self.watchdog = _Watchdog(3 * busy_timeout)
 
     def configure(self, conn: Connection) -> None:
         # lock_timeout bounds the wait for a partition lock (SQLite's busy
@@ -483,6 +488,15 @@ class _Connector:
         # their partition for the whole stop). The server's tcp_user_timeout
         # ends that connection after three busy timeouts too. Over a Unix
         # socket there is no such bound.
+        #
+        # Watched: a pooler (PgBouncer) lets a client log in at once and
+        # queues its first statement until a server connection is free, for
+        # two minutes by default; a start, or the leader's next try, waited
+        # that long, and a shutdown behind it.
+        with self.watchdog.watch(conn):
+            self._configure(conn)
+
+    def _configure(self, conn: Connection) -> None:
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('statement_timeout', %s, false),"
@@ -509,6 +523,46 @@ class _Connector:
             conn.close()
             raise
         return conn
+
+
+_SHARED = (
+    "{where} shares its server sessions between clients, transaction by transaction"
+    " or statement by statement (a pooler such as PgBouncer in transaction or statement"
+    " pool mode): the committer's leadership is a session's lock, and needs a session of"
+    " its own. Use session pooling (PgBouncer's pool_mode = session), or connect directly"
+)
+
+
+def _refuse_shared_sessions(one: Connection, other: Connection, where: str) -> None:
+    """Raise StoreMismatch if `one` and `other`, two client connections, are not
+    each a server session of its own all along: a pooler lends server
+    sessions a transaction or a statement at a time.
+
+    Statements on one and the other in turn, each a transaction: such a
+    pooler soon lends one the session the other just gave back (PgBouncer
+    lends the last given back first), or one another than before. A pooler
+    that lends whole client connections (session pooling) passes, as a
+    direct connection does.
+    """
+    seen: list[set[int]] = [set(), set()]
+    for _ in range(_PROBES):
+        for conn, pids in zip((one, other), seen, strict=True):
+            row = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()
+            assert row is not None
+            pids.add(int(row[0]))
+    if len(seen[0]) > 1 or len(seen[1]) > 1 or seen[0] & seen[1]:
+        raise StoreMismatch(_SHARED.format(where=where))
+
+
+def _relayed(conn: Connection) -> bool:
+    """Whether something relays `conn` to the server (a pooler, a proxy): the
+    server then sees another peer than this end of the connection."""
+    row = conn.execute("SELECT inet_client_port()", prepare=False).fetchone()
+    seen = None if row is None else row[0]
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as ours:
+        if ours.family == socket.AF_UNIX:
+            return seen is not None
+        return bool(seen != ours.getsockname()[1])
 
 
 def _end_when_silent(conn: Connection, lapse: float) -> None:
@@ -552,7 +606,9 @@ class PostgresStore:
         self._watchdog = watchdog
         self._lock = _lock_key(store_id)
         self._leader: Connection | None = None
+        self._leader_pid = 0  # the server process of the leader's session
         self._leader_guard = threading.Lock()
+        self._shared: str | None = None  # why the sessions are not our own (`lead_committer`)
 
     @classmethod
     def open(
@@ -564,14 +620,29 @@ class PostgresStore:
         which only applies when this call creates the store.
         """
         connector = _Connector(url, busy_timeout)
-        with connector.connect() as conn:
+        with connector.connect() as conn, connector.connect() as other:
             try:
+                _refuse_shared_sessions(conn, other, connector.where)
+                if _relayed(conn):
+                    # Behind a pooler, a statement psycopg prepared on one
+                    # session could be run by name on another where that
+                    # name is another statement, and bind our values to it.
+                    connector.kwargs["prepare_threshold"] = None
+                    log.info(
+                        "store relayed",
+                        extra={
+                            "fields": {
+                                "note": "the database sees another peer (a pooler, a proxy):"
+                                " no prepared statements"
+                            }
+                        },
+                    )
                 meta = _ensure_schema(conn, partitions)
                 _add_indexes(conn)
             except psycopg.Error as exc:
                 raise _translate(exc, f"open {connector.where}") from exc
         store_id, count = meta["store_id"], int(meta["partitions"])
-        watchdog = _Watchdog(3 * busy_timeout)
+        watchdog = connector.watchdog
         check = _CheckAll(watchdog)
         pool: psycopg_pool.ConnectionPool[Connection] = psycopg_pool.ConnectionPool(
             url,
@@ -627,22 +698,34 @@ class PostgresStore:
         that: a stopped process on a running machine keeps the lock there).
         """
         with self._leader_guard:
+            if self._shared is not None:
+                return False
             if self._leader is not None:
                 try:
-                    self._leader.execute("SELECT 1")
+                    with self._watchdog.watch(self._leader):
+                        row = self._leader.execute(
+                            "SELECT pg_backend_pid()", prepare=False
+                        ).fetchone()
                 except psycopg.Error:
                     # The session is gone and its lock with it; another
                     # instance may lead by now, so try again like a newcomer.
                     self._leader.close()
                     self._leader = None
                 else:
-                    return True
+                    if row is not None and row[0] == self._leader_pid:
+                        return True
+                    self._leader.close()
+                    self._leader = None
+                    self._shared = _SHARED.format(where=self._connector.where)
+                    log.error("store sessions shared", extra={"fields": {"error": self._shared}})
+                    return False
             conn = self._connector.connect()
             try:
-                with _translated("lead committer"):
+                with _translated("lead committer"), self._watchdog.watch(conn):
                     _end_when_silent(conn, lapse)
                     row = conn.execute(
-                        "SELECT pg_try_advisory_lock(%s, %s)", (self._lock, _LEADER)
+                        "SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()",
+                        (self._lock, _LEADER),
                     ).fetchone()
             except BaseException:
                 conn.close()
@@ -650,7 +733,7 @@ class PostgresStore:
             if row is None or not row[0]:
                 conn.close()
                 return False
-            self._leader = conn
+            self._leader, self._leader_pid = conn, row[1]
             return True
 
     @contextmanager
@@ -1005,7 +1088,9 @@ class PostgresStore:
         return int(row[0]) if row else 0
 
     def trouble(self) -> str | None:
-        return None  # a database that cannot be written answers each write so
+        # A database that cannot be written answers each write so; sessions
+        # a pooler shares are found by the leader's pings.
+        return self._shared
 
     def writer_lock(self) -> WriterLock | None:
         return None  # writers lock the rows they write, not the store
