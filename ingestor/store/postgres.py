@@ -753,6 +753,11 @@ class PostgresStore:
                     # Leaving the block COMMITs: with synchronous_commit on, the
                     # WAL is flushed there. A crash before that keeps nothing of
                     # the transaction (the caller got no answer), after it all of it.
+            except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
+                # The lock not had within the lock or the statement timeout
+                # (both a busy timeout): its holder may be stalled for good.
+                self._end_stalled_holder(conn, partition)
+                raise
             except pg_errors.ReadOnlySqlTransaction:
                 # A read-only server (a failover target not yet promoted): the
                 # pool opens a new session, wherever the host name leads by
@@ -771,6 +776,50 @@ class PostgresStore:
                 raise StoreOutcomeUnknown(
                     f"{what}: lost the connection to PostgreSQL as it committed: {message}"
                 ) from exc
+
+    def _end_stalled_holder(self, conn: Connection, partition: int) -> None:
+        """End the session holding `partition`'s lock if it has waited on its own
+        client for three busy timeouts: an instance stopped without dying
+        (SIGSTOP, a paused VM) as it sent a statement's parameters, a
+        batch's body or a write's pulses. The server waits for the rest of
+        that message with no timeout at all: neither statement_timeout nor
+        the idle-in-transaction one acts there, and the stopped machine's
+        kernel still acknowledges every keepalive. Every instance's writes
+        and commits of the partition were refused for as long as it stayed
+        stopped. Its transaction is undone, as if it had died."""
+        stalled = f"{3 * self._connector.busy_timeout:.3f} seconds"
+        try:
+            with self._watchdog.watch(conn):
+                rows = conn.execute(
+                    "SELECT a.pid, a.state, a.query, pg_terminate_backend(a.pid)"
+                    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                    " AND l.classid::bigint = %s AND l.objid::bigint = %s"
+                    " AND l.database = (SELECT oid FROM pg_database"
+                    "  WHERE datname = current_database())"
+                    " AND a.state = 'active' AND a.wait_event = 'ClientRead'"
+                    " AND a.state_change < now() - %s::interval",
+                    (self._lock & 0xFFFFFFFF, partition, stalled),
+                ).fetchall()
+        except psycopg.Error as exc:  # not allowed to, say: the holder stays
+            log.warning(
+                "stalled lock holder",
+                extra={"fields": {"partition": partition, "error": str(exc)}},
+            )
+            return
+        for pid, state, query, ended in rows:
+            log.warning(
+                "stalled lock holder ended",
+                extra={
+                    "fields": {
+                        "partition": partition,
+                        "pid": pid,
+                        "ended": ended,
+                        "note": f"{state} for {stalled}, waiting on its client to send"
+                        f" the rest of: {' '.join(query.split())[:80]}",
+                    }
+                },
+            )
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[Connection]:

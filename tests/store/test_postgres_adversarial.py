@@ -691,3 +691,71 @@ def test_a_stopped_instance_the_server_is_sending_rows_to_lets_its_locks_go(
         finally:
             os.kill(child.pid, signal.SIGCONT)
             child.kill()
+
+
+# Takes a partition's lock as a writer does, then sends a statement whose
+# parameters are larger than the socket takes, and never sends the rest: an
+# instance stopped mid-send (a paused VM), where the server waits for the
+# rest of the message.
+_STALLED_SENDER = """
+import sys
+import time
+import psycopg
+from ingestor.store.postgres import _Connector
+url, busy, key, partition = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+conn = psycopg.connect(url, autocommit=True)
+_Connector(url, busy_timeout=busy).configure(conn)
+conn.execute("BEGIN")
+conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (key, partition))
+conn.pgconn.nonblocking = 1
+conn.pgconn.send_query_params(b"SELECT length($1)", [b"x" * 64_000_000])
+print("sending", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_holder_stalled_mid_send_is_ended_by_the_next_writer(postgres_url: str) -> None:
+    """A writer holding a partition's lock stops partway through sending a
+    statement (a batch's body, a write's pulses): the server waits for the
+    rest with no timeout, and the stopped machine's kernel answers its
+    keepalives. A writer of that partition that waits past three busy
+    timeouts of it ends that session, and the next write goes through.
+    Was: refused for as long as the sender stayed stopped (a commit test
+    caught it, frozen "active: INSERT INTO batches")."""
+    busy = 1.0
+    with several(postgres_url, 1, busy_timeout=busy) as [store]:
+        partition = partition_of(TENANT, store.partitions)
+        command = [
+            sys.executable,
+            "-c",
+            _STALLED_SENDER,
+            postgres_url,
+            str(busy),
+            str(_lock_key(store.store_id)),
+            str(partition),
+        ]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+            try:
+                assert child.stdout is not None
+                assert child.stdout.readline().strip() == "sending"
+                wait_until(
+                    postgres_url,
+                    "SELECT count(*) = 1 FROM pg_stat_activity WHERE state = 'active'"
+                    " AND wait_event = 'ClientRead' AND query LIKE 'SELECT length($1)%%'",
+                )
+                stalled = time.monotonic()
+                refused = 0
+                while True:
+                    try:
+                        store.write_pulses(partition, [pulse(TENANT, id="after")], T0)
+                        break
+                    except StoreBusy:
+                        refused += 1
+                    assert time.monotonic() - stalled < 3 * busy + 5, (
+                        f"the stalled sender still holds partition {partition}'s lock"
+                    )
+                waited = time.monotonic() - stalled
+            finally:
+                child.kill()
+    assert refused >= 1, "the write went through at once: the sender held nothing"
+    assert waited > 3 * busy - 0.5, f"the holder was ended after {waited:.1f} s, too soon"
