@@ -69,9 +69,9 @@ SCHEMA_VERSION = 1
 _CREATE_LOCK = 0x42494E47  # "BING": one-key advisory lock around schema creation
 _LEADER = -1  # second key of the committer's lock; partitions' locks use 0, 1, ...
 _PROBES = 5  # statements a session, two sessions, that tell a pooler sharing them
+_PURGE_CHUNK = 5000
 
 log = logging.getLogger("ingestor.store")
-_PURGE_CHUNK = 5000
 
 Connection = psycopg.Connection[TupleRow]
 
