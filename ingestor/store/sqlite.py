@@ -364,7 +364,10 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
                 f" (a read-only disk or file, or permissions?): {exc}"
             )
         if primary == sqlite3.SQLITE_IOERR:
-            return StoreError(f"{what}: I/O error under the store (disk full or failing?): {exc}")
+            return StoreError(
+                f"{what}: I/O error under the store (disk full or failing, or its files made"
+                f" unwritable?): {exc}"
+            )
     return StoreError(f"{what}: {exc}")
 
 

@@ -469,6 +469,7 @@ async def test_store_files_made_immutable_while_running_answer_503_then_recover(
             error = sent.response.json()["error"]
             assert error["code"] == "store_unavailable", error
             assert "store" in error["message"], error
+            assert "unwritable" in error["message"], error
             assert "Retry-After" in sent.response.headers
             commit = await http.post(f"{server.url}/aggregates/commit", params={"date": day})
             assert commit.status_code == 503, commit.text
