@@ -49,6 +49,7 @@ _SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 # How far the clocks of instances sharing a PostgreSQL may differ (NTP keeps
 # them within milliseconds): a delivery's lease lasts that much longer.
 _CLOCK_SKEW = 30.0
+_STORE_WATCH_S = 1.0  # how often the store is asked for its trouble, written to or not
 
 
 @asynccontextmanager
@@ -133,6 +134,7 @@ async def open_service(
                     await timers.start(shared.run)
                 await timers.start(committer.run)
                 await timers.start(deliverer.run)
+                timers.start_soon(_watch_store, store)
                 runtime.ready = True
                 try:
                     yield runtime
@@ -147,6 +149,19 @@ async def open_service(
         with trio.CancelScope(shield=True):
             await sink.aclose()
             await trio.to_thread.run_sync(store.close)
+
+
+async def _watch_store(store: Store) -> None:
+    """Ask the store for its trouble (`Store.trouble`) every second, whether or not
+    anything writes: on SQLite, a WAL removed from an idle store is copied into
+    the store file then, not at the next write, and a crash meanwhile lost
+    every pulse it held."""
+    while True:
+        await trio.sleep(_STORE_WATCH_S)
+        try:
+            await trio.to_thread.run_sync(store.trouble)
+        except Exception:
+            log.exception("store check failed")
 
 
 async def _no_protocol_switch(protocol: H11Protocol, request: object) -> None:

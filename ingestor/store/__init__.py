@@ -241,7 +241,8 @@ class Store(Protocol):
 
     def trouble(self) -> str | None:
         """Why this process can no longer write to the store whatever happens
-        next, for /readyz; None while it can. Blocks: a few stats, no query,
+        next, for /readyz (and asked every second by the service, which lets
+        a store act on it idle); None while it can. Blocks: a few stats, no query,
         and, on SQLite once its files are lost, a wait for the writers' lock."""
         ...
 

@@ -605,8 +605,10 @@ class _File:
         for place, identity in self._files.items():
             try:
                 now = _identity(place)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 now = None
+            except OSError:
+                continue  # cannot be told now (EACCES, EIO): a write says more
             if now == identity:
                 continue
             done = "removed" if now is None else "replaced by another file"
@@ -778,8 +780,14 @@ def _read_marker(marker: Path) -> str:
 
 
 def _keep_marker(marker: Path, store_id: str, directory: Path) -> None:
-    """Keep `store_id` in `marker`, saying so if it held another store's."""
-    held = _read_marker(marker)
+    """Keep `store_id` in `marker`, saying so if it held another store's. The
+    store is there and whole: a marker that cannot be read or written is
+    said, not fatal (a read-only data dir over a writable store's mount)."""
+    try:
+        held = _read_marker(marker)
+    except StoreError as exc:
+        log.warning("store id marker", extra={"fields": {"error": str(exc)}})
+        held = "?"
     if held == store_id:
         return
     if held:
@@ -793,7 +801,18 @@ def _keep_marker(marker: Path, store_id: str, directory: Path) -> None:
                 }
             },
         )
-    _write_marker(marker, store_id)
+    try:
+        _write_marker(marker, store_id)
+    except StoreError as exc:
+        log.warning(
+            "store id marker",
+            extra={
+                "fields": {
+                    "error": str(exc),
+                    "note": "a start that finds the store gone will make a new one",
+                }
+            },
+        )
 
 
 def _write_marker(marker: Path, store_id: str) -> None:
@@ -810,7 +829,8 @@ def _write_marker(marker: Path, store_id: str) -> None:
         os.replace(temporary, marker)
         _fsync(marker.parent)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise StoreError(f"{marker}: cannot be written: {exc}") from exc
 
 
