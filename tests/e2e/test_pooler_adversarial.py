@@ -451,6 +451,15 @@ async def instances(root: Path, size: int, env: dict[str, str]) -> AsyncIterator
         )
 
 
+def auditor_of(tmp_path: Path, database: str, **env: str) -> ServerProcess:
+    """An instance connected straight to `database`, committing nothing by
+    itself, that reads back what the pooled ones did."""
+    return ServerProcess(
+        tmp_path / "auditor",
+        env={"INGESTOR_STORE": database, "INGESTOR_COMMIT_INTERVAL": "3600", **env},
+    )
+
+
 async def start_or_refusal(cluster: Cluster, mode: str) -> bool:
     """Start every instance of `cluster`; True if they all run. If any refuses
     to start, it must have exited by itself with one line naming PgBouncer's
@@ -701,14 +710,7 @@ async def test_transaction_pooling_is_refused_or_keeps_every_promise_under_load(
     ):
         if not await start_or_refusal(cluster, "transaction"):
             return
-        auditor = ServerProcess(
-            tmp_path / "auditor",
-            env={
-                "INGESTOR_STORE": database,
-                "INGESTOR_COMMIT_INTERVAL": "3600",
-                "INGESTOR_COMMIT_GRACE": "30d",
-            },
-        )
+        auditor = auditor_of(tmp_path, database, INGESTOR_COMMIT_GRACE="30d")
         async with auditor:
             ledger = Ledger()
             traffic = Traffic(ledger, list(cluster), days)
@@ -875,10 +877,7 @@ async def test_session_pooling_with_too_few_server_connections_answers_and_never
             "INGESTOR_GRACEFUL_TIMEOUT": "3",
             **LEADING,
         }
-        auditor = ServerProcess(
-            tmp_path / "auditor",
-            env={"INGESTOR_STORE": database, "INGESTOR_COMMIT_INTERVAL": "3600"},
-        )
+        auditor = auditor_of(tmp_path, database)
         async with instances(tmp_path, 3, env) as cluster, auditor:
             first, second, late = cluster
             async with trio.open_nursery() as nursery:
@@ -965,10 +964,7 @@ async def test_session_pooling_with_too_few_client_slots_answers_503_not_errors(
             "INGESTOR_GRACEFUL_TIMEOUT": "3",
             **LEADING,
         }
-        auditor = ServerProcess(
-            tmp_path / "auditor",
-            env={"INGESTOR_STORE": database, "INGESTOR_COMMIT_INTERVAL": "3600"},
-        )
+        auditor = auditor_of(tmp_path, database)
         async with instances(tmp_path, 2, env) as cluster, auditor:
             assert await start_or_refusal(cluster, "session"), "refused session pooling"
             ledger = Ledger()
