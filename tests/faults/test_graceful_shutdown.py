@@ -54,10 +54,12 @@ async def drain_under_load(
         async with httpx.AsyncClient(timeout=30.0) as http:
             await commit_days(http, server.url, {ledger.day_of(a) for a in ledger.attempts})
 
+        # Both at the signal: a loaded machine had every client sleeping out a
+        # Retry-After at that moment once, and the drain had nothing to show.
         async def delivering() -> bool:
-            return target.in_flight > 0
+            return target.in_flight > 0 and load.in_flight > 0
 
-        await wait_until(delivering, within=10, what="deliveries in flight")
+        await wait_until(delivering, within=10, what="deliveries and requests in flight")
         signalled = trio.current_time()
         in_flight = load.in_flight
         deliveries_in_flight = target.in_flight
