@@ -451,6 +451,25 @@ async def instances(root: Path, size: int, env: dict[str, str]) -> AsyncIterator
         )
 
 
+async def stop_together(servers: Sequence[ServerProcess]) -> dict[str, int | str]:
+    """SIGTERM every one of `servers` at once; each one's exit code, by its data
+    dir's name, or what it did instead of exiting within 8 s."""
+    stopped: dict[str, int | str] = {}
+
+    async def stop(server: ServerProcess) -> None:
+        try:
+            stopped[server.data_dir.name] = await server.terminate(within=8)
+        except ServerError:
+            stopped[server.data_dir.name] = (
+                f"still running 8 s after SIGTERM (killed); last line: {server.tail(1)[:160]!r}"
+            )
+
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            nursery.start_soon(stop, server)
+    return stopped
+
+
 def auditor_of(tmp_path: Path, database: str, **env: str) -> ServerProcess:
     """An instance connected straight to `database`, committing nothing by
     itself, that reads back what the pooled ones did."""
@@ -913,20 +932,7 @@ async def test_session_pooling_with_too_few_server_connections_answers_and_never
 
                 # SIGTERM both at once: each must drain and exit 0 within its
                 # graceful timeout (3 s), whatever PgBouncer keeps waiting.
-                stopped: dict[str, int | str] = {}
-
-                async def stop(server: ServerProcess) -> None:
-                    try:
-                        stopped[server.data_dir.name] = await server.terminate(within=8)
-                    except ServerError:
-                        stopped[server.data_dir.name] = (
-                            "still running 8 s after SIGTERM (killed); last line:"
-                            f" {server.tail(1)[:160]!r}"
-                        )
-
-                async with trio.open_nursery() as nursery:
-                    for server in (first, second):
-                        nursery.start_soon(stop, server)
+                stopped = await stop_together([first, second])
             if late_start != "ready":
                 lines = [line for line in late.output_of_run().splitlines() if line.strip()]
                 if late.exit_codes[-1:] == [-9]:
@@ -982,17 +988,7 @@ async def test_session_pooling_with_too_few_client_slots_answers_503_not_errors(
                 assert done, "the auditor could not commit the days"
                 assert wrong_replies(traffic.replies) == []
                 await check_promises(http, [auditor], ledger, days)
-                stopped: dict[str, int | str] = {}
-
-                async def stop(server: ServerProcess) -> None:
-                    try:
-                        stopped[server.data_dir.name] = await server.terminate(within=8)
-                    except ServerError:
-                        stopped[server.data_dir.name] = "still running 8 s after SIGTERM"
-
-                async with trio.open_nursery() as nursery:
-                    for server in cluster:
-                        nursery.start_soon(stop, server)
+                stopped = await stop_together(list(cluster))
             assert stopped == {server.data_dir.name: 0 for server in cluster}, stopped
     statuses = Counter((r.what, r.status, r.code) for r in traffic.replies)
     print(
