@@ -401,6 +401,7 @@ class _File:
             )
         }
         self.lost: str | None = None  # why the files are no longer those in use
+        self._lost_lock = threading.Lock()
         self._rescued = False
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
@@ -613,18 +614,21 @@ class _File:
                 continue
             done = "removed" if now is None else "replaced by another file"
             if place.name.endswith(("-wal", "-shm")):
-                self.lost = (
+                lost = (
                     f"{place} was {done} while the store was in use: writes are refused"
                     f" until the service is restarted (what the store held is kept in"
                     f" {place.with_name(_FILE)})"
                 )
             else:
-                self.lost = (
+                lost = (
                     f"{place} was {done} while the store was in use: writes are refused."
                     " Every pulse acknowledged before is in the file this process has open"
                     + _where_now(place, identity)
                 )
-            log.error("store files gone", extra={"fields": {"error": self.lost}})
+            with self._lost_lock:  # a write and the watch may find it at once: said once
+                if self.lost is None:
+                    self.lost = lost
+                    log.error("store files gone", extra={"fields": {"error": lost}})
             raise StoreError(f"{what}: {self.lost}")
 
     def _rescue(self) -> None:
