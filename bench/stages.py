@@ -158,8 +158,9 @@ def child(args: argparse.Namespace) -> None:
                 store.write_pulses(partition, pulses, now, *extra)
 
     def new_store(tmp: str, name: str) -> SQLiteStore:
+        # A data dir each: the store's directory's parent keeps its id (`data/store.id`).
         return SQLiteStore.open(
-            Path(tmp) / name, partitions=16, durability=args.durability, busy_timeout=5
+            Path(tmp) / name / "store", partitions=16, durability=args.durability, busy_timeout=5
         )
 
     started = time.process_time()
