@@ -291,6 +291,19 @@ def _translated(what: str) -> Iterator[None]:
         raise _translate(exc, what) from exc
 
 
+def _require_utf8(conn: Connection, where: str) -> None:
+    """Raise StoreMismatch unless the database keeps text as UTF-8: tenants, SKUs
+    and units are any Unicode, and a write holding one the database's encoding
+    cannot hold fails, with every pulse its round writes, at each retry."""
+    row = conn.execute("SHOW server_encoding", prepare=False).fetchone()
+    encoding = None if row is None else str(row[0])
+    if encoding != "UTF8":
+        raise StoreMismatch(
+            f"{where} keeps text as {encoding}; the store needs a UTF8 database"
+            " (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+        )
+
+
 def _ensure_schema(conn: Connection, partitions: int) -> dict[str, str]:
     """Create the schema if it is missing and return the meta table.
 
@@ -308,6 +321,7 @@ def _ensure_schema(conn: Connection, partitions: int) -> dict[str, str]:
             if oid is None
         ]
         if missing == list(_TABLES):
+            _refuse_unreached_store(conn)
             try:
                 conn.execute(_SCHEMA)
             except pg_errors.DuplicateTable as exc:
@@ -341,6 +355,37 @@ def _ensure_schema(conn: Connection, partitions: int) -> dict[str, str]:
             f"schema version {meta.get('schema_version')}, this version reads {SCHEMA_VERSION}"
         )
     return meta
+
+
+def _refuse_unreached_store(conn: Connection) -> None:
+    """Raise StoreMismatch if a schema the session's search_path does not reach
+    holds a store this role writes: the search_path changed since (a DBA
+    applying the manual's "secure schema usage pattern", search_path =
+    "$user"), and a new, empty store made here would take again, as new,
+    every id the other holds, and bill again every day it delivered.
+
+    A store another role writes is another deployment's, and is left alone.
+    """
+    found = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relname = 'meta' AND c.relkind IN ('r', 'p')"
+        " AND has_table_privilege(c.oid, 'INSERT')"
+        " AND (SELECT count(*) FROM pg_class t WHERE t.relnamespace = c.relnamespace"
+        "      AND t.relname = ANY(%s::text[])) = %s"
+        " ORDER BY 1",
+        (list(_TABLES), len(_TABLES)),
+    ).fetchall()
+    if found:
+        schemas = ", ".join(str(schema) for (schema,) in found)
+        path = conn.execute("SHOW search_path", prepare=False).fetchone()
+        raise StoreMismatch(
+            f"schema {schemas} holds a store this role writes, but the search_path"
+            f" ({path[0] if path else ''}) does not reach it, and a new, empty store would"
+            " count again every pulse it holds: put that schema on the search_path (in the"
+            " store URL: options=-csearch_path%3D<schema>, or ALTER ROLE ... SET"
+            " search_path), or, to start a new store here, take this role's INSERT on that"
+            " store's meta table"
+        )
 
 
 def _lock_key(store_id: str) -> int:
@@ -441,7 +486,11 @@ class _Connector:
         self.url = url
         self.where = _where(url)
         self.busy_timeout = busy_timeout
-        self.kwargs: dict[str, Any] = {"autocommit": True}
+        # UTF-8 whatever the database or the role sets: in another client
+        # encoding a tenant's name that encoding cannot hold raised out of
+        # psycopg and stopped the process, and in SQL_ASCII every text came
+        # back as bytes, names a batch carried as base64.
+        self.kwargs: dict[str, Any] = {"autocommit": True, "client_encoding": "UTF8"}
         if "application_name" not in url:
             self.kwargs["application_name"] = APPLICATION
         # The session's timeouts are the server's to enforce: a server that
@@ -609,6 +658,7 @@ class PostgresStore:
         self._leader_pid = 0  # the server process of the leader's session
         self._leader_guard = threading.Lock()
         self._shared: str | None = None  # why the sessions are not our own (`lead_committer`)
+        self._read_only: str | None = None  # why writes are refused, till one may write (`trouble`)
 
     @classmethod
     def open(
@@ -622,6 +672,7 @@ class PostgresStore:
         connector = _Connector(url, busy_timeout)
         with connector.connect() as conn, connector.connect() as other:
             try:
+                _require_utf8(conn, connector.where)
                 _refuse_shared_sessions(conn, other, connector.where)
                 if _relayed(conn):
                     # Behind a pooler, a statement psycopg prepared on one
@@ -668,7 +719,13 @@ class PostgresStore:
             pool.close()
             message = without_secrets(str(exc), connector.url)
             raise StoreError(f"cannot connect to {connector.where}: {message}") from exc
-        return cls(connector, pool, store_id, count, watchdog)
+        store = cls(connector, pool, store_id, count, watchdog)
+        if not store._writable():
+            # Opening a store only reads: served, each write answered 503, and
+            # /readyz 503, until a session may write.
+            store._read_only = f"{connector.where} takes no writes (a read-only transaction)"
+            log.warning("store read-only", extra={"fields": {"error": store._read_only}})
+        return store
 
     def close(self) -> None:
         with self._leader_guard:
@@ -758,11 +815,14 @@ class PostgresStore:
                 # (both a busy timeout): its holder may be stalled for good.
                 self._end_stalled_holder(conn, partition)
                 raise
-            except pg_errors.ReadOnlySqlTransaction:
+            except pg_errors.ReadOnlySqlTransaction as exc:
                 # A read-only server (a failover target not yet promoted): the
                 # pool opens a new session, wherever the host name leads by
                 # then, rather than lend this one for the rest of its life.
+                # Or a role or database read-only by default (a DBA freezing
+                # writes for a move): answered 503 until a session may write.
                 conn.close()
+                self._read_only = f"{what}: {exc}"
                 raise
             except psycopg.OperationalError as exc:
                 # The connection went as COMMIT was sent: the database may have
@@ -1137,9 +1197,28 @@ class PostgresStore:
         return int(row[0]) if row else 0
 
     def trouble(self) -> str | None:
-        # A database that cannot be written answers each write so; sessions
-        # a pooler shares are found by the leader's pings.
-        return self._shared
+        # Sessions a pooler shares are found by the leader's pings, a database
+        # that takes no writes by a write, or at open: asked again here until
+        # a new session may write, as no write comes to an instance whose
+        # /readyz answers 503.
+        if self._shared is None and self._read_only is not None and self._writable():
+            self._read_only = None
+        return self._shared or self._read_only
+
+    def _writable(self) -> bool:
+        """Whether a transaction begun now may write: not on a standby, nor where
+        default_transaction_read_only is on for the role or the database."""
+        try:
+            with self._reading("check the store takes writes") as conn:
+                row = conn.execute("SHOW transaction_read_only", prepare=False).fetchone()
+                writable = row is not None and row[0] == "off"
+                if not writable:
+                    # A session keeps the defaults it began with: the next
+                    # check is made on a new one, which has the DBA's latest.
+                    conn.close()
+        except StoreError:
+            return False
+        return writable
 
     def writer_lock(self) -> WriterLock | None:
         return None  # writers lock the rows they write, not the store
