@@ -43,6 +43,7 @@ __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
 _IDLE_POLL = 1.0  # also picks up batches committed by other processes (at most this long idle)
+_RECORD_AGAIN_S = (0.1, 0.5)  # pauses before recording an outcome again (`Deliverer._record`)
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -141,10 +142,22 @@ class Deliverer:
                 status, error, next_at = self._retry(batch, f"unexpected error: {exc!r}")
             else:
                 self.delivered += 1
+            await self._record(batch, lease, status, error, next_at)
+        finally:
+            self._limit.release()
+
+    async def _record(
+        self, batch: DueBatch, lease: int, status: str, error: str | None, next_at: int | None
+    ) -> None:
+        """Record an attempt's outcome, trying again, soon, where the store failed:
+        a database failing over ends every session as a delivery's answer comes,
+        and a batch the sink had taken, recorded nowhere, was sent again only
+        when its lease ended (55 s with the default sink timeout)."""
+        for pause in (*_RECORD_AGAIN_S, None):
             try:
                 # Shielded: a stop that cancelled this wait would leave a batch
                 # the sink has taken pending in the store, sent again once its
-                # lease ends. The store's busy timeout bounds the wait.
+                # lease ends. The store's busy timeout bounds each try.
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
                         lambda: self._store.record_delivery(
@@ -158,17 +171,22 @@ class Deliverer:
                         ),
                         limiter=self._threads,
                     )
+                return
             except Exception as exc:
                 if not _passing(exc):
                     raise  # a defect (see `run`)
-                # Still pending in the store: it is sent again later, harmlessly.
-                self.unrecorded += 1
-                log.warning(
-                    "could not record delivery",
-                    extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
-                )
-        finally:
-            self._limit.release()
+                if pause is None:
+                    # Still pending in the store: it is sent again later, harmlessly.
+                    self.unrecorded += 1
+                    log.warning(
+                        "could not record delivery",
+                        extra={
+                            "fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}
+                        },
+                    )
+                    return
+            with trio.CancelScope(shield=True):
+                await trio.sleep(pause)
 
     async def _give_back(self, batch: DueBatch, lease: int) -> None:
         """A delivery cancelled (the service stops): due again now, not at the

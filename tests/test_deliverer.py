@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from quart.typing import TestClientProtocol as Client
 
 from ingestor.deliverer import backoff
-from ingestor.errors import SinkRejected, SinkRetryable
+from ingestor.errors import SinkRejected, SinkRetryable, StoreError
 from ingestor.runtime import Runtime
 from ingestor.sinks.memory import MemorySink
 
@@ -144,3 +144,42 @@ async def test_deliveries_never_wait_for_threads_that_reads_hold(
             released.set()
     assert sink.attempts == [batch_id]
     assert (await view(client, batch_id))["status"] == "delivered"
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3])
+async def test_an_outcome_the_store_could_not_take_is_recorded_again_soon(
+    client: Client,
+    runtime: Runtime,
+    sink: MemorySink,
+    monkeypatch: pytest.MonkeyPatch,
+    failures: int,
+) -> None:
+    """A database failing over ends every session as the sink's answer comes:
+    the outcome is recorded again, twice, within a second, not left pending
+    until the batch's lease ends (55 s with the default sink timeout) for the
+    batch to be sent again. A store failing every try leaves it pending."""
+    sink.block()
+    batch_id = await committed_batch(client, runtime)
+
+    async def sent() -> bool:  # by the service's own deliverer
+        return batch_id in sink.attempts
+
+    await wait_until(sent, within=5, what="the batch sent")
+    record = runtime.store.record_delivery
+    tries: list[str] = []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        tries.append(kwargs["status"])
+        if len(tries) <= failures:
+            raise StoreError("record delivery: lost the connection to PostgreSQL")
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.store, "record_delivery", failing)
+    sink.unblock()
+    with trio.fail_after(5):
+        await runtime.deliverer.deliver_due()  # once the pass that sent it is done
+    recorded = failures < 3
+    assert tries == ["delivered"] * min(failures + 1, 3)
+    assert (await view(client, batch_id))["status"] == ("delivered" if recorded else "pending")
+    assert runtime.deliverer.unrecorded == (0 if recorded else 1)
+    assert sink.attempts == [batch_id]
