@@ -55,7 +55,11 @@ _SCAN_PAGE = 200
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 BatchLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
-Cursor = Annotated[str, msgspec.Meta(max_length=1024)]
+# The longest a cursor this API gives out may be: an /aggregates key of names
+# at their longest, each character four bytes of UTF-8 (or two, escaped),
+# 1,303 bytes of JSON, is 1,738 characters of base64. At 1,024, a page
+# ending on such a bucket gave out a cursor it then refused.
+Cursor = Annotated[str, msgspec.Meta(max_length=2048)]
 # What a cursor holds, checked as strictly as the parameters: a forged one
 # is a 400, not a store's error (a 503 on PostgreSQL, retried for ever by a
 # reconciler) nor an empty last page.
