@@ -21,6 +21,7 @@ import trio
 
 from .clock import moment, wall_clock_us
 from .errors import Draining, StoreError, out_of_resources
+from .ledger import BATCH_MAX_BYTES
 from .model import BatchSummary
 from .shard import Commit, Reply, Shard
 from .store import Store
@@ -62,6 +63,7 @@ class Committer:
         interval: float,
         grace: float,
         max_records: int,
+        max_bytes: int = BATCH_MAX_BYTES,
         dedup_window: float,
         on_commit: Callable[[], None] = lambda: None,
         on_horizon: Callable[[int | None], None] = lambda before_us: None,
@@ -75,6 +77,7 @@ class Committer:
         self._interval = interval
         self._grace = dt.timedelta(seconds=grace)
         self._max_records = max_records
+        self._max_bytes = max_bytes
         self._dedup_window_us = int(dedup_window * 1_000_000)
         self._on_commit = on_commit
         self._on_horizon = on_horizon
@@ -140,7 +143,14 @@ class Committer:
                 reply: Reply[list[BatchSummary]] = Reply()
                 try:
                     await shard.submit(
-                        Commit(partition, day.isoformat(), now_us, self._max_records, reply)
+                        Commit(
+                            partition,
+                            day.isoformat(),
+                            now_us,
+                            self._max_records,
+                            reply,
+                            max_bytes=self._max_bytes,
+                        )
                     )
                     found[partition] = await reply.receive()
                 except Draining as exc:

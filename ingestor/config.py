@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from .errors import ConfigError
+from .ledger import BATCH_MAX_BYTES, BATCH_MIN_BYTES
 
 __all__ = ["ApiKey", "Settings", "check_nats_names", "load_settings", "parse_duration"]
 
@@ -64,6 +65,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     commit_interval: Seconds = 60
     commit_grace: Seconds = 3600
     batch_max_records: Count = 1_000
+    batch_max_bytes: Count = BATCH_MAX_BYTES
     store_pool_size: Count = 8
     sink: str = "file"
     nats_stream: str = "BILLING_BATCHES"
@@ -226,6 +228,11 @@ def _check(settings: Settings) -> None:
         check_nats_names(settings.nats_stream, settings.nats_subject)
     if sink.startswith("http") and not settings.sink_secret:
         raise ConfigError("sink_secret: required with an http sink, to sign each delivery")
+    if settings.batch_max_bytes < BATCH_MIN_BYTES:
+        raise ConfigError(
+            f"batch_max_bytes: must be at least {BATCH_MIN_BYTES} (a record with its names"
+            f" at their longest, and the batch's own fields), got {settings.batch_max_bytes}"
+        )
     if settings.retry_max < settings.retry_initial:
         raise ConfigError("retry_max: must be >= retry_initial")
     if settings.dedup_window < settings.late_window:

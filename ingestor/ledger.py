@@ -16,6 +16,8 @@ from .model import Batch, BatchRecord, BatchSummary, Outcome, Pulse, same_payloa
 from .money import format_nanos, parse_nanos
 
 __all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MIN_BYTES",
     "BucketKey",
     "BucketState",
     "Delta",
@@ -29,6 +31,16 @@ __all__ = [
 ]
 
 BucketKey = tuple[str, str, str, str]  # (day, tenant_id, product_sku, use_unit)
+# The most bytes of JSON a batch's body holds (`batch_max_bytes`): NATS takes a
+# message of at most 1 MiB by default (max_payload), and nginx a request body
+# of at most 1 MiB (client_max_body_size), headers apart.
+BATCH_MAX_BYTES = 1_000_000
+# What a batch's body holds besides its records: its id, store, date, kind,
+# counts and sum (about 300 bytes at their longest).
+_ENVELOPE_BYTES = 1024
+# The most a record takes (its names at their longest in four-byte characters,
+# 1.5 kB) and the envelope: the least `batch_max_bytes` may be.
+BATCH_MIN_BYTES = _ENVELOPE_BYTES + 2048
 
 
 class Delta(msgspec.Struct, gc=False):
@@ -141,13 +153,15 @@ def new_batches(
     *,
     max_records: int,
     now_us: int,
+    max_bytes: int = BATCH_MAX_BYTES,
 ) -> tuple[list[OutboxRow], list[BatchSummary]]:
     """The outbox rows of the batches that commit `buckets` after batch `last_seq`,
     made at `now_us`, and the summaries the commit answers with."""
     created = moment(now_us)
     rows: list[OutboxRow] = []
     summaries: list[BatchSummary] = []
-    for offset, (kind, records) in enumerate(commit_batches(buckets, max_records), 1):
+    batches = commit_batches(buckets, max_records, max_bytes)
+    for offset, (kind, records) in enumerate(batches, 1):
         seq = last_seq + offset
         batch = Batch(
             batch_id=batch_id(store_id, day, partition, seq),
@@ -182,14 +196,18 @@ def new_batches(
 
 
 def commit_batches(
-    buckets: Iterable[BucketState], max_records: int
+    buckets: Iterable[BucketState], max_records: int, max_bytes: int = BATCH_MAX_BYTES
 ) -> list[tuple[str, list[BatchRecord]]]:
     """The batches that commit every open bucket given, as (kind, records).
 
     First commits of buckets go into `initial` batches, later ones (late
     pulses) into `correction` batches; each record carries the delta since
     the bucket's previous batch and the new total, so the deltas of a bucket's
-    batches always add up to its total. Batches hold at most `max_records`.
+    batches always add up to its total. Batches hold at most `max_records`,
+    and a body of at most `max_bytes`: a sink takes a message of a bounded
+    size, and a batch over it could never be delivered (a day of 1,000
+    buckets with long names in CJK made one of 1,080,325 bytes, failed for
+    good by a NATS server's default max_payload).
     """
     initial: list[BatchRecord] = []
     correction: list[BatchRecord] = []
@@ -210,6 +228,15 @@ def commit_batches(
         (initial if b.revision == 0 else correction).append(record)
     batches: list[tuple[str, list[BatchRecord]]] = []
     for kind, records in (("initial", initial), ("correction", correction)):
-        for start in range(0, len(records), max_records):
-            batches.append((kind, records[start : start + max_records]))
+        batch: list[BatchRecord] = []
+        size = _ENVELOPE_BYTES
+        for record in records:
+            more = len(_encode(record)) + 1  # and its comma
+            if batch and (len(batch) == max_records or size + more > max_bytes):
+                batches.append((kind, batch))
+                batch, size = [], _ENVELOPE_BYTES
+            batch.append(record)
+            size += more
+        if batch:
+            batches.append((kind, batch))
     return batches

@@ -109,6 +109,7 @@ async def open_service(
             interval=settings.commit_interval,
             grace=settings.commit_grace,
             max_records=settings.batch_max_records,
+            max_bytes=settings.batch_max_bytes,
             # An id is kept for the dedup window after its pulse arrived, and
             # a pulse may carry a timestamp up to future_skew after that: its
             # replay is inside the late window for as much longer.

@@ -29,6 +29,7 @@ import trio
 
 from .clock import wall_clock_us
 from .errors import Draining, Overloaded, StoreBusy, StoreError, out_of_resources
+from .ledger import BATCH_MAX_BYTES
 from .model import BatchSummary, Outcome, Pulse, encode_pulses, join_encoded
 from .store import Store
 
@@ -137,6 +138,7 @@ class Commit(msgspec.Struct):
     now_us: int
     max_records: int
     reply: Reply[list[BatchSummary]]
+    max_bytes: int = BATCH_MAX_BYTES
 
 
 Message = Ingest | Commit
@@ -388,6 +390,7 @@ class Shard:
                 message.day,
                 message.now_us,
                 message.max_records,
+                message.max_bytes,
                 limiter=self._thread,
             )
         except StoreError as exc:

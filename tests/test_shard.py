@@ -69,9 +69,9 @@ class HeldStore:
         return self.inner.write_pulses(partition, pulses, received_us, encoded, ids)
 
     def commit_day(
-        self, partition: int, day: str, now_us: int, max_records: int
+        self, partition: int, day: str, now_us: int, max_records: int, max_bytes: int
     ) -> list[BatchSummary]:
-        return self.inner.commit_day(partition, day, now_us, max_records)
+        return self.inner.commit_day(partition, day, now_us, max_records, max_bytes)
 
     @contextlib.contextmanager
     def writing_together(self) -> Iterator[None]:

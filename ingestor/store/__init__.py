@@ -15,6 +15,7 @@ from typing import Final, Protocol
 import msgspec
 
 from ..config import Settings
+from ..ledger import BATCH_MAX_BYTES
 from ..model import Aggregate, BatchSummary, BatchView, Outcome, Pulse, StoredPulse
 
 __all__ = [
@@ -118,9 +119,15 @@ class Store(Protocol):
         ...
 
     def commit_day(
-        self, partition: int, day: str, now_us: int, max_records: int
+        self,
+        partition: int,
+        day: str,
+        now_us: int,
+        max_records: int,
+        max_bytes: int = BATCH_MAX_BYTES,
     ) -> list[BatchSummary]:
-        """Turn the day's open buckets into outbox batches, in one transaction."""
+        """Turn the day's open buckets into outbox batches, in one transaction:
+        each of at most `max_records` records and `max_bytes` of body."""
         ...
 
     def open_days(self, partition: int) -> list[str]:

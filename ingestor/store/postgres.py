@@ -45,7 +45,14 @@ from psycopg.rows import TupleRow
 from ..clock import moment
 from ..config import shown_url, without_secrets
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
-from ..ledger import BucketState, bucket_deltas, new_batches, partition_of_batch, resolve
+from ..ledger import (
+    BATCH_MAX_BYTES,
+    BucketState,
+    bucket_deltas,
+    new_batches,
+    partition_of_batch,
+    resolve,
+)
 from ..model import (
     Aggregate,
     Batch,
@@ -938,7 +945,12 @@ class PostgresStore:
         return outcomes
 
     def commit_day(
-        self, partition: int, day: str, now_us: int, max_records: int
+        self,
+        partition: int,
+        day: str,
+        now_us: int,
+        max_records: int,
+        max_bytes: int = BATCH_MAX_BYTES,
     ) -> list[BatchSummary]:
         with self._writing(partition, "commit") as conn:
             rows = conn.execute(
@@ -961,6 +973,7 @@ class PostgresStore:
                 last_seq,
                 states,
                 max_records=max_records,
+                max_bytes=max_bytes,
                 now_us=now_us,
             )
             # One statement at a time, not executemany: psycopg sends that as

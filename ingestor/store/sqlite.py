@@ -137,6 +137,7 @@ import msgspec
 from ..clock import moment
 from ..errors import StoreBusy, StoreError, StoreFull, StoreMismatch, StoreOutcomeUnknown
 from ..ledger import (
+    BATCH_MAX_BYTES,
     BucketKey,
     BucketState,
     Delta,
@@ -1386,7 +1387,12 @@ class SQLiteStore:
         self._file.on_commit(merged)
 
     def commit_day(
-        self, partition: int, day: str, now_us: int, max_records: int
+        self,
+        partition: int,
+        day: str,
+        now_us: int,
+        max_records: int,
+        max_bytes: int = BATCH_MAX_BYTES,
     ) -> list[BatchSummary]:
         part = self._part(partition)
         with part.transaction("commit") as conn:
@@ -1411,6 +1417,7 @@ class SQLiteStore:
                 last_seq,
                 states,
                 max_records=max_records,
+                max_bytes=max_bytes,
                 now_us=now_us,
             )
             conn.executemany(

@@ -353,6 +353,7 @@ BAD_VALUES: dict[str, dict[str, str]] = {
     "commit_interval": {"INGESTOR_COMMIT_INTERVAL": "0"},
     "commit_grace": {"INGESTOR_COMMIT_GRACE": "1h30m"},
     "batch_max_records": {"INGESTOR_BATCH_MAX_RECORDS": "-1"},
+    "batch_max_bytes": {"INGESTOR_BATCH_MAX_BYTES": "2048"},
     "sink": {"INGESTOR_SINK": "ftp://billing.example"},
     "sink_secret": {"INGESTOR_SINK": "https://billing.example/in", "INGESTOR_SINK_SECRET": ""},
     "sink_timeout": {"INGESTOR_SINK_TIMEOUT": "0s"},

@@ -316,6 +316,12 @@ def test_retry_max_must_cover_retry_initial() -> None:
     fails("retry_max", retry_initial="10m", retry_max="1m")
 
 
+def test_batch_max_bytes_must_hold_a_record_at_its_longest() -> None:
+    assert "at least 3072" in fails("batch_max_bytes", batch_max_bytes=3071)
+    assert load_settings(environ={"INGESTOR_BATCH_MAX_BYTES": "3072"}).batch_max_bytes == 3072
+    assert load_settings(environ={}).batch_max_bytes == 1_000_000
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     message = fails("config file", config_file=missing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from decimal import Decimal
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestor.ledger import (
+    BATCH_MIN_BYTES,
     BucketKey,
     BucketState,
     Delta,
@@ -18,6 +20,7 @@ from ingestor.ledger import (
     batch_id,
     bucket_deltas,
     commit_batches,
+    new_batches,
     resolve,
 )
 from ingestor.model import Pulse
@@ -356,6 +359,68 @@ def test_commit_batches_properties(
     assert sorted(seen) == sorted(open_buckets)
     # The order the store reads its rows in does not change the batches.
     assert commit_batches(data.draw(st.permutations(buckets)), max_records) == batches
+
+
+# Names up to their longest, in characters of one to four bytes of UTF-8, and
+# the two JSON escapes: what makes a record's size.
+long_names = st.text(st.sampled_from(["a", '"', "\\", "é", "租", "🧾"]), min_size=1, max_size=128)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            lambda tenant, sku, unit, used, count, revision: state(
+                tenant,
+                sku=sku,
+                unit=unit[:64],
+                used=used,
+                count=count,
+                committed=0 if revision == 0 else 1,
+                committed_count=0 if revision == 0 else 1,
+                revision=revision,
+            ),
+            long_names,
+            long_names,
+            long_names,
+            st.integers(min_value=2, max_value=MAX_NANOS),
+            st.integers(min_value=2, max_value=10**12),
+            st.integers(min_value=0, max_value=2),
+        ),
+        min_size=20,
+        max_size=60,
+        unique_by=lambda b: b.key,
+    ),
+    st.integers(min_value=1, max_value=60),
+    st.integers(min_value=BATCH_MIN_BYTES, max_value=16_000),
+)
+def test_batches_stay_within_their_bytes_and_are_full_otherwise(
+    buckets: list[BucketState], max_records: int, max_bytes: int
+) -> None:
+    """Every batch's body, as the outbox keeps and a sink sends it, is at most
+    `max_bytes`; a batch is cut short only where the next record would not fit
+    (or at `max_records`, or where corrections begin), and none is lost."""
+    rows, _ = new_batches(
+        "0123456789ab",
+        "2026-03-15",
+        0,
+        0,
+        buckets,
+        max_records=max_records,
+        now_us=1_700_000_000_000_000,
+        max_bytes=max_bytes,
+    )
+    bodies = [json.loads(row[8]) for row in rows]
+    for row, body, following in zip(rows, bodies, [*bodies[1:], None], strict=True):
+        assert len(row[8]) <= max_bytes
+        if following is None or following["kind"] != body["kind"]:
+            continue
+        if len(body["records"]) < max_records:
+            nearly = {**body, "records": [*body["records"], following["records"][0]]}
+            compact = json.dumps(nearly, ensure_ascii=False, separators=(",", ":"))
+            assert len(compact.encode()) > max_bytes - 1024
+    sent = [(r["tenant_id"], r["product_sku"], r["use_unit"]) for b in bodies for r in b["records"]]
+    assert sorted(sent) == sorted(b.key[1:] for b in buckets)
 
 
 class Model:
