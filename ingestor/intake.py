@@ -22,7 +22,7 @@ import msgspec
 
 from .clock import epoch_us, moment
 from .errors import RequestError
-from .model import IngestItem, Pulse, PulseIn, PulseInPlain, PulseInText
+from .model import IngestItem, Pulse, PulseIn, PulseInPlain, PulseInText, assigned_id
 from .money import KNOWN_NANOS, to_nanos
 
 __all__ = ["Intake", "Rules", "decode_pulses"]
@@ -100,6 +100,7 @@ class Rules:
         max_batch: int,
         billing_timezone: str = "UTC",
         tenant_timezones: dict[str, str] | None = None,
+        store_id: str | None = None,
     ) -> None:
         self.late_window_us = int(late_window_s * 1_000_000)
         self.future_skew_us = int(future_skew_s * 1_000_000)
@@ -110,6 +111,11 @@ class Rules:
         # it, its id gone, and a replay of it would count twice.
         self.horizon_us: int | None = None
         self.max_batch = max_batch
+        # The ids the store names pulses sent without one by (`assigned_id`): a
+        # client id among them named two pulses in GET /pulses, and a resend,
+        # with the id the trail showed, of a pulse sent without one counted it
+        # twice. None: no store, no such ids.
+        self.assigned_prefix = None if store_id is None else assigned_id(store_id) + "-"
         self.default_zone = zoneinfo.ZoneInfo(billing_timezone)
         self.tenant_zones = {
             tenant: zoneinfo.ZoneInfo(zone) for tenant, zone in (tenant_timezones or {}).items()
@@ -324,6 +330,13 @@ def _build(
         unit = name(p.use_unit, p.use_unit)
         if p.id is None:  # its store names it (`assigned_id`)
             pulse = Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
+        elif rules.assigned_prefix is not None and p.id.startswith(rules.assigned_prefix):
+            reason = (
+                f"id: ids beginning {rules.assigned_prefix!r} are the ones this store gives"
+                " pulses sent without an id; a pulse that has one of them is stored already"
+            )
+            items.append(IngestItem(index, "rejected", p.id, reason))
+            continue
         else:
             # No digest of the payload: a replay is compared with the pulse
             # itself, only when its id is found (`model.same_payload`).

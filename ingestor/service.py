@@ -77,6 +77,7 @@ async def open_service(
             max_batch=settings.max_batch,
             billing_timezone=settings.billing_timezone,
             tenant_timezones=settings.tenant_timezones,
+            store_id=store.store_id,
         )
         rules.raise_horizon(await trio.to_thread.run_sync(store.purge_horizon))
         lanes = max(1, min(store.write_lanes, store.partitions))

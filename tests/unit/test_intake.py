@@ -1029,3 +1029,24 @@ def test_the_digest_is_the_one_stores_already_hold() -> None:
     assert payload_digest(replay(encode({**without, "used_amount": "1.5"}))) == (
         hashlib.blake2b(recipe, digest_size=16).digest()
     )
+
+
+def test_an_id_of_the_kind_the_store_assigns_is_refused_as_a_client_id() -> None:
+    """An id `srv-<this store>-...` names a pulse the store keeps without a
+    client id: taken from a client, two pulses had one id in GET /pulses. Ids
+    of another store, or merely beginning with srv-, are the client's own."""
+    rules = Rules(
+        late_window_s=LATE.total_seconds(),
+        future_skew_s=SKEW.total_seconds(),
+        max_batch=100,
+        store_id="71c6bea67204",
+    )
+    item = reject(encode(pulse(id="srv-71c6bea67204-1-0")), rules)
+    assert item.id == "srv-71c6bea67204-1-0"
+    assert "srv-71c6bea67204-" in (item.error or "")
+    for own in ("srv-0123456789ab-1-0", "srv-71c6bea67204", "srv-71c6bea672041-1"):
+        assert accept(encode(pulse(id=own)), rules=rules).pulse_id == own
+    assert accept(encode(pulse(id="srv-71c6bea67204-1-0"))).client_id  # no store: no such ids
+    many = decode(encode([pulse(id="a"), pulse(id="srv-71c6bea67204-9"), pulse()]), rules=rules)
+    assert [i for i, _ in many.pulses] == [0, 2]
+    assert [(item.index, item.status) for item in many.items] == [(1, "rejected")]
