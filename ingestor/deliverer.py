@@ -116,12 +116,13 @@ class Deliverer:
 
     async def _deliver_one(self, batch: DueBatch) -> None:
         try:
-            lease = await self._claim(batch)
-            if lease is None:
+            claimed = await self._claim(batch)
+            if claimed is None:
                 return
+            lease, body = claimed
             status, error, next_at = "delivered", None, None
             try:
-                await self._sink.deliver(batch.batch_id, batch.day, batch.body)
+                await self._sink.deliver(batch.batch_id, batch.day, body)
             except trio.Cancelled:
                 await self._give_back(batch, lease)
                 raise
@@ -207,13 +208,14 @@ class Deliverer:
                 limiter=self._threads,
             )
 
-    async def _claim(self, batch: DueBatch) -> int | None:
+    async def _claim(self, batch: DueBatch) -> tuple[int, bytes] | None:
         """Take `batch` for this attempt (see the module docstring): the end of
-        its lease; None if another process has it, or the store could not say."""
+        its lease, and its body; None if another process has it, or the store
+        could not say."""
         now = self._clock()
         lease = now + self._lease_us
         try:
-            taken = await trio.to_thread.run_sync(
+            body = await trio.to_thread.run_sync(
                 lambda: self._store.claim_batch(
                     batch.partition,
                     batch.batch_id,
@@ -233,7 +235,7 @@ class Deliverer:
                 extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
             )
             return None
-        return lease if taken else None
+        return None if body is None else (lease, body)
 
     def _retry(self, batch: DueBatch, error: str) -> tuple[str, str, int]:
         """The outcome of a failed attempt that is retried: its status, error, next attempt."""

@@ -298,11 +298,11 @@ class ClaimFails:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def claim_batch(self, *args: Any, **kwargs: Any) -> bool:
+    def claim_batch(self, *args: Any, **kwargs: Any) -> bytes | None:
         self.claims += 1
         if self.broken:
             raise StoreBusy("claim batch: the store is busy")
-        result: bool = self._inner.claim_batch(*args, **kwargs)
+        result: bytes | None = self._inner.claim_batch(*args, **kwargs)
         return result
 
 

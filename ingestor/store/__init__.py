@@ -73,12 +73,13 @@ class WriterLock(msgspec.Struct, frozen=True):
 
 
 class DueBatch(msgspec.Struct, frozen=True):
-    """A pending batch whose next delivery attempt is due."""
+    """A pending batch whose next delivery attempt is due. Its body comes with
+    its claim (`Store.claim_batch`): read with the list, every body due was
+    held for a whole pass, up to 100 a partition of up to `batch_max_bytes`."""
 
     partition: int
     batch_id: str
     day: str
-    body: bytes
     attempts: int
 
 
@@ -152,10 +153,10 @@ class Store(Protocol):
 
     def claim_batch(
         self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
-    ) -> bool:
+    ) -> bytes | None:
         """Take a batch for one delivery attempt: if it is still due (as
         `due_batches` says, at `now_us` with `latest_us`), set its next attempt
-        to `lease_us` and answer True; False if it is not, as when another
+        to `lease_us` and answer its body; None if it is not, as when another
         process took it first. Until the attempt's outcome is recorded, no
         process finds it due before `lease_us`, when a sender that died has
         left it to be sent again."""

@@ -210,10 +210,10 @@ ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.va
 
 _NEVER = 1 << 62  # "no latest_us": later than any next attempt
 _DUE_BATCHES = """
-SELECT p.partition, b.batch_id, b.day, b.body, b.attempts
+SELECT p.partition, b.batch_id, b.day, b.attempts
 FROM generate_series(0, %s - 1) AS p (partition)
 CROSS JOIN LATERAL (
-    SELECT batch_id, day, body, attempts, next_attempt_at FROM batches
+    SELECT batch_id, day, attempts, next_attempt_at FROM batches
     WHERE batches.partition = p.partition AND status = 'pending'
         AND (next_attempt_at <= %s OR next_attempt_at > %s)
     ORDER BY next_attempt_at, batch_id LIMIT %s
@@ -995,17 +995,17 @@ class PostgresStore:
 
     def claim_batch(
         self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
-    ) -> bool:
+    ) -> bytes | None:
         # Under the partition's lock: a racer claims once this one has
         # committed, and finds the batch no longer due.
         with self._writing(partition, "claim batch") as conn:
-            cursor = conn.execute(
+            row = conn.execute(
                 "UPDATE batches SET next_attempt_at = %s"
                 " WHERE partition = %s AND batch_id = %s AND status = 'pending'"
-                " AND (next_attempt_at <= %s OR next_attempt_at > %s)",
+                " AND (next_attempt_at <= %s OR next_attempt_at > %s) RETURNING body",
                 (lease_us, partition, batch_id, now_us, latest_us),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            return None if row is None else bytes(row[0])
 
     def record_delivery(
         self,
@@ -1198,8 +1198,8 @@ class PostgresStore:
         with self._reading("read") as conn:
             rows = conn.execute(_DUE_BATCHES, (self.partitions, now_us, latest, limit)).fetchall()
         return [
-            DueBatch(partition, bid, day.isoformat(), body, attempts)
-            for partition, bid, day, body, attempts in rows
+            DueBatch(partition, bid, day.isoformat(), attempts)
+            for partition, bid, day, attempts in rows
         ]
 
     def open_buckets(self) -> int:

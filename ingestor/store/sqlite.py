@@ -1438,14 +1438,19 @@ class SQLiteStore:
 
     def claim_batch(
         self, partition: int, batch_id: str, *, now_us: int, latest_us: int, lease_us: int
-    ) -> bool:
+    ) -> bytes | None:
         with self._part(partition).transaction("claim batch") as conn:
             cursor = conn.execute(
                 "UPDATE batches SET next_attempt_at = ? WHERE batch_id = ? AND status = 'pending'"
                 " AND (next_attempt_at <= ? OR next_attempt_at > ?)",
                 (lease_us, batch_id, now_us, latest_us),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return None
+            (body,) = conn.execute(
+                "SELECT body FROM batches WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
+            return bytes(body)
 
     def record_delivery(
         self,
@@ -1735,13 +1740,13 @@ class SQLiteStore:
             found: list[DueBatch] = []
             for partition in range(self.partitions):
                 rows = conn.execute(
-                    "SELECT batch_id, day, body, attempts FROM batches"
+                    "SELECT batch_id, day, attempts FROM batches"
                     " WHERE part = ? AND status = 'pending'"
                     " AND (next_attempt_at <= ? OR next_attempt_at > ?)"
                     " ORDER BY next_attempt_at LIMIT ?",
                     (partition, now_us, latest, limit),
                 )
-                found.extend(DueBatch(partition, bid, day, body, n) for bid, day, body, n in rows)
+                found.extend(DueBatch(partition, bid, day, n) for bid, day, n in rows)
             return found
 
         return self._file.read(read)

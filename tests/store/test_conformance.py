@@ -503,9 +503,15 @@ def test_commit_day_initial_then_nothing_then_correction(store: Store) -> None:
     assert view is not None
     assert view.records == [BatchRecord("a", "s2", "u1", 2, "0.5", 1, "4.5", 2)]
     assert aggregate(store, "a", sku="s2") == Aggregate("a", "s2", "u1", D1, "4.5", 2, "4.5", 2, 2)
-    # The body is the msgspec JSON of the Batch, byte for byte.
-    [due] = [d for d in store.due_batches(now2, 10) if d.batch_id == bid2]
-    assert due.body == msgspec.json.encode(
+
+    # The body, handed out with a claim, is the msgspec JSON of the Batch, byte for byte.
+    def claimed(bid: str) -> bytes | None:
+        [due] = [d for d in store.due_batches(now2, 10) if d.batch_id == bid]
+        return store.claim_batch(
+            due.partition, bid, now_us=now2, latest_us=now2 + 10**9, lease_us=now2 + 10**6
+        )
+
+    assert claimed(bid2) == msgspec.json.encode(
         Batch(
             batch_id=bid2,
             store_id=store.store_id,
@@ -518,9 +524,7 @@ def test_commit_day_initial_then_nothing_then_correction(store: Store) -> None:
             records=[BatchRecord("a", "s2", "u1", 2, "0.5", 1, "4.5", 2)],
         )
     )
-    first_body = msgspec.json.decode(
-        next(d.body for d in store.due_batches(now2, 10) if d.batch_id == bid1), type=Batch
-    )
+    first_body = msgspec.json.decode(claimed(bid1) or b"", type=Batch)
     assert first_body.records == [
         BatchRecord("a", "s1", "u1", 1, "3", 2, "3", 2),
         BatchRecord("a", "s2", "u1", 1, "4", 1, "4", 1),
@@ -664,7 +668,6 @@ def test_due_batches_and_record_delivery(outbox: tuple[Store, list[str]]) -> Non
         [(pa, ids[0], D1, 0), (pa, ids[1], D1, 0), (pa, ids[2], D1, 0), (pb, ids[3], D2, 0)]
     )
     assert [d.batch_id for d in due if d.partition == pa] == ids[:3]
-    assert msgspec.json.decode(due[0].body, type=Batch).batch_id == due[0].batch_id
     # At most `limit` per partition.
     assert sorted(d.batch_id for d in store.due_batches(T0 + 5, 1)) == sorted([ids[0], ids[3]])
     assert store.outbox_statistics() == (4, T0)
@@ -715,12 +718,14 @@ def test_a_claimed_batch_is_not_due_until_its_lease_ends(outbox: tuple[Store, li
     store, ids = outbox
     pa = partition_of("a", PARTITIONS)
     now, latest, lease = T0 + 10, T0 + 1000, T0 + 50
-    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease) is True
+    body = store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease)
+    assert body is not None
+    assert msgspec.json.decode(body, type=Batch).batch_id == ids[0]
     # Taken: not due to anyone, nor claimable, until the lease ends.
     assert ids[0] not in [d.batch_id for d in store.due_batches(now, 10, latest)]
-    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease) is False
+    assert store.claim_batch(pa, ids[0], now_us=now, latest_us=latest, lease_us=lease) is None
     assert store.claim_batch(pa, ids[0], now_us=lease - 1, latest_us=latest, lease_us=T0 + 90) is (
-        False
+        None
     )
     # A sender that died: due again once the lease ends, with no attempt counted.
     [again] = [d for d in store.due_batches(lease, 10, latest) if d.batch_id == ids[0]]
@@ -734,7 +739,7 @@ def test_a_claimed_batch_is_not_due_until_its_lease_ends(outbox: tuple[Store, li
         pa, ids[0], status="delivered", error=None, next_attempt_us=None, now_us=T0 + 60
     )
     assert store.claim_batch(pa, ids[0], now_us=T0 + 99, latest_us=latest, lease_us=T0 + 200) is (
-        False
+        None
     )
     # A claim keeps its batch's other state.
     assert store.claim_batch(pa, ids[1], now_us=now, latest_us=latest, lease_us=lease)
