@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import heapq
-import itertools
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import trio
@@ -165,18 +163,13 @@ async def list_aggregates(
     )
     tenants = principal.tenants
     if params.tenant_id is None and tenants is not None:
-        queries = [msgspec.structs.replace(query, tenant_id=t) for t in sorted(tenants)]
-    else:
-        queries = [query]
-
-    def read() -> list[Any]:
-        streams = [runtime.store.aggregates(q) for q in queries]
-        merged = heapq.merge(
-            *streams, key=lambda a: (a.date, a.tenant_id, a.product_sku, a.use_unit)
-        )
-        return list(itertools.islice(merged, params.limit + 1))
-
-    rows = await trio.to_thread.run_sync(read)
+        # One query for all of a key's tenants: a query a tenant, each of up
+        # to a page, held a page a tenant (40 tenants, 6.3 MiB for a page of
+        # 400 rows, against 0.3 for an admin key).
+        if not tenants:
+            return AggregatePage([], None)
+        query = msgspec.structs.replace(query, tenants=tuple(sorted(tenants)))
+    rows = await trio.to_thread.run_sync(runtime.store.aggregates, query)
     more = len(rows) > params.limit
     rows = rows[: params.limit]
     last = rows[-1] if rows else None

@@ -36,6 +36,7 @@ LEAD_LAPSE: Final = 20.0
 
 class AggregateQuery(msgspec.Struct, frozen=True, kw_only=True):
     tenant_id: str | None = None
+    tenants: tuple[str, ...] | None = None  # only these tenants' (a key's), if given: not ()
     product_sku: str | None = None
     use_unit: str | None = None
     date_from: str | None = None

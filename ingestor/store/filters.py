@@ -6,6 +6,7 @@ the same, and so is the order they select in.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import AggregateQuery, BatchQuery
@@ -29,6 +30,15 @@ def aggregate_filter(query: AggregateQuery, mark: str) -> tuple[list[str], list[
         if value is not None:
             clauses.append(f"{column} = {mark}")
             args.append(value)
+    if query.tenants is not None:
+        # One parameter, whatever the count: each driver caps the number of
+        # parameters (SQLite at 32,766), and a key may list more tenants.
+        if mark == "?":
+            clauses.append("tenant_id IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(query.tenants))
+        else:
+            clauses.append(f"tenant_id = ANY({mark})")
+            args.append(list(query.tenants))
     if query.date_from is not None:
         clauses.append(f"day >= {mark}")
         args.append(query.date_from)

@@ -1617,11 +1617,13 @@ class SQLiteStore:
             " ORDER BY day, tenant_id, product_sku, use_unit LIMIT ?"
         )
         args.append(query.limit)
-        parts = (
-            [self._part(partition_of(query.tenant_id, self.partitions))]
-            if query.tenant_id is not None
-            else self._parts
-        )
+        if query.tenant_id is not None:
+            parts = [self._part(partition_of(query.tenant_id, self.partitions))]
+        elif query.tenants is not None:
+            chosen = {partition_of(tenant, self.partitions) for tenant in query.tenants}
+            parts = [part for part in self._parts if part.index in chosen]
+        else:
+            parts = self._parts
         if self._settle(parts):
             rows = self._file.read(lambda conn: conn.execute(sql, args).fetchall())
         else:
@@ -1998,10 +2000,12 @@ def _unfolded_buckets(
         }
     finally:
         conn.execute("COMMIT")
+    tenants = None if wide.tenants is None else set(wide.tenants)
     for key, delta in tail.items():
         day, tenant, sku, unit = key
         if (
             (wide.tenant_id is not None and tenant != wide.tenant_id)
+            or (tenants is not None and tenant not in tenants)
             or (wide.product_sku is not None and sku != wide.product_sku)
             or (wide.use_unit is not None and unit != wide.use_unit)
             or (wide.date_from is not None and day < wide.date_from)

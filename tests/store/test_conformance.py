@@ -383,6 +383,12 @@ FILTERS = [
     (AggregateQuery(after=(D1, "a", "s1", "u0")), ALL_KEYS[1:]),
     (AggregateQuery(after=ALL_KEYS[5]), []),
     (AggregateQuery(status="open", after=ALL_KEYS[1], limit=2), ALL_KEYS[3:5]),
+    # A key's tenants, in one query.
+    (AggregateQuery(tenants=("B", "e")), [ALL_KEYS[i] for i in (0, 4, 5)]),
+    (AggregateQuery(tenants=("a", "nobody")), [ALL_KEYS[i] for i in (1, 2, 3)]),
+    (AggregateQuery(tenants=("e", "B"), after=ALL_KEYS[0], limit=1), [ALL_KEYS[4]]),
+    (AggregateQuery(tenants=("a", "B"), status="open", date_to=D1), [ALL_KEYS[1]]),
+    (AggregateQuery(tenants=("a", "B", "e"), tenant_id="e"), [ALL_KEYS[4]]),
 ]
 
 

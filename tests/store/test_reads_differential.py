@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import msgspec
 import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
@@ -147,18 +148,7 @@ def page_aggregates(store: Store, query: AggregateQuery, size: int) -> list[Aggr
     rows: list[Aggregate] = []
     after: Key | None = None
     for _ in range(10_000):
-        page = store.aggregates(
-            AggregateQuery(
-                tenant_id=query.tenant_id,
-                product_sku=query.product_sku,
-                use_unit=query.use_unit,
-                date_from=query.date_from,
-                date_to=query.date_to,
-                status=query.status,
-                after=after,
-                limit=size,
-            )
-        )
+        page = store.aggregates(msgspec.structs.replace(query, after=after, limit=size))
         assert len(page) <= size
         rows += page
         if len(page) < size:
@@ -188,8 +178,10 @@ def queries(rng: random.Random) -> list[AggregateQuery]:
             date_from=rng.choice([None, *DAYS]),
             date_to=rng.choice([None, *DAYS]),
             status=rng.choice(["all", "open", "committed"]),
+            # A key's tenants (one query for all of them), or none.
+            tenants=rng.choice([None, tuple(rng.sample(TENANTS, rng.randint(1, len(TENANTS))))]),
         )
-        for _ in range(12)
+        for _ in range(16)
     ]
     return fixed + randoms
 
@@ -199,6 +191,7 @@ def expected_keys(model: Model, query: AggregateQuery) -> list[Key]:
         k
         for k in model.totals
         if (query.tenant_id is None or k[1] == query.tenant_id)
+        and (query.tenants is None or k[1] in query.tenants)
         and (query.product_sku is None or k[2] == query.product_sku)
         and (query.use_unit is None or k[3] == query.use_unit)
         and (query.date_from is None or k[0] >= query.date_from)
