@@ -1398,8 +1398,13 @@ class SQLiteStore:
         with part.transaction("commit") as conn:
             _catch_up(conn, part, self._file.data_version())
             _fold(conn, part)  # the day's buckets hold every logged pulse before they are read
+            # INDEXED BY: SQLite's planner took the primary key's day, and
+            # each partition's commit read every bucket of the day, all
+            # partitions'. Committing a day of 60,000 buckets with long names
+            # took 2.45 s of CPU over 64 partitions, 0.94 this way (16: 1.25,
+            # 1.04).
             rows = conn.execute(
-                f"SELECT {_BUCKET_COLUMNS} FROM buckets"
+                f"SELECT {_BUCKET_COLUMNS} FROM buckets INDEXED BY buckets_open"
                 " WHERE part = ? AND day = ? AND pulse_count > committed_count",
                 (partition, day),
             ).fetchall()
@@ -1429,7 +1434,7 @@ class SQLiteStore:
             # Same transaction as the outbox rows above: a bucket is marked
             # committed if and only if its delta is in a batch.
             conn.execute(
-                "UPDATE buckets SET committed_amount = used_amount,"
+                "UPDATE buckets INDEXED BY buckets_open SET committed_amount = used_amount,"
                 " committed_count = pulse_count, revision = revision + 1"
                 " WHERE part = ? AND day = ? AND pulse_count > committed_count",
                 (partition, day),
