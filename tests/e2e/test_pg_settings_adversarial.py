@@ -711,8 +711,8 @@ async def test_an_app_role_with_dml_only_bills_from_three_instances_and_upgrades
     app's role what an operator grants an app: USAGE on the schema, SELECT,
     INSERT, UPDATE and DELETE on its tables. Three instances of the app role
     start at once and bill exactly. Then the store is one of an earlier
-    release (it lacks an index the owner alone may add): an instance starts
-    and bills, or refuses with one line naming the privilege."""
+    release (it lacks an index the owner alone may add): an instance starts,
+    says so, and bills (a refusal took every instance down at an upgrade)."""
     admin = require_postgres()
     with app_role() as role, fresh_database(admin) as url:
         async with instance(tmp_path, url, "owner"):
@@ -729,13 +729,9 @@ async def test_an_app_role_with_dml_only_bills_from_three_instances_and_upgrades
             execute(url, "DROP INDEX batches_failed")
             server = instance(tmp_path, as_role(url, role), "upgraded")
             try:
-                refused = await start_or_refusal(server)
-                if refused is not None:
-                    problems = refusal_problems(
-                        server, refused, naming=["owner", "permission", "privilege"]
-                    )
-                    assert not problems, "\n".join(problems)
-                    return
+                # Started: the index only speeds up a count, and is said to be missing.
+                await server.start()
+                assert "WARNING ingestor.store store index missing" in server.output_of_run()
                 ledger = Ledger()
                 day = day_before(1)
                 await post_until_stored(http, server.url, ledger, [pulse("acme", "u1", day, "1")])
