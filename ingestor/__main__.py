@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import resource
+import signal
 import sys
 import tomllib
 
@@ -113,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_files_limit()
     from .service import serve
-    from .workers import run_workers
+    from .workers import done_with_signals, interrupt, run_workers
 
     try:
         if settings.workers > 1:
             return run_workers(settings)
+        signal.signal(signal.SIGTERM, interrupt)
         trio.run(serve, settings)
     except StoreError as exc:
         print(f"billing-ingestor: store error: {_one_line(exc)}", file=sys.stderr)
@@ -125,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"billing-ingestor: cannot start: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before the service took signals: nothing had started
+    except KeyboardInterrupt:  # a signal before the service took them, or once it had stopped
         return 0
+    finally:
+        done_with_signals()
     return 0
 
 

@@ -45,7 +45,9 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -70,7 +72,7 @@ _BEAT = 1.0  # how often a worker's event loop shows it runs (see the module doc
 _STARTING = 10.0
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     """Ask Linux to SIGTERM this worker if the supervisor dies, even by kill -9.
 
     The worker then drains like any other; without this it would keep
@@ -81,8 +83,19 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor died before the request took effect
+    # The supervisor died before the request took effect. Its orphans go to
+    # the nearest subreaper (systemd's user manager, tini -s), not always to
+    # pid 1: two workers served on, unsupervised, under one.
+    if os.getppid() != supervisor:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def done_with_signals() -> None:
+    """Once a process has stopped: a SIGTERM or SIGINT more (an orchestrator's,
+    a second Ctrl-C) is ignored. The stop had been logged, and the process
+    then died of the signal, an exit status saying it was killed."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _beat(heart: ctypes.c_double) -> None:
@@ -93,11 +106,17 @@ async def _beat(heart: ctypes.c_double) -> None:
 
 
 def _worker(
-    settings: Settings, sockets: Sockets, index: int, directory: str, heart: ctypes.c_double
+    settings: Settings,
+    sockets: Sockets,
+    index: int,
+    directory: str,
+    heart: ctypes.c_double,
+    *,
+    supervisor: int,
 ) -> None:
     from .service import serve
 
-    _die_with_parent()
+    _die_with_parent(supervisor)
     setup_logging(settings.log_level, settings.log_format)
     log.info("worker start", extra={"fields": {"worker": index}})
     group = WorkerGroup(index, settings.workers, directory)
@@ -108,8 +127,19 @@ def _worker(
         trio.lowlevel.spawn_system_task(_beat, heart)
         await serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
-        trio.run(main)
+    with contextlib.suppress(KeyboardInterrupt):  # a signal before serve took signals
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            trio.run(main)
+        finally:
+            done_with_signals()
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM outside the service's hold on signals (before it takes them, or once
+    it has let them go, stopped): a KeyboardInterrupt, as SIGINT is, which ends
+    the process with status 0, not a death by the signal."""
+    raise KeyboardInterrupt
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:
@@ -148,9 +178,55 @@ def restart_pause(previous: float, lived: float) -> float:
     return min(max(2 * previous, _RESTART_PAUSE), _RESTART_PAUSE_MAX)
 
 
+def _made_store(settings: Settings, stopping: Callable[[], bool]) -> bool:
+    """Open the store and close it (creating it here, never in racing workers),
+    in a thread of its own: False if `stopping` says a signal came first
+    (PostgreSQL may take its busy timeout to answer), the thread then left
+    to end with the process."""
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            open_store(settings).close()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=make, name="ingestor-open-store", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if stopping():
+            return False
+        thread.join(0.05)
+    if failed:
+        raise failed[0]
+    return True
+
+
 def run_workers(settings: Settings) -> int:
     """Run `settings.workers` worker processes until SIGTERM/SIGINT; the exit code."""
-    open_store(settings).close()  # create it here, never in racing workers
+    stopping = False
+    processes: list[BaseProcess] = []
+    resumed = 0.0  # when the supervisor was last continued after a stop (SIGCONT)
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                process.terminate()  # SIGTERM: the worker drains
+
+    def continued(signum: int, frame: Any) -> None:
+        nonlocal resumed
+        resumed = time.monotonic()
+
+    # Taken from the start, as a single process takes them: a signal while the
+    # store opens stopped the supervisor as the signal's death, unlogged.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGCONT, continued)
+    if not _made_store(settings, lambda: stopping):
+        log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
+        return 0
     every = _worker_sockets(settings)
     # Where the workers answer each other (their metrics): private to this
     # user. A Unix socket's path is at most 107 bytes: under a long TMPDIR,
@@ -158,7 +234,6 @@ def run_workers(settings: Settings) -> int:
     parent = tempfile.gettempdir()
     directory = tempfile.mkdtemp(prefix="ingestor-", dir=parent if len(parent) <= 64 else "/tmp")
     context = multiprocessing.get_context("spawn")
-    stopping = False
     # Each worker's last heartbeat, on the monotonic clock every process shares.
     hearts = [context.Value("d", 0.0, lock=False) for _ in range(settings.workers)]
 
@@ -167,14 +242,20 @@ def run_workers(settings: Settings) -> int:
         process = context.Process(
             target=_worker,
             args=(settings, every[index], index, directory, hearts[index]),
+            kwargs={"supervisor": os.getpid()},
             name=f"ingestor-worker-{index}",
         )
         process.start()
         return process
 
     def kill_if_stuck(index: int) -> None:
-        """Kill worker `index` if its heartbeat is older than `worker_timeout`."""
-        silent = time.monotonic() - hearts[index].value
+        """Kill worker `index` if its heartbeat is older than `worker_timeout`.
+
+        Counted from the supervisor's last SIGCONT at the latest: a group
+        stopped whole (docker pause, kill -STOP -<group>) past the timeout
+        and continued had a healthy worker killed, the supervisor looking
+        before the worker's next beat, its requests cut off."""
+        silent = time.monotonic() - max(hearts[index].value, resumed)
         if silent <= settings.worker_timeout:
             return
         log.error(
@@ -184,19 +265,13 @@ def run_workers(settings: Settings) -> int:
         processes[index].kill()
         hearts[index].value = time.monotonic()  # one kill: it is dead once the kernel is done
 
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                process.terminate()  # SIGTERM: the worker drains
-
-    processes = [start(index) for index in range(settings.workers)]
+    for index in range(settings.workers):
+        processes.append(start(index))
+        if stopping:  # the signal came as it started, before `stop` could see it
+            processes[index].terminate()
     born = [time.monotonic()] * settings.workers
     pauses = [0.0] * settings.workers
     restart_at: dict[int, float] = {}  # dead workers, while they wait out their pause
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     log.info("start", extra={"fields": {"bind": settings.bind, "workers": settings.workers}})
     codes: dict[int, int] = {}
     while len(codes) < len(processes):
