@@ -32,6 +32,10 @@ NDJSON = "application/x-ndjson"
 _NDJSON_ALIASES = frozenset({NDJSON, "application/jsonl", "application/x-jsonlines"})
 _SLOT_US: Final = 15 * 60 * 1_000_000  # today's UTC offsets, and their changes, fall on these
 _NAMES_MAX: Final = 1 << 16  # tenant, SKU and unit names `_build` shares (see `Rules.names`)
+# The ids releases before `model.assigned_id` gave pulses sent without one:
+# srv-<12 hex, a process's><request, hex>-<index>, or srv-<12 hex> a pulse.
+# Any store's id is 12 hex, and its own form has a dash after them.
+_ASSIGNED_BEFORE: Final = re.compile(r"srv-(?:[0-9a-f]{13,}-[0-9]+|[0-9a-f]{12})\Z")
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -132,6 +136,15 @@ class Rules:
         # pulses to their buckets after the commit, long after the request
         # decoded them.
         self.names: dict[str, str] = {}
+
+    def assigned(self, pulse_id: str) -> bool:
+        """Whether `pulse_id` is of a form the store gives pulses sent without one
+        (see `assigned_prefix`), or that releases before gave them, which the
+        pulses they stored keep (`_ASSIGNED_BEFORE`)."""
+        prefix = self.assigned_prefix
+        return (prefix is not None and pulse_id.startswith(prefix)) or bool(
+            _ASSIGNED_BEFORE.match(pulse_id)
+        )
 
     def raise_horizon(self, before_us: int | None) -> None:
         """Purges may forget ids received before `before_us` (None: no purge was announced)."""
@@ -330,10 +343,11 @@ def _build(
         unit = name(p.use_unit, p.use_unit)
         if p.id is None:  # its store names it (`assigned_id`)
             pulse = Pulse(tenant, sku, unit, nanos, "", False, ts, day, b"")
-        elif rules.assigned_prefix is not None and p.id.startswith(rules.assigned_prefix):
+        elif p.id.startswith("srv-") and rules.assigned(p.id):
             reason = (
-                f"id: ids beginning {rules.assigned_prefix!r} are the ones this store gives"
-                " pulses sent without an id; a pulse that has one of them is stored already"
+                "id: of the form this store gives pulses sent without an id"
+                f" ({rules.assigned_prefix or 'srv-<store id>-'}...); a pulse that has"
+                " one of them is stored already"
             )
             items.append(IngestItem(index, "rejected", p.id, reason))
             continue

@@ -371,12 +371,13 @@ def _refuse_unreached_store(conn: Connection) -> None:
     "$user"), and a new, empty store made here would take again, as new,
     every id the other holds, and bill again every day it delivered.
 
-    A store another role writes is another deployment's, and is left alone.
+    A store this role cannot write (no INSERT on its tables, or no USAGE of
+    its schema) is another deployment's, and is left alone.
     """
     found = conn.execute(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.relname = 'meta' AND c.relkind IN ('r', 'p')"
-        " AND has_table_privilege(c.oid, 'INSERT')"
+        " AND has_table_privilege(c.oid, 'INSERT') AND has_schema_privilege(n.oid, 'USAGE')"
         " AND (SELECT count(*) FROM pg_class t WHERE t.relnamespace = c.relnamespace"
         "      AND t.relname = ANY(%s::text[])) = %s"
         " ORDER BY 1",

@@ -1044,7 +1044,12 @@ def test_an_id_of_the_kind_the_store_assigns_is_refused_as_a_client_id() -> None
     item = reject(encode(pulse(id="srv-71c6bea67204-1-0")), rules)
     assert item.id == "srv-71c6bea67204-1-0"
     assert "srv-71c6bea67204-" in (item.error or "")
-    for own in ("srv-0123456789ab-1-0", "srv-71c6bea67204", "srv-71c6bea672041-1"):
+    # The forms of releases before, which the pulses they stored keep: a
+    # process's 12 hex, a request's count in hex, the index; 12 hex a pulse.
+    for before in ("srv-0a1b2c3d4e5f07-3", "srv-0a1b2c3d4e5f1a-0", "srv-0a1b2c3d4e5f"):
+        assert reject(encode(pulse(id=before)), rules).id == before
+        assert reject(encode(pulse(id=before))).id == before  # whatever the store
+    for own in ("srv-0123456789ab-1-0", "srv-71C6BEA67204-1-0", "srv-east-1", "srv-"):
         assert accept(encode(pulse(id=own)), rules=rules).pulse_id == own
     assert accept(encode(pulse(id="srv-71c6bea67204-1-0"))).client_id  # no store: no such ids
     many = decode(encode([pulse(id="a"), pulse(id="srv-71c6bea67204-9"), pulse()]), rules=rules)
