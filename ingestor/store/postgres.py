@@ -391,8 +391,8 @@ def _refuse_unreached_store(conn: Connection) -> None:
             f" ({path[0] if path else ''}) does not reach it, and a new, empty store would"
             " count again every pulse it holds: put that schema on the search_path (in the"
             " store URL: options=-csearch_path%3D<schema>, or ALTER ROLE ... SET"
-            " search_path), or, to start a new store here, take this role's INSERT on that"
-            " store's meta table"
+            " search_path), or, to start a new store here, take from this role the INSERT"
+            " on that store's tables or the USAGE of its schema"
         )
 
 
@@ -421,7 +421,7 @@ def _add_indexes(conn: Connection) -> None:
             "store index missing",
             extra={
                 "fields": {
-                    "error": f"{exc}".strip(),
+                    "error": str(exc).strip(),
                     "note": "the failed-batches count reads every batch of the outbox until"
                     f" the tables' owner runs: {_FAILED_BATCHES}",
                 }

@@ -645,7 +645,8 @@ async def test_a_worker_killed_as_the_group_stops_is_reported_and_loses_nothing_
         final = await server.terminate()
     assert code == 1, f"exit code {code}; output:\n{output[-1500:]}"
     assert re.search(r"ingestor\.workers stop .*-9", output), output[-1500:]
-    assert output.count(" ingestor.service stop ") == 1, output[-1500:]
+    # The other worker drained; the killed one may have logged its stop first.
+    assert output.count(" ingestor.service stop ") >= 1, output[-1500:]
     assert "Traceback" not in server.output, server.output[-3000:]
     assert load.problems == [], load.problems[:5]
     assert final == 0, server.tail()
