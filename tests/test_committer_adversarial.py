@@ -311,16 +311,18 @@ async def test_a_commit_interval_longer_than_a_day_commits_every_day_due_at_each
         early = [make(t, d) for t in SPREAD for d in ("2026-11-26", "2026-11-27", "2026-11-28")]
         write(store, early, clock())
         async with (
-            parts(store, clock, grace=3600, interval=3 * 86400) as committer,
+            # Over a day and a half: each day simulated costs the leader's
+            # pings every 5 s (17,000 a day, a thread hop each).
+            parts(store, clock, grace=3600, interval=1.6 * 86400) as committer,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(committer.run)
             await committer.wait_ticks(1)  # the first try to lead, 5 s in
             assert committer.leading
             assert open_days(store) == {p: ["2026-11-28"] for p in range(4)}
-            late = [make(t, d) for t in SPREAD for d in ("2026-11-28", "2026-11-30")]
+            late = [make(t, d) for t in SPREAD for d in ("2026-11-28", "2026-11-29")]
             write(store, late, clock())
-            await committer.wait_ticks(2)  # three days later
+            await committer.wait_ticks(2)  # a day and a half later: 11-29 has ended
             assert open_days(store) == {}
             nursery.cancel_scope.cancel()
         seqs = audit(store, expect(early + late))
