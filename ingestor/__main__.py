@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import re
 import resource
-import signal
 import sys
 import tomllib
 
@@ -114,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_files_limit()
     from .service import serve
-    from .workers import done_with_signals, interrupt, run_workers
+    from .workers import done_with_signals, note_early_signals, run_workers
 
     try:
         if settings.workers > 1:
             return run_workers(settings)
-        signal.signal(signal.SIGTERM, interrupt)
+        note_early_signals()
         trio.run(serve, settings)
     except StoreError as exc:
         print(f"billing-ingestor: store error: {_one_line(exc)}", file=sys.stderr)
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"billing-ingestor: cannot start: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a signal before the service took them, or once it had stopped
+    except KeyboardInterrupt:  # Ctrl-C before the signals were noted: nothing had started
         return 0
     finally:
         done_with_signals()

@@ -49,6 +49,8 @@ _SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 # How far the clocks of instances sharing a PostgreSQL may differ (NTP keeps
 # them within milliseconds): a delivery's lease lasts that much longer.
 _CLOCK_SKEW = 30.0
+# A SIGTERM or SIGINT that came before `serve` took them (`workers.note_early_signals`).
+stop_noted = False
 _STORE_WATCH_S = 1.0  # how often the store is asked for its trouble, written to or not
 
 
@@ -270,7 +272,7 @@ async def serve(
     process at once, and cleanly.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        store = await _open_store(settings, worker, signals)
+        store = None if stop_noted else await _open_store(settings, worker, signals)
         if store is None:
             log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
             return

@@ -127,19 +127,28 @@ def _worker(
         trio.lowlevel.spawn_system_task(_beat, heart)
         await serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
 
-    with contextlib.suppress(KeyboardInterrupt):  # a signal before serve took signals
-        signal.signal(signal.SIGTERM, interrupt)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
+        note_early_signals()
         try:
             trio.run(main)
         finally:
             done_with_signals()
 
 
-def interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM outside the service's hold on signals (before it takes them, or once
-    it has let them go, stopped): a KeyboardInterrupt, as SIGINT is, which ends
-    the process with status 0, not a death by the signal."""
-    raise KeyboardInterrupt
+def note_early_signals() -> None:
+    """Until `serve` takes them, and again once it has let them go: SIGTERM and
+    SIGINT are noted (`service.stop_noted`), not a death by the signal. `serve`
+    stops before it starts if one came; one after the stop changes nothing.
+    Raised as KeyboardInterrupt instead, one landed in trio's own teardown:
+    TrioInternalError, exit 1, after a clean stop had been logged."""
+
+    def note(signum: int, frame: Any) -> None:
+        from . import service
+
+        service.stop_noted = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note)
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:

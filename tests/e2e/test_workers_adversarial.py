@@ -325,8 +325,14 @@ async def test_whole_group_killed_under_load_loses_no_acknowledged_pulse(tmp_pat
             nursery.start_soon(load.run)
             for crash in range(2):
                 await load.flowing(600, what=f"load before crash {crash + 1}")
-                load.down()
+
+                async def sending() -> bool:
+                    return load.in_flight > 0
+
+                # Killed with requests in flight: once every client was between two.
+                await wait_until(sending, within=10, interval=0.001, what="requests in flight")
                 await group.kill_all()
+                load.down()
                 await group.server.start()
                 await group.all_serving(group.workers)
                 await check_bounds(group.server, ledger)
