@@ -12,8 +12,6 @@ import resource
 import sys
 import tomllib
 
-import trio
-
 from .auth import Role, new_key
 from .config import load_settings
 from .errors import ConfigError, StoreError
@@ -112,14 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_files_limit()
-    from .service import serve
-    from .workers import done_with_signals, note_early_signals, run_workers
+    from .service import ignore_stop_signals, run_service, serve
+    from .workers import run_workers
 
     try:
         if settings.workers > 1:
             return run_workers(settings)
-        note_early_signals()
-        trio.run(serve, settings)
+        run_service(serve, settings)
     except StoreError as exc:
         print(f"billing-ingestor: store error: {_one_line(exc)}", file=sys.stderr)
         return 1
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the signals were noted: nothing had started
         return 0
     finally:
-        done_with_signals()
+        ignore_stop_signals()  # the supervisor's, once its workers have stopped
     return 0
 
 

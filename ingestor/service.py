@@ -20,6 +20,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -49,8 +50,7 @@ _SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 # How far the clocks of instances sharing a PostgreSQL may differ (NTP keeps
 # them within milliseconds): a delivery's lease lasts that much longer.
 _CLOCK_SKEW = 30.0
-# A SIGTERM or SIGINT that came before `serve` took them (`workers.note_early_signals`).
-stop_noted = False
+_noted: list[int] = []  # SIGTERMs and SIGINTs that came before `serve` took them (`run_service`)
 _STORE_WATCH_S = 1.0  # how often the store is asked for its trouble, written to or not
 
 
@@ -272,7 +272,7 @@ async def serve(
     process at once, and cleanly.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        store = None if stop_noted else await _open_store(settings, worker, signals)
+        store = None if _noted else await _open_store(settings, worker, signals)
         if store is None:
             log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
             return
@@ -284,6 +284,33 @@ async def serve(
             signals=signals,
             task_status=task_status,
         )
+
+
+def run_service(serve_: Callable[..., Any], *args: Any) -> None:
+    """`trio.run(serve_, *args)`, `serve_` calling `serve`, a process's one run.
+
+    Until `serve` takes SIGTERM and SIGINT, and again once it has let them
+    go, both are noted, not a death by the signal: `serve` stops before it
+    starts if one came, and one after the stop is ignored. Raised as
+    KeyboardInterrupt instead, one landed in trio's own teardown
+    (TrioInternalError, exit 1, after a clean stop had been logged); left
+    to their default, a second signal turned a logged clean stop into an
+    exit status saying the process was killed.
+    """
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: _noted.append(signum))
+    try:
+        trio.run(serve_, *args)
+    finally:
+        ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """Once a process has stopped: a SIGTERM or SIGINT more (an orchestrator's,
+    a second Ctrl-C) is ignored (see `run_service`)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _serve(

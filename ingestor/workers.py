@@ -90,14 +90,6 @@ def _die_with_parent(supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def done_with_signals() -> None:
-    """Once a process has stopped: a SIGTERM or SIGINT more (an orchestrator's,
-    a second Ctrl-C) is ignored. The stop had been logged, and the process
-    then died of the signal, an exit status saying it was killed."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 async def _beat(heart: ctypes.c_double) -> None:
     """Show the supervisor, every `_BEAT` s, that this event loop runs."""
     while True:
@@ -114,7 +106,7 @@ def _worker(
     *,
     supervisor: int,
 ) -> None:
-    from .service import serve
+    from .service import run_service, serve
 
     _die_with_parent(supervisor)
     setup_logging(settings.log_level, settings.log_format)
@@ -128,27 +120,7 @@ def _worker(
         await serve(settings, sockets=sockets, worker=(index, settings.workers), group=group)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before serve took signals
-        note_early_signals()
-        try:
-            trio.run(main)
-        finally:
-            done_with_signals()
-
-
-def note_early_signals() -> None:
-    """Until `serve` takes them, and again once it has let them go: SIGTERM and
-    SIGINT are noted (`service.stop_noted`), not a death by the signal. `serve`
-    stops before it starts if one came; one after the stop changes nothing.
-    Raised as KeyboardInterrupt instead, one landed in trio's own teardown:
-    TrioInternalError, exit 1, after a clean stop had been logged."""
-
-    def note(signum: int, frame: Any) -> None:
-        from . import service
-
-        service.stop_noted = True
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, note)
+        run_service(main)
 
 
 def _worker_sockets(settings: Settings) -> list[Sockets]:

@@ -316,7 +316,7 @@ def test_a_refused_sink_url_shows_no_part_of_its_secret(
     def never_serve(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"{sink} was accepted")
 
-    monkeypatch.setattr("ingestor.__main__.trio.run", never_serve)
+    monkeypatch.setattr("ingestor.service.run_service", never_serve)
     monkeypatch.chdir(tmp_path)
     for key in list(os.environ):
         if key.startswith("INGESTOR_"):

@@ -73,7 +73,7 @@ def cli_in_process(
     def refuse_to_serve(*args: object, **kwargs: object) -> None:
         raise _Started
 
-    monkeypatch.setattr(cli.trio, "run", refuse_to_serve)
+    monkeypatch.setattr("ingestor.service.run_service", refuse_to_serve)
     monkeypatch.setattr("ingestor.workers.run_workers", refuse_to_serve)
     monkeypatch.chdir(tmp_path)
 
