@@ -15,6 +15,12 @@ those answered by a handler of `routes` instead of the framework:
 - Close the connection after an error answered before the request body was
   read (a 413 on Content-Length, a 404 or 405 with a body): the unread
   body would otherwise be taken for the next request on the connection.
+- Close the connection after each answer once the service is stopping
+  (`closing`), saying so (`Connection: close`): hypercorn closed it
+  unannounced, and a proxy keeping it for its next request sent that
+  request on a connection being closed, and answered its client 502.
+- Let a whole request run to its answer though its client half-closes
+  (`receive_body`).
 - Let a response's last write finish. When the answer closes the
   connection (`Connection: close`, HTTP/1.0), hypercorn closes it inside
   that write and reports the disconnect, on which quart-trio cancels the
@@ -88,6 +94,7 @@ class Edge:
         # (method, path) -> a handler that answers that route instead of `app`.
         self.routes: dict[tuple[str, str], Callable[..., Awaitable[None]]] = {}
         self.in_flight = 0
+        self.closing = False  # stopping: each answer closes its connection
         self._idle = trio.Event()
         self._idle.set()
 
@@ -129,6 +136,7 @@ class Edge:
         finished = not counted
         has_body, framed_twice = _framing(http)
         body_read = not has_body
+        whole = False  # the request's last message (its body's end) has been received
         close = has_body and framed_twice
         if counted:
             if not self.in_flight:
@@ -138,15 +146,25 @@ class Edge:
                 http = cast(HTTPScope, {**http, OVER_LIMIT: True})
 
         async def receive_body() -> Any:
-            nonlocal body_read
+            nonlocal body_read, whole
+            if whole:
+                # The request is whole: it runs to its answer. A client that
+                # half-closes once it has sent it (`nc -N`, shutdown(SHUT_WR))
+                # waits for that answer, but hypercorn reports its end of
+                # input as a disconnect, on which quart-trio cancelled the
+                # request: a commit so sent was not made, and no answer came.
+                # A client that is gone loses only the answer, when written.
+                await trio.sleep_forever()
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
-                body_read = True
+                body_read = whole = True
             return message
 
         async def send_response(message: Any) -> None:
             nonlocal finished
-            if message["type"] == "http.response.start" and (close or not body_read):
+            if message["type"] == "http.response.start" and (
+                close or not body_read or self.closing
+            ):
                 message = {
                     **message,
                     "headers": [*message.get("headers", ()), (b"connection", b"close")],

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.run import worker_serve
@@ -52,6 +56,11 @@ _SETTLE = 0.1  # seconds a drain waits, once idle, for requests still arriving
 _CLOCK_SKEW = 30.0
 _noted: list[int] = []  # SIGTERMs and SIGINTs that came before `serve` took them (`run_service`)
 _STORE_WATCH_S = 1.0  # how often the store is asked for its trouble, written to or not
+# How long a write to a client may go without the client taking a chunk of it
+# (`_OneConnection.protocol_send`), and the size of those chunks.
+_WRITE_S = 10.0
+_WRITE_CHUNK = 64 * 1024
+_SPARE_FDS = 32  # open files left to the store, the sink and the rest (`_Connections`)
 
 
 @asynccontextmanager
@@ -201,10 +210,54 @@ class _OneConnection(TCPServer):
     """
 
     async def run(self) -> None:
+        connections = cast(_Config, self.config).connections
+        connections.opened(self)
         try:
+            await connections.make_room(self)
             await super().run()
         except Exception:
             log.exception("a connection failed: it is closed, the server goes on")
+        finally:
+            connections.closed(self)
+
+    async def protocol_send(self, event: Event) -> None:
+        """hypercorn's, but a write the client does not take ends its connection.
+
+        hypercorn shields each write from cancellation, with no deadline: a
+        client that stopped reading (frozen, or pipelining requests without
+        reading the answers) held its request, its `max_in_flight` slot and
+        its body's bytes for as long as it kept the socket, and SIGTERM never
+        ended the process. A write now ends the connection once the client
+        has taken no chunk of it for `_WRITE_S`, or when the drain ends
+        (`_Connections.cut`). A write that finds the socket busy met the reading
+        task closing it, the client gone: the connection is closed.
+        """
+        connections = cast(_Config, self.config).connections
+        if not isinstance(event, RawData):
+            if isinstance(event, Updated):
+                connections.idle(self, event.idle)
+            await super().protocol_send(event)
+            return
+        data = memoryview(event.data)
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True) as scope:
+                    connections.writes.add(scope)
+                    try:
+                        if connections.over:
+                            scope.cancel()
+                        for start in range(0, len(data), _WRITE_CHUNK):
+                            scope.deadline = trio.current_time() + _WRITE_S
+                            await self.stream.send_all(data[start : start + _WRITE_CHUNK])
+                    finally:
+                        connections.writes.discard(scope)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                await self.protocol.handle(Closed())
+                return
+        if scope.cancelled_caught:  # half written: the connection cannot go on
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+                await self.protocol.handle(Closed())
 
     async def _read_data(self) -> None:
         try:
@@ -218,14 +271,100 @@ class _OneConnection(TCPServer):
             await self.idle_task.stop()
 
 
+class _Connections:
+    """The service's client connections.
+
+    Their writes in progress, which the end of a drain cuts short, with any
+    that would begin after it (`cut`). And those idle: each holds a
+    descriptor, and connections that send nothing (a port scan, a pool
+    warming up, a flood) held every one the process may open, for their
+    75 s keep-alive each; nothing was accepted meanwhile, /readyz included.
+    A connection that would leave fewer than a tenth of the open-files
+    limit (at least `_SPARE_FDS`) to the rest of the process closes idle
+    ones first (`make_room`): those that never sent a request, oldest
+    first, then those idle between requests, oldest first.
+    """
+
+    def __init__(self) -> None:
+        self.writes: set[trio.CancelScope] = set()
+        self.over = False
+        self.open = 0
+        self._unused: dict[TCPServer, None] = {}  # no request yet
+        self._idle: dict[TCPServer, None] = {}  # between requests
+        self._others = _descriptors()  # the process's own, before any connection
+        self._warned = -math.inf
+
+    def cut(self) -> None:
+        self.over = True
+        for scope in self.writes:
+            scope.cancel()
+
+    def opened(self, connection: TCPServer) -> None:
+        self.open += 1
+        self._unused[connection] = None
+
+    def closed(self, connection: TCPServer) -> None:
+        self.open -= 1
+        self._unused.pop(connection, None)
+        self._idle.pop(connection, None)
+
+    def idle(self, connection: TCPServer, idle: bool) -> None:
+        self._unused.pop(connection, None)
+        self._idle.pop(connection, None)
+        if idle:
+            self._idle[connection] = None
+
+    async def make_room(self, new: TCPServer) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        if self._others + self.open + max(_SPARE_FDS, soft // 10) <= soft:
+            return
+        # One for one: those closed are counted open until their tasks end.
+        # An unused one hypercorn has not set up yet closes one when it is.
+        waiting = [c for c in self._unused if c is not new]
+        oldest = next(iter(waiting or self._idle), None)
+        if oldest is None or not hasattr(oldest, "protocol"):
+            return
+        self._unused.pop(oldest, None)
+        self._idle.pop(oldest, None)
+        now = trio.current_time()
+        if now - self._warned > 60:
+            self._warned = now
+            log.warning(
+                "open files near the limit: closing idle connections",
+                extra={"fields": {"connections": self.open, "open_files_limit": soft}},
+            )
+        with trio.CancelScope(shield=True):
+            await oldest._initiate_server_close()
+
+
+def _descriptors() -> int:
+    """How many files this process has open (0 where that cannot be seen)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(listing))
+        except OSError:
+            continue
+    return 0
+
+
+class _Config(HypercornConfig):
+    """hypercorn's settings, and the service's client connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connections = _Connections()
+
+
 def _harden_hypercorn() -> None:
     _http1_only()
     hypercorn_run.TCPServer = _OneConnection  # type: ignore[attr-defined]
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings) -> _Config:
     _harden_hypercorn()
-    config = HypercornConfig()
+    config = _Config()
     config.bind = [settings.bind]
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
@@ -363,12 +502,19 @@ async def _serve(
 
             async def shutdown_trigger() -> None:
                 await stop.wait()
-                runtime.draining = True
+                runtime.draining = edge.closing = True
 
             _tune_collector()
             task_status.started()
             async with trio.open_nursery() as http:
-                http.start_soon(_drain, stop, edge, settings.graceful_timeout, http.cancel_scope)
+                http.start_soon(
+                    _drain,
+                    stop,
+                    edge,
+                    settings.graceful_timeout,
+                    http.cancel_scope,
+                    config.connections,
+                )
                 await worker_serve(
                     wrap_app(app, config.wsgi_max_body_size, mode="asgi"),
                     config,
@@ -409,14 +555,20 @@ def _listen(config: HypercornConfig) -> Sockets:
 
 
 async def _drain(
-    stop: trio.Event, edge: Edge, graceful_timeout: float, http: trio.CancelScope
+    stop: trio.Event,
+    edge: Edge,
+    graceful_timeout: float,
+    http: trio.CancelScope,
+    connections: _Connections,
 ) -> None:
     """After `stop`, end HTTP serving once no request is in flight (or at the timeout).
 
     Hypercorn stops accepting at `stop` and waits for its connections; idle
     keep-alive connections would hold it for the whole timeout, so the edge's
     count of requests in flight decides instead. A short settle lets a
-    request whose head was being read when `stop` came reach the app.
+    request whose head was being read when `stop` came reach the app. At
+    the end, writes to clients still in progress are cut short: they are
+    shielded from the cancellation.
     """
     await stop.wait()
     with trio.move_on_after(graceful_timeout):
@@ -425,6 +577,7 @@ async def _drain(
             await trio.sleep(_SETTLE)
             if not edge.in_flight:
                 break
+    connections.cut()
     http.cancel()
 
 
