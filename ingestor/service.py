@@ -201,7 +201,9 @@ def _http1_only() -> None:
 
 class _OneConnection(TCPServer):
     """hypercorn's handler of a connection, whose failure ends that connection only,
-    and which lets go of its socket once the client has closed.
+    which lets go of its socket once the client has closed, whose writes the
+    client must take (`protocol_send`), and which is one of the service's
+    `_Connections`.
 
     An exception that escaped hypercorn's handler of one connection ended
     the listeners' nursery, so the process, and every other request lost
