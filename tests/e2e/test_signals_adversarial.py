@@ -622,13 +622,16 @@ async def test_a_worker_killed_as_the_group_stops_is_reported_and_loses_nothing_
         tmp_path / "data", short_tmp, INGESTOR_WORKERS="2", INGESTOR_GRACEFUL_TIMEOUT="10"
     ) as server:
         await server.start()
-        workers = await server.all_serving(2)
+        await server.all_serving(2)
         ledger = Ledger()
         load = Load(server, ledger, PulseFactory(prefix="oom"), clients=8, seed=55)
         with trio.fail_after(80):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(load.run)
                 await load.flowing(500, what="before the signals")
+                # The workers now: on a loaded machine one may have been replaced
+                # (killed as stuck) while the load began.
+                workers = await server.all_serving(2)
                 os.kill(server.pid or 0, signal.SIGTERM)
                 os.kill(workers[0], signal.SIGKILL)
                 load.down()
