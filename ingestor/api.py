@@ -206,7 +206,11 @@ async def ingest(
     for partition, (tenants, pulses) in by_partition.items():
         outcomes = written[partition]
         if isinstance(outcomes, StoreError):
-            failure = outcomes
+            # An unknown outcome stands whatever else failed: answered "not
+            # stored, retry" (503), a request whose pulses in one partition
+            # may be stored was sent again, and those without ids counted twice.
+            if not isinstance(failure, StoreOutcomeUnknown):
+                failure = outcomes
             # Either none of them is kept, or, if the store lost its connection
             # as it committed, they may be: a retry without ids may count twice.
             said = (
@@ -235,7 +239,7 @@ async def ingest(
                 conflicts += outcome == "conflict"
                 items.append(IngestItem(index, outcome, pulse.pulse_id))
     if failure is not None and accepted + duplicates + conflicts == 0:
-        raise failure  # nothing was stored: the whole request is a 503
+        raise failure  # nothing is known stored: the whole request is its failure
     rejected = len(items) - duplicates - conflicts
     runtime.count_pulses(accepted, duplicates, conflicts, rejected)
     items.sort(key=lambda item: item.index)
