@@ -259,8 +259,14 @@ def _where(conninfo: str) -> str:
         params = conninfo_to_dict(shown_url(conninfo))
     except psycopg.ProgrammingError:
         return "the configured PostgreSQL URL"
-    host = params.get("host") or "localhost"
-    return f"PostgreSQL at {host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+    # A list of hosts (a standby to fail over to) pairs each with its port,
+    # or all with the one port given.
+    hosts = str(params.get("host") or "localhost").split(",")
+    ports = str(params.get("port") or "5432").split(",")
+    if len(ports) != len(hosts):
+        ports = ports[:1] * len(hosts)
+    places = ",".join(f"{host}:{port or 5432}" for host, port in zip(hosts, ports, strict=True))
+    return f"PostgreSQL at {places}/{params.get('dbname') or ''}"
 
 
 def _translate(exc: psycopg.Error, what: str) -> StoreError:
