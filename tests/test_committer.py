@@ -17,6 +17,7 @@ from ingestor.partition import partition_of
 from ingestor.runtime import Runtime
 
 from .conftest import FakeClock, pulse
+from .support.server import wait_until
 
 NY = zoneinfo.ZoneInfo("America/New_York")
 
@@ -136,7 +137,13 @@ async def test_pulses_that_arrive_during_a_commit_are_written_between_partitions
         nursery.start_soon(runtime.committer.commit_day, dt.date(2026, 11, 27))
         await entered.wait()  # the first partition's commit is running
         nursery.start_soon(post, client, pulse(tenant_id="a"))
-        await trio.testing.wait_all_tasks_blocked()
+
+        # Queued behind the commit: the request may first read the purge
+        # horizon in a thread, which no task waiting on it shows.
+        async def queued() -> bool:
+            return runtime.shards[0].statistics().queued >= 1
+
+        await wait_until(queued, within=10, what="the request queued behind the commit")
         gate.set()
     assert len(runtime.shards) == 1
     commits = [partition for kind, partition in calls if kind == "commit"]
