@@ -343,8 +343,9 @@ class _Connections:
             return
         # One for one: those closed are counted open until their tasks end.
         # An unused one hypercorn has not set up yet closes one when it is.
-        waiting = [c for c in self._unused if c is not new]
-        oldest = next(iter(waiting or self._idle), None)
+        oldest = next((c for c in self._unused if c is not new), None)
+        if oldest is None:
+            oldest = next(iter(self._idle), None)
         if oldest is None or not hasattr(oldest, "protocol"):
             return
         self._unused.pop(oldest, None)
