@@ -29,6 +29,7 @@ import contextlib
 import glob
 import os
 import secrets
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ __all__ = [
     "connection_owner",
     "fresh_database",
     "fresh_stream",
+    "frozen",
     "metrics",
     "on_nats",
     "require_nats",
@@ -268,6 +270,20 @@ def _stat(pid: int) -> tuple[str, int] | None:
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
     fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[1])
+
+
+@contextlib.contextmanager
+def frozen(*pids: int) -> Iterator[None]:
+    """SIGSTOP `pids` for the block (a paused container or VM); SIGCONT whatever
+    happens, to those still alive."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def child_pids(parent: int, *, marker: str | None = None) -> list[int]:

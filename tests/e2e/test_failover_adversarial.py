@@ -66,7 +66,7 @@ import trio
 
 from ingestor.partition import partition_of
 from ingestor.store.postgres import _where
-from tests.e2e.cluster_support import child_pids, unavailable
+from tests.e2e.cluster_support import child_pids, frozen, unavailable
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.e2e.test_cluster import (
     all_committed,
@@ -566,17 +566,6 @@ async def told_to_quit(pid: int) -> bool:
     return await trio.to_thread.run_sync(_quit_pending, pid)
 
 
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """A process stopped (SIGSTOP) until the block ends."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-
-
 async def test_a_lagging_asynchronous_standby_loses_pulses_but_counts_none_twice(
     replicated: Replicated, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
@@ -598,7 +587,7 @@ async def test_a_lagging_asynchronous_standby_loses_pulses_but_counts_none_twice
                     nursery.start_soon(load.client, http, number)
                 await load.flowing(200, 15, "load before the lag")
                 sender = await trio.to_thread.run_sync(replicated.wal_sender)
-                with stopped(sender):
+                with frozen(sender):
                     acknowledged_before = load.accepted()
                     await load.flowing(300, 15, "load while the standby lags")
                     await trio.sleep(1.5)  # commits of the day, and their deliveries

@@ -62,6 +62,7 @@ from tests.e2e.cluster_support import (
     child_pids,
     connection_owner,
     fresh_database,
+    frozen,
     metrics,
     require_postgres,
 )
@@ -105,17 +106,6 @@ def postgres_url() -> Iterator[str]:
     """A database of the test's own (skipped without PostgreSQL, failed under CI)."""
     with fresh_database(require_postgres()) as url:
         yield url
-
-
-@contextlib.contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    """SIGSTOP `pid` for the block; SIGCONT whatever happens (a dead pid is fine)."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
 
 def all_stopped(pid: int) -> bool:

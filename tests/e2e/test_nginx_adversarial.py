@@ -55,6 +55,7 @@ from tests.e2e.cluster_support import (
     alive,
     child_pids,
     fresh_database,
+    frozen,
     require_postgres,
     unavailable,
 )
@@ -446,19 +447,6 @@ def failures_window(logged: Sequence[Logged], codes: frozenset[int]) -> str:
     if not times:
         return "none"
     return f"{len(times)} over {max(times) - min(times):.2f} s"
-
-
-@contextlib.contextmanager
-def frozen(*pids: int) -> Iterator[None]:
-    """SIGSTOP `pids` for the block; SIGCONT whatever happens."""
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 # -- the tests ----------------------------------------------------------------------

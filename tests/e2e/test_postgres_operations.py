@@ -55,7 +55,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.e2e.cluster_support import child_pids
+from tests.e2e.cluster_support import child_pids, frozen
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.support.server import (
     Attempt,
@@ -156,15 +156,8 @@ class PrivatePostgres:
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Every process of the server stopped: its kernel still answers TCP."""
-        pids = self.processes()
-        try:
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+        with frozen(*self.processes()):
             yield
-        finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
 
     def new_database(self) -> str:
         name = f"ops_{secrets.token_hex(5)}"
