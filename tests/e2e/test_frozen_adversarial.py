@@ -915,20 +915,6 @@ async def test_a_thawed_instance_refuses_replays_from_before_the_horizon_it_slep
     short, long = shorts[0], longs[0]
     ledger = Ledger()
     tenant = "replayed"
-    now = dt.datetime.now(dt.UTC)
-    stamp = now.isoformat().replace("+00:00", "Z")
-    today = now.date().isoformat()
-    pulses: list[Payload] = [
-        {
-            "tenant_id": tenant,
-            "product_sku": "sku",
-            "use_unit": "call",
-            "used_amount": str(n + 1),
-            "id": f"replayed-{n}",
-            "timestamp": stamp,
-        }
-        for n in range(REPLAYS)
-    ]
     replies: list[Sent] = []
     async with shorts:
 
@@ -938,6 +924,22 @@ async def test_a_thawed_instance_refuses_replays_from_before_the_horizon_it_slep
         await wait_until(short_leads, within=10, what="the short window's instance leading")
         async with longs:
             assert long.pid is not None
+            # stamped once both instances run: starting one may take longer
+            # than the short window's 5 s on a loaded machine
+            now = dt.datetime.now(dt.UTC)
+            stamp = now.isoformat().replace("+00:00", "Z")
+            today = now.date().isoformat()
+            pulses: list[Payload] = [
+                {
+                    "tenant_id": tenant,
+                    "product_sku": "sku",
+                    "use_unit": "call",
+                    "used_amount": str(n + 1),
+                    "id": f"replayed-{n}",
+                    "timestamp": stamp,
+                }
+                for n in range(REPLAYS)
+            ]
             try:
                 with trio.fail_after(60):
                     sent = await send_pulses(client, short.url, ledger, pulses)
