@@ -21,11 +21,13 @@ run: $(STAMP)
 # about two thirds of one's time. Each test has its own database, ports and
 # data dir. At most four processes: each opens PostgreSQL connections and
 # starts servers of its own. PYTEST_ARGS="-n 0" runs them in one process.
+# The 30 slowest are listed at the end: the suite is to stay under 10 minutes
+# on two cores.
 test: $(STAMP)
 	$(BIN)/ruff check ingestor tests bench
 	$(BIN)/ruff format --check ingestor tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist worksteal --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ingestor tests bench

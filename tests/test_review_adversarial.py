@@ -739,6 +739,11 @@ async def test_readiness_and_writes_come_back_once_a_read_only_freeze_is_lifted(
                     # began with: the README has the operator tell it to open new ones.
                     await trio.to_thread.run_sync(bouncer.admin, "RECONNECT")
                 trouble = await _trouble_gone(store, within=10)
+                if trouble is not None and bouncer is not None:
+                    # What the pooler held: which of its sessions outlived the
+                    # RECONNECT, and what it logged about them.
+                    servers = await trio.to_thread.run_sync(bouncer.admin, "SHOW SERVERS")
+                    trouble += f"\npgbouncer's servers: {servers}\n{bouncer.log()}"
                 after = [await trio.to_thread.run_sync(one_write) for _ in range(6)]
             finally:
                 await trio.to_thread.run_sync(store.close)
