@@ -21,6 +21,9 @@ bind 0.0.0.0 and need keys, and nginx names its upstream group as the host.
 4. Bodies at max_body_bytes pass nginx, sized or chunked; one byte more is
    refused with the API's JSON error, not nginx's HTML page.
 5. The X-Request-Id a client sends is the one it gets back.
+6. nginx's own errors (a long header line, no replica answering, none
+   reachable) are the API's JSON errors, with Retry-After where the
+   request is to be sent again.
 
 nginx is Debian's `nginx-light` (/usr/sbin/nginx); without it the tests skip,
 or fail when the CI variable is set, as without PostgreSQL.
@@ -695,3 +698,57 @@ async def test_the_request_id_a_client_sends_is_the_one_its_answer_and_the_logs_
         assert response.headers.get("x-request-id") == given, (
             f"sent X-Request-Id {given!r}, answered {response.headers.get('x-request-id')!r}"
         )
+
+
+def assert_json_error(response: httpx.Response, status: int, code: str, *, retry: bool) -> None:
+    """`response` is the API's JSON error `code` with `status`, and says when to
+    send again if `retry`."""
+    assert response.status_code == status, (response.status_code, response.text[:300])
+    assert response.headers.get("content-type", "").startswith("application/json"), (
+        f"nginx answered {status} with {response.headers.get('content-type')!r}:"
+        f" {response.text[:200]!r}"
+    )
+    assert response.json()["error"]["code"] == code, response.text[:300]
+    if retry:
+        assert response.headers.get("retry-after") == "1", dict(response.headers)
+
+
+async def test_the_proxys_own_errors_are_the_apis_json_and_say_when_to_send_again(
+    start_server: StartServer, postgres_url: str
+) -> None:
+    """Every error of the API is JSON (DESIGN §4), and a client decides by its
+    code: split a batch, fix a header, send again with the same ids. nginx
+    answers some requests itself, with HTML pages as shipped before:
+    - a header line over 8 KiB (its default buffer), which the replicas take
+      up to max_header_bytes (16 KiB): 400 "Request Header Or Cookie Too
+      Large", so a client with a long token could not send at all;
+    - no replica answering within proxy_read_timeout: 504;
+    - no replica reachable: 502.
+    The last two give no Retry-After, though the request is to be sent
+    again (and may have been stored: only pulses with ids are safe to)."""
+    async with (
+        deployment(start_server, postgres_url, proxy_read_timeout="1s") as deployed,
+        deployed.client() as http,
+    ):
+        url = f"{deployed.balancer.url}/pulses"
+        rng = random.Random(18)
+        day = day_before(1)
+        long_line = await http.post(
+            url, json=pulse(rng, "acme", "h-1", day), headers={"X-Trace": "t" * 12 * 1024}
+        )
+        assert long_line.status_code == 202, long_line.text[:300]
+        too_long = await http.post(
+            url, json=pulse(rng, "acme", "h-2", day), headers={"X-Trace": "t" * 20 * 1024}
+        )
+        assert_json_error(too_long, 431, "headers_too_large", retry=False)
+
+        pids = [replica.pid for replica in deployed.replicas]
+        assert None not in pids
+        with frozen(*(pid for pid in pids if pid is not None)):
+            timed_out = await http.post(url, json=pulse(rng, "acme", "h-3", day))
+        assert_json_error(timed_out, 504, "upstream_timeout", retry=True)
+
+        for replica in deployed.replicas:
+            await replica.kill()
+        unreachable = await http.post(url, json=pulse(rng, "acme", "h-4", day))
+        assert_json_error(unreachable, 502, "upstream_unavailable", retry=True)
