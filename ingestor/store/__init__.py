@@ -245,7 +245,9 @@ class Store(Protocol):
         (`clock.SharedClock`) is ahead of this machine's monotonic clock
         (`time.monotonic_ns`), in microseconds, within half a round trip: the
         database's for PostgreSQL; this machine's wall clock for SQLite,
-        which only processes of this machine share."""
+        which only processes of this machine share. Raises StoreError if
+        the database does not answer, or answers too slowly to tell its
+        time within half a second."""
         ...
 
     def trouble(self) -> str | None:

@@ -77,6 +77,10 @@ _CREATE_LOCK = 0x42494E47  # "BING": one-key advisory lock around schema creatio
 _LEADER = -1  # second key of the committer's lock; partitions' locks use 0, 1, ...
 _PROBES = 5  # statements a session, two sessions, that tell a pooler sharing them
 _PURGE_CHUNK = 5000
+# A reading of the database's clock is trusted if its round trip took at most
+# this long (its error is half of it), and tried this many times at most.
+_CLOCK_TRIP_NS = 1_000_000_000
+_CLOCK_TRIES = 3
 
 log = logging.getLogger("ingestor.store")
 
@@ -1096,16 +1100,29 @@ class PostgresStore:
         return int(row[0]) if row else None
 
     def clock_offset_us(self) -> int:
+        # The database's time is taken to be that of the middle of the round
+        # trip, which is right within half of it. A process frozen during a
+        # reading (a VM paused) for 120 s put its clock 60 s off until the
+        # next one: two senders of a batch, a claim kept past its lease. A
+        # reading whose round trip is too long to trust is made again.
+        trips: list[float] = []
         with self._reading("read the clock") as conn:
-            # Timed around the query alone: waiting for a pooled session is
-            # no part of the round trip.
-            started = time.monotonic_ns()
-            row = conn.execute(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
-            ).fetchone()
-            ended = time.monotonic_ns()
-        assert row is not None
-        return int(row[0]) - (started + ended) // 2000
+            for _ in range(_CLOCK_TRIES):
+                # Timed around the query alone: waiting for a pooled session
+                # is no part of the round trip.
+                started = time.monotonic_ns()
+                row = conn.execute(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+                ).fetchone()
+                ended = time.monotonic_ns()
+                assert row is not None
+                if ended - started <= _CLOCK_TRIP_NS:
+                    return int(row[0]) - (started + ended) // 2000
+                trips.append((ended - started) / 1e9)
+        raise StoreError(
+            f"read the clock: each of {_CLOCK_TRIES} readings took longer than"
+            f" {_CLOCK_TRIP_NS / 1e9:g} s ({', '.join(f'{t:.1f} s' for t in trips)})"
+        )
 
     # -- reads ----------------------------------------------------------
 

@@ -759,3 +759,70 @@ def test_a_lock_holder_stalled_mid_send_is_ended_by_the_next_writer(postgres_url
                 child.kill()
     assert refused >= 1, "the write went through at once: the sender held nothing"
     assert waited > 3 * busy - 0.5, f"the holder was ended after {waited:.1f} s, too soon"
+
+
+class _FrozenOnce:
+    """`time` as the store sees it, with the process frozen for `seconds` during
+    each of its first `readings` of the clock: `before` the query (the reading
+    began that long before the database answered), or after it (it ended
+    that long after)."""
+
+    def __init__(self, seconds: float, before: bool, readings: int = 1) -> None:
+        # What to add to each of the first readings' two reads of the clock.
+        shift = int(seconds * 1e9)
+        self._shifts = ([-shift, 0] if before else [0, shift]) * readings
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns() + (self._shifts.pop(0) if self._shifts else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before the query", "after the query"])
+def test_a_clock_reading_the_process_was_frozen_across_is_not_taken(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, before: bool
+) -> None:
+    """Every instance keeps the database's clock, read as its time at the middle
+    of the query's round trip (`clock_offset_us`). A process frozen during a
+    reading (a VM paused, a container stopped) for 120 s made the round trip
+    120 s: the midpoint was 60 s off, and so was its clock until the next
+    reading 30 s later. A clock 60 s off takes over a delivery whose lease
+    has not ended (two senders of one batch), or keeps its own claim 60 s
+    past its end; and it purges, and bills pulses without a timestamp, by
+    the wrong minute. The reading must come from a round trip short enough
+    to trust: here within a second of the truth, as the database is on this
+    machine."""
+    import ingestor.store.postgres as module
+
+    store = open_store(postgres_url)
+    try:
+        truth = store.clock_offset_us()  # the database and this machine share a clock
+        monkeypatch.setattr(module, "time", _FrozenOnce(120, before))
+        read = store.clock_offset_us()
+    finally:
+        monkeypatch.undo()
+        store.close()
+    assert abs(read - truth) < 1_000_000, (
+        f"a reading across a 120 s freeze put the clock {(read - truth) / 1e6:+.1f} s off"
+    )
+
+
+def test_a_clock_that_cannot_be_read_precisely_is_not_read_at_all(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three readings in a row, each across a freeze: none is taken, and the
+    store says so, as when the database does not answer (the instance keeps
+    the clock it has, `SharedClock.measure`)."""
+    import ingestor.store.postgres as module
+
+    store = open_store(postgres_url)
+    try:
+        monkeypatch.setattr(module, "time", _FrozenOnce(5, before=False, readings=3))
+        with pytest.raises(StoreError, match=r"each of 3 readings took longer than 1 s"):
+            store.clock_offset_us()
+        monkeypatch.undo()
+        assert abs(store.clock_offset_us() - (time.time_ns() - time.monotonic_ns()) // 1000) < 10**6
+    finally:
+        monkeypatch.undo()
+        store.close()
