@@ -7,6 +7,7 @@ tests/e2e/test_clock_skew_adversarial.py; here, what the clock does with it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -82,3 +83,42 @@ async def test_a_store_that_does_not_answer_keeps_the_last_offset_and_the_servic
     with pytest.raises(StoreError):
         clock.measure()
     assert abs(clock.offset_us() - HOUR_US) < 1_000
+
+
+def test_a_first_reading_that_failed_is_made_again_within_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Until a first reading succeeds the instance runs on this machine's wall
+    clock, the one SharedClock is there not to trust (NTP broken, 40 days
+    ahead: a leader purging by it forgets ids inside the dedup window). Was:
+    after a failed first reading the next came 30 s later; now every second
+    until one succeeds, and then every 30 s again."""
+    answers: list[int | None] = [None, None, None, HOUR_US, HOUR_US]
+    reads: list[float] = []
+
+    def read() -> int:
+        reads.append(trio.current_time())
+        answer = answers.pop(0) if answers else HOUR_US
+        if answer is None:
+            raise StoreError("read the clock: each of 3 readings took longer than 1 s")
+        return ahead(answer)
+
+    async def at_once(call: Callable[[], None]) -> None:
+        call()  # in this test's own (mock) time, not a thread's
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", at_once)
+
+    async def main() -> None:
+        clock = SharedClock(read)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(clock.run)
+            assert not clock.measured
+            await trio.sleep(3.5)
+            assert clock.measured
+            assert abs(clock.offset_us() - HOUR_US) < 1_000
+            await trio.sleep(40)
+            nursery.cancel_scope.cancel()
+        assert reads[:4] == [0, 1, 2, 3], reads
+        assert reads[4:] == [33], reads  # then every 30 s
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
