@@ -18,8 +18,12 @@ one replica and a one-day duplicate window. A stream that already exists is
 used as it is (a clustered deployment creates it beforehand with the
 replicas it wants), but for a duplicate window shorter than a day, which is
 raised to one: a batch whose ack was lost may be sent again minutes later,
-after the deliverer's backoff, and a shorter window stores it twice. Once
-connected, nats-py reconnects by itself, for ever.
+after the deliverer's backoff, or hours later, after an outage, and a
+shorter window stores it twice. A stream whose window cannot be raised (its
+max_age is shorter) is refused, as is one set to `no_ack`, which acks no
+batch ever. The stream is read before every batch: one an operator made
+again meanwhile (with NATS's default window of 2 minutes) stored a batch
+sent again twice. Once connected, nats-py reconnects by itself, for ever.
 
 Delivered point: the JetStream publish ack, which the server sends once the
 message is stored in the stream. The `Nats-Msg-Id` header is the batch id, so
@@ -294,8 +298,9 @@ class _Publisher:
         return self._client
 
     async def _checked_stream(self, client: Client) -> Sequence[str]:
-        if self._stream_subjects is None:
-            self._stream_subjects = await self._ensure_stream(client)
+        # Every time (one round trip a batch): the stream may have been made
+        # again since the last batch, with a window of 2 minutes.
+        self._stream_subjects = await self._ensure_stream(client)
         return self._stream_subjects
 
     async def _connect(self) -> Client:
@@ -345,6 +350,11 @@ class _Publisher:
                 if exc.err_code != _STREAM_NAME_IN_USE:  # another instance was first
                     raise
                 info = await manager.stream_info(self._stream)
+        if info.config.no_ack:
+            raise SinkRejected(
+                f"stream {self._stream} is set to no_ack: it would store each batch"
+                " and confirm none, and every batch would be sent again for ever"
+            )
         window = info.config.duplicate_window or 0.0
         if window < DUPLICATE_WINDOW:
             fields = {"stream": self._stream, "duplicate_window_s": window}
@@ -352,15 +362,14 @@ class _Publisher:
                 await manager.update_stream(
                     dataclasses.replace(info.config, duplicate_window=DUPLICATE_WINDOW)
                 )
-                log.warning(
-                    "raised the stream's duplicate window to a day", extra={"fields": fields}
-                )
             except nats.js.errors.APIError as exc:
-                log.warning(
-                    "the stream's duplicate window is short, and could not be raised:"
-                    " a batch re-sent after it is stored twice",
-                    extra={"fields": {**fields, "error": str(exc)}},
-                )
+                raise SinkRejected(
+                    f"stream {self._stream} keeps batch ids for {window:g} s"
+                    " (duplicate_window), and refused a window of a day"
+                    f" ({exc.description}): a batch sent again after that would be"
+                    " stored twice; give the stream a max_age of a day or more"
+                ) from exc
+            log.warning("raised the stream's duplicate window to a day", extra={"fields": fields})
         return tuple(info.config.subjects or ())
 
     def _check(self, client: Client, subjects: Sequence[str], subject: str, size: int) -> None:
