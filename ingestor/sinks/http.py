@@ -78,6 +78,7 @@ class HttpSink:
                     status = response.status_code
                     if 200 <= status < 300 or status == 409:
                         return
+                    # What the batch's last error says if the timeout cuts the body short.
                     detail = f"HTTP {status}: (its body did not come within {self._timeout:g} s)"
                     detail = f"HTTP {status}: {await _head(response)}"
             except httpx.TimeoutException as exc:
