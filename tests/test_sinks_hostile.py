@@ -569,3 +569,17 @@ async def test_a_stream_that_never_acknowledges_is_refused_not_retried_as_timeou
     await place.create(place.stream, subjects=[f"{place.prefix}.>"], no_ack=True)
     with pytest.raises(SinkRejected, match=r"(?i)ack"):
         await nats_sink.deliver("b-1", DAY, b"one")
+
+
+async def test_a_stream_that_keeps_few_messages_a_subject_is_refused(
+    nats_sink: NatsSink, place: Place
+) -> None:
+    """Tries a stream with `max_msgs_per_subject = 1`: a day's batches share one
+    subject (`<prefix>.<date>`), so each batch of a day would push the one
+    before it off the stream, acknowledged and recorded delivered, before the
+    billing system reads it. The sink must refuse such a stream, saying why,
+    not confirm batches the stream throws away."""
+    await place.create(place.stream, subjects=[f"{place.prefix}.>"], max_msgs_per_subject=1)
+    with pytest.raises(SinkRejected, match="max_msgs_per_subject"):
+        await nats_sink.deliver("b-1", DAY, b"one")
+    assert _ids(await place.messages()) == []

@@ -21,9 +21,11 @@ raised to one: a batch whose ack was lost may be sent again minutes later,
 after the deliverer's backoff, or hours later, after an outage, and a
 shorter window stores it twice. A stream whose window cannot be raised (its
 max_age is shorter) is refused, as is one set to `no_ack`, which acks no
-batch ever. The stream is read before every batch: one an operator made
-again meanwhile (with NATS's default window of 2 minutes) stored a batch
-sent again twice. Once connected, nats-py reconnects by itself, for ever.
+batch ever, and one that keeps a few messages a subject
+(`max_msgs_per_subject`), which would push a day's earlier batches off.
+The stream is read before every batch: one an operator made again
+meanwhile (with NATS's default window of 2 minutes) stored a batch sent
+again twice. Once connected, nats-py reconnects by itself, for ever.
 
 Delivered point: the JetStream publish ack, which the server sends once the
 message is stored in the stream. The `Nats-Msg-Id` header is the batch id, so
@@ -354,6 +356,13 @@ class _Publisher:
             raise SinkRejected(
                 f"stream {self._stream} is set to no_ack: it would store each batch"
                 " and confirm none, and every batch would be sent again for ever"
+            )
+        per_subject = info.config.max_msgs_per_subject
+        if per_subject is not None and per_subject > 0:
+            raise SinkRejected(
+                f"stream {self._stream} keeps at most {per_subject} message(s) a subject"
+                f" (max_msgs_per_subject), and a day's batches share one ({self._subject}):"
+                " each batch would push an earlier one of its day off the stream"
             )
         window = info.config.duplicate_window or 0.0
         if window < DUPLICATE_WINDOW:
