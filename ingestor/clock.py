@@ -103,8 +103,9 @@ class SharedClock:
         machine's wall clock steps (the database's may have stepped with it, as
         when both follow one NTP that was corrected); started once measured, or
         once a first measurement failed (the service then starts on this
-        machine's clock, and the next one corrects it: tried every
-        `_STEP_CHECK` s until one succeeds, not 30 s later)."""
+        machine's clock, and the next one corrects it: tried again after 1 s,
+        then 2, 4 ... up to 30, not only 30 s later)."""
+        retry = _STEP_CHECK
         while True:
             try:
                 await trio.to_thread.run_sync(self.measure)
@@ -114,10 +115,11 @@ class SharedClock:
                 )
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
-            for _ in range(int(_MEASURE_EVERY / _STEP_CHECK)):
+            wait = _MEASURE_EVERY
+            if not self.measured:
+                wait, retry = retry, min(2 * retry, _MEASURE_EVERY)
+            for _ in range(int(wait / _STEP_CHECK)):
                 await trio.sleep(_STEP_CHECK)
-                if not self.measured:
-                    break
                 if abs(_wall_ahead_of_monotonic_us() - self._wall_ahead_us) >= _NOTED_US:
                     break
 
