@@ -18,7 +18,11 @@ lease ahead, so no other process finds it due while it is on its way. A
 receiver slower than the idle poll was otherwise sent every batch once by
 each process. A sender that dies leaves its batch due again when the lease
 ends; one whose delivery is cancelled (the service stops) gives it back,
-due at once. The lease is the attempt's bound (twice the sink's timeout, and 5 s)
+due at once. A claim that comes back with less than half its lease left
+(the process was frozen, or the store slow, meanwhile) is given back
+unsent: the batch could otherwise still be on its way when another
+process takes it over.
+The lease is the attempt's bound (twice the sink's timeout, and 5 s)
 and `clock_skew`, by which the clocks of the processes sharing the store
 may differ (0 on SQLite, one machine's clock): a lease read on a clock that
 is ahead has not ended yet.
@@ -78,6 +82,9 @@ class Deliverer:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._lease_us = int((lease + clock_skew) * 1_000_000)
+        # A claim is sent on only while half its lease is left: the lease is
+        # twice the delivery's bound and 5 s, so the delivery ends within it.
+        self._send_by_us = self._lease_us // 2
         # No backoff and no lease sets a next attempt further ahead than this,
         # on any process's clock: a later one was set before a clock stepped back.
         furthest = max(retry_max, lease + clock_skew) + clock_skew
@@ -120,6 +127,13 @@ class Deliverer:
             if claimed is None:
                 return
             lease, body = claimed
+            if self._clock() > lease - self._send_by_us:
+                # Most of the lease went before the claim came back (the process
+                # was frozen, or the store slow): sent now, the batch could
+                # still be on its way when the lease ends and another process
+                # sends it too. Given back, due at once.
+                await self._give_back(batch, lease, "claimed too late in its lease to send")
+                return
             status, error, next_at = "delivered", None, None
             try:
                 await self._sink.deliver(batch.batch_id, batch.day, body)
@@ -189,10 +203,15 @@ class Deliverer:
             with trio.CancelScope(shield=True):
                 await trio.sleep(pause)
 
-    async def _give_back(self, batch: DueBatch, lease: int) -> None:
-        """A delivery cancelled (the service stops): due again now, not at the
-        end of its lease, for this process's next start or another process.
-        Counted as an attempt: the sink may have had it."""
+    async def _give_back(
+        self,
+        batch: DueBatch,
+        lease: int,
+        why: str = "the service stopped before the sink answered",
+    ) -> None:
+        """A delivery cancelled (the service stops), or not begun: due again now,
+        not at the end of its lease, for this process's next start or another
+        process. Counted as an attempt: the sink may have had it."""
         now = self._clock()
         with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
             await trio.to_thread.run_sync(
@@ -200,7 +219,7 @@ class Deliverer:
                     batch.partition,
                     batch.batch_id,
                     status="pending",
-                    error="the service stopped before the sink answered",
+                    error=why,
                     next_attempt_us=now,
                     now_us=now,
                     claimed_us=lease,

@@ -43,6 +43,7 @@ from ingestor.service import open_service
 from ingestor.sinks import Sink
 from ingestor.sinks.file import FileSink
 from ingestor.sinks.http import HttpSink
+from ingestor.sinks.memory import MemorySink
 from ingestor.sinks.nats import NatsSink
 from ingestor.store import Store
 from ingestor.store.postgres import PostgresStore
@@ -719,3 +720,38 @@ async def test_a_batch_the_sink_took_as_the_service_stopped_is_recorded_delivere
     assert stop.cancel_called
     assert sink.taken == [batch_id]
     assert state(store, batch_id) == ("delivered", 1, None)
+
+
+async def test_a_claim_that_came_back_late_in_its_lease_is_given_back_not_sent(
+    store: SQLiteStore, wall: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is sent by one process at a time: the claim's lease (here 25 s)
+    outlasts the delivery it covers (the sink's timeout bounds it). A process
+    frozen (a VM paused) between taking its claim and sending, or a store
+    that took most of the lease to answer the claim, sent the batch when
+    another process may already have taken it over, the lease having ended
+    meanwhile: two senders at once. Here the claim comes back 20 s into its
+    25 s lease. The batch must not be sent on it, but given back, due at
+    once, and sent on the next pass."""
+    [batch_id] = make_batches(store, 1)
+    sink = MemorySink()
+    claim = store.claim_batch
+
+    def late(*args: Any, **kwargs: Any) -> bytes | None:
+        body = claim(*args, **kwargs)
+        wall.advance(20)
+        return body
+
+    monkeypatch.setattr(store, "claim_batch", late)
+    deliverer = deliverer_of(store, sink, wall, lease=25.0)
+    assert await deliverer.deliver_due() == 1
+    assert sink.delivered == {}, "sent on a claim with less than the delivery's time left"
+    view = store.batch(batch_id)
+    assert view is not None
+    assert view.status == "pending"
+    assert view.next_attempt_at is not None
+    assert view.next_attempt_at <= wall.now
+    monkeypatch.setattr(store, "claim_batch", claim)
+    assert await deliverer.deliver_due() == 1
+    assert batch_id in sink.delivered
+    assert state(store, batch_id)[0] == "delivered"
