@@ -132,7 +132,9 @@ class Deliverer:
                 # was frozen, or the store slow): sent now, the batch could
                 # still be on its way when the lease ends and another process
                 # sends it too. Given back, due at once.
-                await self._give_back(batch, lease, "claimed too late in its lease to send")
+                await self._give_back(
+                    batch, lease, "claimed too late in its lease to send", sent=False
+                )
                 return
             status, error, next_at = "delivered", None, None
             try:
@@ -208,10 +210,13 @@ class Deliverer:
         batch: DueBatch,
         lease: int,
         why: str = "the service stopped before the sink answered",
+        *,
+        sent: bool = True,
     ) -> None:
-        """A delivery cancelled (the service stops), or not begun: due again now,
-        not at the end of its lease, for this process's next start or another
-        process. Counted as an attempt: the sink may have had it."""
+        """A delivery cancelled (the service stops), or not begun (`sent` False):
+        due again now, not at the end of its lease, for this process's next
+        start or another process. Counted as an attempt if it was sent: the
+        sink may have had it."""
         now = self._clock()
         with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
             await trio.to_thread.run_sync(
@@ -223,6 +228,7 @@ class Deliverer:
                     next_attempt_us=now,
                     now_us=now,
                     claimed_us=lease,
+                    attempted=sent,
                 ),
                 limiter=self._threads,
             )

@@ -748,10 +748,10 @@ async def test_a_claim_that_came_back_late_in_its_lease_is_given_back_not_sent(
     assert sink.delivered == {}, "sent on a claim with less than the delivery's time left"
     view = store.batch(batch_id)
     assert view is not None
-    assert view.status == "pending"
+    assert (view.status, view.attempts) == ("pending", 0)  # never sent: no attempt
     assert view.next_attempt_at is not None
     assert view.next_attempt_at <= wall.now
     monkeypatch.setattr(store, "claim_batch", claim)
     assert await deliverer.deliver_due() == 1
     assert batch_id in sink.delivered
-    assert state(store, batch_id)[0] == "delivered"
+    assert state(store, batch_id)[:2] == ("delivered", 1)

@@ -173,8 +173,10 @@ class Store(Protocol):
         next_attempt_us: int | None,
         now_us: int,
         claimed_us: int | None = None,
+        attempted: bool = True,
     ) -> None:
-        """Record one delivery attempt's outcome.
+        """Record one delivery attempt's outcome; `attempted` False: the batch was
+        claimed but not sent (its attempts are not counted up).
 
         `claimed_us` is the lease its `claim_batch` set. An attempt that did
         not deliver is recorded only while the batch is still under that

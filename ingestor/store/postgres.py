@@ -1043,16 +1043,26 @@ class PostgresStore:
         next_attempt_us: int | None,
         now_us: int,
         claimed_us: int | None = None,
+        attempted: bool = True,
     ) -> None:
         ours = status == "delivered" or claimed_us is None
         with self._writing(partition, "record delivery") as conn:
             conn.execute(
-                "UPDATE batches SET status = %s, attempts = attempts + 1, last_error = %s,"
+                "UPDATE batches SET status = %s, attempts = attempts + %s, last_error = %s,"
                 " next_attempt_at = %s,"
                 " delivered_at = CASE WHEN %s = 'delivered' THEN %s ELSE delivered_at END"
                 " WHERE partition = %s AND batch_id = %s AND status = 'pending'"
                 + ("" if ours else " AND next_attempt_at = %s"),
-                (status, error, next_attempt_us, status, now_us, partition, batch_id)
+                (
+                    status,
+                    int(attempted),
+                    error,
+                    next_attempt_us,
+                    status,
+                    now_us,
+                    partition,
+                    batch_id,
+                )
                 + (() if ours else (claimed_us,)),
             )
 

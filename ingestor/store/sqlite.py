@@ -1467,16 +1467,17 @@ class SQLiteStore:
         next_attempt_us: int | None,
         now_us: int,
         claimed_us: int | None = None,
+        attempted: bool = True,
     ) -> None:
         ours = status == "delivered" or claimed_us is None
         with self._part(partition).transaction("record delivery") as conn:
             conn.execute(
-                "UPDATE batches SET status = ?, attempts = attempts + 1, last_error = ?,"
+                "UPDATE batches SET status = ?, attempts = attempts + ?, last_error = ?,"
                 " next_attempt_at = ?,"
                 " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
                 " WHERE batch_id = ? AND status = 'pending'"
                 + ("" if ours else " AND next_attempt_at = ?"),
-                (status, error, next_attempt_us, status, now_us, batch_id)
+                (status, int(attempted), error, next_attempt_us, status, now_us, batch_id)
                 + (() if ours else (claimed_us,)),
             )
 
