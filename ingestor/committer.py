@@ -273,14 +273,17 @@ class Committer:
             # an error no store raises, stops the committer or the service.
             await self._lead(retry_lead)
             if self.leading:
-                try:
-                    await self.commit_due()
-                except Exception as exc:
-                    _tick_failed("periodic commit", exc)
-                try:
-                    await self.purge()
-                except Exception as exc:
-                    _tick_failed("purge", exc)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_leading, retry_lead)
+                    try:
+                        await self.commit_due()
+                    except Exception as exc:
+                        _tick_failed("periodic commit", exc)
+                    try:
+                        await self.purge()
+                    except Exception as exc:
+                        _tick_failed("purge", exc)
+                    nursery.cancel_scope.cancel()
             await self._read_horizon()
             self.ticks += 1
             self._ticked.set()
@@ -297,12 +300,24 @@ class Committer:
             self.leading = False
             _tick_failed("leading", exc)
 
+    async def _keep_leading(self, every: float) -> None:
+        """While a tick works, tell the store every `every` seconds that this
+        instance still leads. Told only between ticks, a leader whose tick
+        outlasted the lapse (a partition at a time over a link of 400 ms round
+        trips: 23 s) had its session ended by the server, and the lead went
+        back and forth between instances over a link that was only slow.
+        It reads the purge horizon as often, as between ticks."""
+        while True:
+            await trio.sleep(every)
+            await self._lead(every)
+            await self._read_horizon()
+
     async def _sleep_leading(self, every: float) -> None:
         """The leader's wait for its next tick, `interval`: it tells the store it
         leads every `every` seconds meanwhile, and stops waiting once it no
-        longer does. A tick's own work longer than the lapse may lose it the
-        lead, which only moves the work: commits and purges are safe from
-        several instances."""
+        longer does (during a tick, `_keep_leading` tells it). Losing the lead
+        only moves the work: commits and purges are safe from several
+        instances."""
         deadline = trio.current_time() + self._interval
         while self.leading and trio.current_time() + every < deadline:
             await trio.sleep(every)
