@@ -193,17 +193,7 @@ def restore_after_power_loss(records: Path, root: tuple[int, int], into: Path) -
 class GroupServer(ServerProcess):
     """A server in a process group of its own: one signal reaches all its processes."""
 
-    async def _spawn(self) -> None:
-        with self._begin_run() as log:
-            self._process = await trio.lowlevel.open_process(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=self.environment(),
-                cwd=self.run_dir,
-                start_new_session=True,
-            )
+    own_session = True
 
     def group(self) -> dict[int, list[str]]:
         """{pid: the states of its threads} of every process in the group."""

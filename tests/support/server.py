@@ -111,6 +111,10 @@ class ServerProcess:
     kills a server that is still running.
     """
 
+    # True: the server runs in a session (and process group) of its own, so
+    # one signal to the group reaches it and every worker it starts.
+    own_session = False
+
     def __init__(
         self,
         data_dir: Path,
@@ -312,6 +316,7 @@ class ServerProcess:
                 stderr=log,
                 env=self.environment(),
                 cwd=self.run_dir,
+                start_new_session=self.own_session,
             )
 
     async def _wait_ready(self) -> None:
