@@ -256,8 +256,9 @@ class Committer:
         to take over every few seconds, so losing the leader moves the job
         quickly. (Committing from several instances would also be safe, as
         every commit is one transaction; leading only saves the work.) The
-        leader tells the store it is there every few seconds while it waits:
-        one that stops without dying loses the lead (`Store.lead_committer`).
+        leader tells the store it is there every few seconds, while it waits
+        and while a tick works: one that stops without dying loses the lead
+        (`Store.lead_committer`).
         """
         task_status.started()
         retry_lead = min(self._interval, _LEAD_RETRY)
