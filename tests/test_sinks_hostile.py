@@ -583,3 +583,63 @@ async def test_a_stream_that_keeps_few_messages_a_subject_is_refused(
     with pytest.raises(SinkRejected, match="max_msgs_per_subject"):
         await nats_sink.deliver("b-1", DAY, b"one")
     assert _ids(await place.messages()) == []
+
+
+def _deletion_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        getattr(r, "fields", {}).get("why", "")
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "may delete batches" in r.getMessage()
+    ]
+
+
+async def test_a_stream_that_drops_its_oldest_batches_past_a_limit_is_said_once(
+    nats_sink: NatsSink, place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tries a stream with `max_msgs = 2` and NATS's default discard policy
+    (old): the third batch pushes the first off the stream, acknowledged and
+    recorded delivered, whether or not the billing system has read it. The
+    sink cannot know whether it has, so it uses the stream, but the operator
+    must be told, once, which setting does it and what to set instead."""
+    caplog.set_level(logging.WARNING, logger="ingestor.sinks.nats")
+    await place.create(place.stream, subjects=[f"{place.prefix}.>"], max_msgs=2)
+    for n in (1, 2, 3):
+        await nats_sink.deliver(f"b-{n}", DAY, b"batch")
+    assert _ids(await place.messages()) == ["b-2", "b-3"]  # b-1 is gone: what is warned of
+    [why] = _deletion_warnings(caplog)
+    assert "max_msgs 2" in why
+    assert "discard old" in why
+    assert "discard new" in why  # what to set instead
+
+
+async def test_a_full_stream_that_discards_new_keeps_the_batch_for_a_retry(
+    nats_sink: NatsSink, place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tries the setting the warning above advises: `max_msgs = 2` with discard
+    new. The third batch is refused by the stream; it must not be taken for
+    delivered but retried (room may come), the two stored stay, and nothing
+    is warned of."""
+    caplog.set_level(logging.WARNING, logger="ingestor.sinks.nats")
+    await place.create(place.stream, subjects=[f"{place.prefix}.>"], max_msgs=2, discard="new")
+    await nats_sink.deliver("b-1", DAY, b"batch")
+    await nats_sink.deliver("b-2", DAY, b"batch")
+    with pytest.raises(SinkRetryable, match=r"(?i)maximum messages"):
+        await nats_sink.deliver("b-3", DAY, b"batch")
+    assert _ids(await place.messages()) == ["b-1", "b-2"]
+    assert _deletion_warnings(caplog) == []
+
+
+async def test_a_stream_of_interest_without_a_consumer_is_said_to_delete_every_batch(
+    nats_sink: NatsSink, place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tries a stream with interest retention and no consumer yet (the billing
+    system's is made later, or was deleted): JetStream acknowledges each
+    batch and deletes it at once. Said once, for the two batches sent."""
+    caplog.set_level(logging.WARNING, logger="ingestor.sinks.nats")
+    await place.create(place.stream, subjects=[f"{place.prefix}.>"], retention="interest")
+    await nats_sink.deliver("b-1", DAY, b"batch")
+    await nats_sink.deliver("b-2", DAY, b"batch")
+    assert _ids(await place.messages()) == []
+    [why] = _deletion_warnings(caplog)
+    assert "interest" in why
+    assert "no consumer" in why

@@ -27,6 +27,15 @@ The stream is read before every batch: one an operator made again
 meanwhile (with NATS's default window of 2 minutes) stored a batch sent
 again twice. Once connected, nats-py reconnects by itself, for ever.
 
+A stream that would delete batches the billing system may not have read
+is used, and said once in a WARNING: one that drops its oldest messages
+once it holds `max_msgs` or `max_bytes` (discard old, NATS's default; with
+discard new it refuses the batch instead, and the deliverer tries again
+until there is room), and one whose retention is interest while it has no
+consumer (it deletes each batch as it stores it). Such a batch is still in
+the outbox; sent again within the stream's duplicate window (a day), it
+would be taken for a duplicate and not stored.
+
 Delivered point: the JetStream publish ack, which the server sends once the
 message is stored in the stream. The `Nats-Msg-Id` header is the batch id, so
 a batch sent again (its ack was lost, or we crashed before recording it) is
@@ -57,7 +66,7 @@ import nats.errors
 import nats.js.errors
 import trio
 from nats.aio.client import Client
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from ..config import check_nats_names
 from ..errors import SinkError, SinkRejected, SinkRetryable
@@ -234,6 +243,7 @@ class _Publisher:
         self._stream_subjects: Sequence[str] | None = None  # None: not checked yet
         self._last_error: Exception | None = None
         self._lock = asyncio.Lock()  # binds to the sink's loop on first use
+        self._warned: set[str] = set()  # what `_warn_of_deletions` said already
 
     async def publish(self, batch_id: str, day: str, body: bytes) -> None:
         """Publish one batch and wait for its ack. Raises only SinkError."""
@@ -379,7 +389,39 @@ class _Publisher:
                     " stored twice; give the stream a max_age of a day or more"
                 ) from exc
             log.warning("raised the stream's duplicate window to a day", extra={"fields": fields})
+        self._warn_of_deletions(info)
         return tuple(info.config.subjects or ())
+
+    def _warn_of_deletions(self, info: StreamInfo) -> None:
+        """Say, once for each, what of the stream's settings deletes batches
+        whether or not the billing system has read them (see the module
+        docstring): it cannot be told here whether it has."""
+        config = info.config
+        found = []
+        if config.discard != DiscardPolicy.NEW:
+            limits = [
+                f"{name} {value}"
+                for name, value in (("max_msgs", config.max_msgs), ("max_bytes", config.max_bytes))
+                if value is not None and value > 0
+            ]
+            if limits:
+                found.append(
+                    f"it drops its oldest batches once it holds {' or '.join(limits)}"
+                    " (discard old); with discard new it refuses a batch until there"
+                    " is room, and the batch is sent again"
+                )
+        if config.retention == RetentionPolicy.INTEREST and not info.state.consumer_count:
+            found.append(
+                "its retention is interest and it has no consumer: it deletes each batch"
+                " as it stores it"
+            )
+        for said in found:
+            if said not in self._warned:
+                self._warned.add(said)
+                log.warning(
+                    "the stream may delete batches the billing system has not read",
+                    extra={"fields": {"stream": self._stream, "why": said}},
+                )
 
     def _check(self, client: Client, subjects: Sequence[str], subject: str, size: int) -> None:
         """Reject what the server could never take (an oversize message closes the connection)."""
