@@ -41,6 +41,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,7 @@ _BEAT = 1.0  # how often a worker's event loop shows it runs (see the module doc
 # A worker's start, before its event loop beats (a Python process's imports,
 # slower on a loaded machine), is given this long on top of `worker_timeout`.
 _STARTING = 10.0
+_SIBLING_DIRECTORY = re.compile(r"ingestor-([0-9]+)-[a-z0-9_]+")  # `_sibling_directory`'s
 
 
 def _die_with_parent(supervisor: int) -> None:
@@ -146,6 +148,41 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
+def _sibling_directory() -> str:
+    """A new directory where the workers answer each other (their metrics),
+    private to this user, named after this supervisor's pid; the directories
+    of supervisors that died without removing theirs (SIGKILL, OOM) are
+    removed first: each crash left one behind for ever.
+
+    A Unix socket's path is at most 107 bytes: under a long TMPDIR, in /tmp.
+    """
+    parent = tempfile.gettempdir()
+    parent = parent if len(parent) <= 64 else "/tmp"
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            match = _SIBLING_DIRECTORY.fullmatch(entry.name)
+            if (
+                match
+                and entry.is_dir(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_uid == os.geteuid()
+                and not _alive(int(match[1]))
+            ):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"ingestor-{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (maybe another one, reusing the pid: its
+    directory is then kept, which is harmless)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def restart_pause(previous: float, lived: float) -> float:
     """Seconds to wait before restarting a worker that died after `lived` seconds,
     `previous` being the pause before its start (0 for the first).
@@ -209,11 +246,7 @@ def run_workers(settings: Settings) -> int:
         log.info("stopped before start", extra={"fields": {"bind": settings.bind}})
         return 0
     every = _worker_sockets(settings)
-    # Where the workers answer each other (their metrics): private to this
-    # user. A Unix socket's path is at most 107 bytes: under a long TMPDIR,
-    # in /tmp.
-    parent = tempfile.gettempdir()
-    directory = tempfile.mkdtemp(prefix="ingestor-", dir=parent if len(parent) <= 64 else "/tmp")
+    directory = _sibling_directory()
     context = multiprocessing.get_context("spawn")
     # Each worker's last heartbeat, on the monotonic clock every process shares.
     hearts = [context.Value("d", 0.0, lock=False) for _ in range(settings.workers)]

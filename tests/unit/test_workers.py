@@ -1,11 +1,19 @@
-"""The supervisor's listening sockets (ingestor.workers)."""
+"""The supervisor (ingestor.workers): its sockets, restarts and workers' directory."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from ingestor.config import Settings
-from ingestor.workers import _worker_sockets, restart_pause
+from ingestor.workers import _sibling_directory, _worker_sockets, restart_pause
 
 
 def test_each_worker_gets_its_own_socket_on_the_one_port_the_kernel_chose() -> None:
@@ -36,3 +44,42 @@ def test_a_worker_that_keeps_dying_at_start_is_restarted_less_and_less_often() -
     # One that served a while and then died starts over from the first pause.
     assert restart_pause(30.0, lived=600.0) == 1.0
     assert restart_pause(30.0, lived=59.0) == 30.0
+
+
+@pytest.fixture
+def short_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary directory short enough for Unix sockets (pytest's may not be),
+    as TMPDIR."""
+    where = Path(tempfile.mkdtemp(prefix="sib-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_supervisor_removes_the_worker_directories_dead_supervisors_left(
+    short_tmp: Path,
+) -> None:
+    """A supervisor killed with SIGKILL (or by the OOM killer) leaves its
+    workers' directory of sockets behind: one for each crash, for ever. The
+    next supervisor removes those whose supervisor is gone, and nothing else."""
+    tmp_path = short_tmp
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has now (reaped)
+    stale = tmp_path / f"ingestor-{gone.pid}-k2x_9abc"
+    stale.mkdir()
+    (stale / "worker-0.sock").touch()
+    running = tmp_path / f"ingestor-{os.getppid()}-q7w3e4r5"  # a live supervisor's
+    running.mkdir()
+    unrelated = [tmp_path / "ingestor-notes", tmp_path / f"other-{gone.pid}-k2x_9abc"]
+    for path in unrelated:
+        path.mkdir()
+    made = Path(_sibling_directory())
+    assert not stale.exists()
+    assert running.is_dir()
+    assert all(path.is_dir() for path in unrelated)
+    assert made.parent == tmp_path
+    assert made.name.startswith(f"ingestor-{os.getpid()}-")
+    # Its own is not taken for a dead one's by the next supervisor of this process.
+    again = Path(_sibling_directory())
+    assert made.is_dir()
+    assert again != made
