@@ -827,10 +827,38 @@ class PostgresStore:
             return True
 
     @contextmanager
+    def _session(self, what: str) -> Iterator[Connection]:
+        """A pooled session. A wait for one that ran out while every attempt
+        the pool made meanwhile to connect failed is the database out of
+        reach (StoreError: 503 `store_unavailable`, naming where), not the
+        database busy (StoreBusy, which the caller's `_translated` makes of a
+        pool whose sessions were all in use): told apart, a database that was
+        down answered every request `store_busy`, retried after a second, and
+        logged that no connection "became free in time"."""
+        before = self._pool.get_stats()
+        given = False
+        try:
+            with self._pool.connection() as conn:
+                given = True
+                yield conn
+        except psycopg_pool.PoolTimeout as exc:
+            if given:
+                raise
+            after = self._pool.get_stats()
+            tried = after.get("connections_num", 0) - before.get("connections_num", 0)
+            failed = after.get("connections_errors", 0) - before.get("connections_errors", 0)
+            if tried > 0 and failed == tried:
+                raise StoreError(
+                    f"{what}: cannot connect to {self._connector.where}:"
+                    f" {tried} attempt(s) failed in the busy timeout"
+                ) from exc
+            raise
+
+    @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:
         """One transaction holding partition `partition`'s lock. Any error: nothing
         kept, but `StoreOutcomeUnknown` if the connection went as it committed."""
-        with _translated(what), self._pool.connection() as conn:
+        with _translated(what), self._session(what) as conn:
             committing = False
             try:
                 with self._watchdog.watch(conn), conn.transaction():
@@ -916,7 +944,7 @@ class PostgresStore:
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[Connection]:
-        with _translated(what), self._pool.connection() as conn, self._watchdog.watch(conn):
+        with _translated(what), self._session(what) as conn, self._watchdog.watch(conn):
             yield conn
 
     # -- writes ---------------------------------------------------------
@@ -1089,7 +1117,8 @@ class PostgresStore:
                 return removed
 
     def note_zones(self, zones: Sequence[str], now_us: int, since_us: int) -> list[str]:
-        with _translated("note time zones"), self._pool.connection() as conn:
+        what = "note time zones"
+        with _translated(what), self._session(what) as conn:
             with conn.transaction():
                 for zone in sorted(zones):  # one order: two instances never deadlock
                     conn.execute(_KEEP_LATEST, (f"zone/{zone}", str(now_us)))
@@ -1101,7 +1130,8 @@ class PostgresStore:
         return sorted(str(key).removeprefix("zone/") for (key,) in rows)
 
     def announce_purge(self, before_us: int) -> None:
-        with _translated("announce a purge"), self._pool.connection() as conn:
+        what = "announce a purge"
+        with _translated(what), self._session(what) as conn:
             conn.execute(_KEEP_LATEST, ("purge_horizon", str(before_us)))
 
     def purge_horizon(self) -> int | None:

@@ -826,3 +826,57 @@ def test_a_clock_that_cannot_be_read_precisely_is_not_read_at_all(
     finally:
         monkeypatch.undo()
         store.close()
+
+
+@pytest.fixture
+def own_database(postgres_admin: str) -> Iterator[tuple[str, str]]:
+    """A database of the test's own, and its name: it may be closed to connections."""
+    name = _create_database(postgres_admin)
+    try:
+        yield make_conninfo(postgres_admin, dbname=name), name
+    finally:
+        with psycopg.connect(postgres_admin, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        _drop_database(postgres_admin, name)
+
+
+def test_a_database_out_of_reach_is_told_from_a_busy_one(
+    postgres_admin: str, own_database: tuple[str, str]
+) -> None:
+    """The database stops taking connections (here closed to them, its sessions
+    ended, as a restart or a host gone would): a write waits its busy timeout
+    for a session the pool cannot make, and must say the database cannot be
+    reached, naming it (StoreError: 503 store_unavailable), not that every
+    session was in use (StoreBusy: 503 store_busy, retried after a second,
+    logged as "no database connection became free in time"), as it did.
+    Sessions all in use, with none to make, are still StoreBusy, and once
+    the database takes connections again, writes go through."""
+    url, name = own_database
+    store = open_store(url, busy_timeout=1, pool=1)
+    try:
+        assert store.write_pulses(PART, [pulse(id="before")], T0) == ["accepted"]
+        with store._pool.connection(), pytest.raises(StoreBusy, match="became free in time"):
+            store.write_pulses(PART, [pulse(id="busy")], T0)
+        with psycopg.connect(postgres_admin, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            with pytest.raises(StoreError) as refused:
+                store.write_pulses(PART, [pulse(id="out of reach")], T0)
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        assert not isinstance(refused.value, StoreBusy), refused.value
+        assert "cannot connect to PostgreSQL at 127.0.0.1:" in str(refused.value)
+        assert name in str(refused.value)
+        deadline = time.monotonic() + 10
+        while True:  # the pool connects again within a busy timeout or two
+            try:
+                assert store.write_pulses(PART, [pulse(id="after")], T0) == ["accepted"]
+                break
+            except StoreError:
+                assert time.monotonic() < deadline, "no write 10 s after the database was back"
+                time.sleep(0.1)
+        assert bucket(store)[1] == 2  # "before" and "after": nothing else stored
+    finally:
+        store.close()
