@@ -47,7 +47,10 @@ __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
 _IDLE_POLL = 1.0  # also picks up batches committed by other processes (at most this long idle)
-_RECORD_AGAIN_S = (0.1, 0.5)  # pauses before recording an outcome again (`Deliverer._record`)
+# Pauses before recording an outcome again (`Deliverer._record`): the first
+# ones, which a stop waits for; then doubling up to the last, till the lease ends.
+_RECORD_AGAIN_S = (0.1, 0.5)
+_RECORD_AGAIN_MAX_S = 5.0
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -166,11 +169,18 @@ class Deliverer:
     async def _record(
         self, batch: DueBatch, lease: int, status: str, error: str | None, next_at: int | None
     ) -> None:
-        """Record an attempt's outcome, trying again, soon, where the store failed:
-        a database failing over ends every session as a delivery's answer comes,
-        and a batch the sink had taken, recorded nowhere, was sent again only
-        when its lease ended (55 s with the default sink timeout)."""
-        for pause in (*_RECORD_AGAIN_S, None):
+        """Record an attempt's outcome, trying again while the store fails and
+        the claim's lease lasts: a database failing over ends every session as
+        a delivery's answer comes, and a full disk refuses writes for as long as
+        it is full. A batch the sink had taken, recorded nowhere, is sent again
+        when its lease ends (55 s with the default sink timeout, PostgreSQL):
+        tried for only 0.6 s, a failover or a full disk that lasted longer had
+        the receiver sent the batch twice. The first pauses are shielded like
+        the tries (the sink has the batch as the stop comes); a stop during a
+        later one leaves the batch pending, sent again later, harmlessly."""
+        shielded = iter(_RECORD_AGAIN_S)
+        pause = 0.0
+        while True:
             try:
                 # Shielded: a stop that cancelled this wait would leave a batch
                 # the sink has taken pending in the store, sent again once its
@@ -192,18 +202,26 @@ class Deliverer:
             except Exception as exc:
                 if not _passing(exc):
                     raise  # a defect (see `run`)
-                if pause is None:
-                    # Still pending in the store: it is sent again later, harmlessly.
-                    self.unrecorded += 1
-                    log.warning(
-                        "could not record delivery",
-                        extra={
-                            "fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}
-                        },
-                    )
-                    return
-            with trio.CancelScope(shield=True):
-                await trio.sleep(pause)
+                failure = str(exc) or repr(exc)
+            first = next(shielded, None)
+            pause = first if first is not None else min(2 * pause, _RECORD_AGAIN_MAX_S)
+            if self._clock() + int(pause * 1_000_000) >= lease:
+                # Still pending in the store: sent again once the lease ends.
+                self._unrecorded(batch, failure)
+                return
+            try:
+                with trio.CancelScope(shield=first is not None):
+                    await trio.sleep(pause)
+            except trio.Cancelled:
+                self._unrecorded(batch, failure)
+                raise
+
+    def _unrecorded(self, batch: DueBatch, failure: str) -> None:
+        self.unrecorded += 1
+        log.warning(
+            "could not record delivery",
+            extra={"fields": {"batch_id": batch.batch_id, "error": failure}},
+        )
 
     async def _give_back(
         self,

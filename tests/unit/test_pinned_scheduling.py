@@ -24,7 +24,14 @@ import trio.testing
 
 from ingestor.clock import epoch_us
 from ingestor.committer import Committer
-from ingestor.errors import Draining, SinkRejected, SinkRetryable, StoreBusy, StoreError
+from ingestor.errors import (
+    Draining,
+    SinkRejected,
+    SinkRetryable,
+    StoreBusy,
+    StoreError,
+    StoreFull,
+)
 from ingestor.ledger import BATCH_MIN_BYTES
 from ingestor.model import BatchSummary
 from ingestor.partition import partition_of
@@ -231,6 +238,75 @@ async def test_an_outcome_recorded_again_is_kept_though_the_service_stops_in_the
         await deliverer_of(failing, TakenAsTheStopComes(), wall).deliver_due()  # type: ignore[arg-type]
     assert tries == ["delivered", "delivered"]
     assert state(store, batch_id) == ("delivered", 1, None)
+
+
+def failing_records(store: SQLiteStore, clock: trio.testing.MockClock, failures: int) -> Wrapped:
+    """`store`, its first `failures` records of a delivery failing (a full disk),
+    the (virtual) time of each try noted in `.tries`."""
+    tries: list[float] = []
+
+    def record_delivery(*args: Any, **kwargs: Any) -> None:
+        tries.append(clock.current_time())
+        if len(tries) <= failures:
+            raise StoreFull("record delivery: the disk under the database is full")
+        store.record_delivery(*args, **kwargs)
+
+    return Wrapped(store, record_delivery=record_delivery, tries=tries)
+
+
+async def test_an_outcome_is_recorded_again_while_the_lease_lasts_and_no_longer(
+    store: SQLiteStore, lazy_clock: trio.testing.MockClock
+) -> None:
+    """The sink took the batch and the store refuses every record (its disk is
+    full): tried again after 0.1, 0.5, 1, 2 and 4 s, then every 5 s, while
+    the claim's lease (25 s) lasts; a try the lease would end first is not
+    made: past it another process may hold the batch, and sends it again.
+    Tried for 0.6 s only, a failover or a full disk that lasted a second had
+    the receiver sent the batch twice."""
+    [batch_id] = make_batches(store, 1)
+    failing = failing_records(store, lazy_clock, failures=10**6)
+    deliverer = deliverer_of(failing, MemorySink(), VirtualWall(lazy_clock), lease=25.0)  # type: ignore[arg-type]
+    assert await deliverer.deliver_due() == 1
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(failing.tries)]
+    assert gaps == [0.1, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert failing.tries[-1] + 5 >= 25 > failing.tries[-1]
+    assert deliverer.unrecorded == 1
+    assert state(store, batch_id) == ("pending", 0, None)
+
+
+async def test_a_store_back_within_the_lease_takes_the_outcome_once(
+    store: SQLiteStore, lazy_clock: trio.testing.MockClock
+) -> None:
+    """The same store, back after 6 failed records (8 s): the delivery is
+    recorded then, once, and the batch is never sent again."""
+    [batch_id] = make_batches(store, 1)
+    failing = failing_records(store, lazy_clock, failures=6)
+    sink = MemorySink()
+    deliverer = deliverer_of(failing, sink, VirtualWall(lazy_clock), lease=25.0)  # type: ignore[arg-type]
+    assert await deliverer.deliver_due() == 1
+    assert len(failing.tries) == 7
+    assert (deliverer.unrecorded, state(store, batch_id)) == (0, ("delivered", 1, None))
+    await trio.sleep(60)  # past the lease: nothing due
+    assert await deliverer.deliver_due() == 0
+    assert sink.attempts == [batch_id]
+
+
+async def test_a_stop_waits_for_the_first_tries_to_record_and_not_for_the_later(
+    store: SQLiteStore, lazy_clock: trio.testing.MockClock
+) -> None:
+    """The stop comes at 1.2 s, in the third pause (1 s, after tries at 0, 0.1
+    and 0.6 s) of a store that refuses records: the service stops then, the
+    batch left pending (sent again once its lease ends, harmlessly, and said
+    in the log), not held up for the rest of the lease."""
+    [batch_id] = make_batches(store, 1)
+    failing = failing_records(store, lazy_clock, failures=10**6)
+    deliverer = deliverer_of(failing, MemorySink(), VirtualWall(lazy_clock), lease=25.0)  # type: ignore[arg-type]
+    with trio.move_on_after(1.2):
+        await deliverer.deliver_due()
+    assert trio.current_time() == pytest.approx(1.2, abs=0.05)
+    assert [round(t, 2) for t in failing.tries] == [0.0, 0.1, 0.6]
+    assert deliverer.unrecorded == 1
+    assert state(store, batch_id) == ("pending", 0, None)
 
 
 @pytest.mark.parametrize("ending", ["cancelled", "retryable"])
