@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import socket
@@ -549,6 +550,7 @@ class _Connector:
         self._timeout_ms = str(max(1, round(busy_timeout * 1000)))
         self._idle_ms = str(max(1, round(busy_timeout * 3000)))
         self.watchdog = _Watchdog(3 * busy_timeout)
+        self.connected_at = -math.inf  # when a connection was last made (monotonic)
 
     def configure(self, conn: Connection) -> None:
         # lock_timeout bounds the wait for a partition lock (SQLite's busy
@@ -577,6 +579,7 @@ class _Connector:
         # that long, and a shutdown behind it.
         with self.watchdog.watch(conn):
             self._configure(conn)
+        self.connected_at = time.monotonic()
 
     def _configure(self, conn: Connection) -> None:
         conn.execute(
@@ -692,6 +695,11 @@ class PostgresStore:
         self._leader_guard = threading.Lock()
         self._shared: str | None = None  # why the sessions are not our own (`lead_committer`)
         self._read_only: str | None = None  # why writes are refused, till one may write (`trouble`)
+        # The pool's count of failed connections when last looked at, and
+        # when it was seen to move (`_out_of_reach`).
+        self._failed_seen = pool.get_stats().get("connections_errors", 0)
+        self._failed_at = -math.inf
+        self._reach_guard = threading.Lock()
 
     @classmethod
     def open(
@@ -828,31 +836,33 @@ class PostgresStore:
 
     @contextmanager
     def _session(self, what: str) -> Iterator[Connection]:
-        """A pooled session. A wait for one that ran out while every attempt
-        the pool made meanwhile to connect failed is the database out of
-        reach (StoreError: 503 `store_unavailable`, naming where), not the
-        database busy (StoreBusy, which the caller's `_translated` makes of a
-        pool whose sessions were all in use): told apart, a database that was
-        down answered every request `store_busy`, retried after a second, and
-        logged that no connection "became free in time"."""
-        before = self._pool.get_stats()
+        """A pooled session. A wait for one that ran out while the database is
+        out of reach (`_out_of_reach`) says so, naming it (StoreError: 503
+        `store_unavailable`), rather than that every session was in use
+        (StoreBusy, which the caller's `_translated` makes of the timeout):
+        a database that was down answered every request `store_busy`,
+        retried after a second, and logged that no connection "became free
+        in time"."""
         given = False
         try:
             with self._pool.connection() as conn:
                 given = True
                 yield conn
         except psycopg_pool.PoolTimeout as exc:
-            if given:
-                raise
-            after = self._pool.get_stats()
-            tried = after.get("connections_num", 0) - before.get("connections_num", 0)
-            failed = after.get("connections_errors", 0) - before.get("connections_errors", 0)
-            if tried > 0 and failed == tried:
-                raise StoreError(
-                    f"{what}: cannot connect to {self._connector.where}:"
-                    f" {tried} attempt(s) failed in the busy timeout"
-                ) from exc
+            if not given and self._out_of_reach():
+                raise StoreError(f"{what}: cannot connect to {self._connector.where}") from exc
             raise
+
+    def _out_of_reach(self) -> bool:
+        """Whether the pool's last attempt to connect failed: a failure seen
+        (its count of failed connections moved; looked at here and every
+        second, `trouble`) after the last connection made (`_Connector.connected_at`)."""
+        failed = self._pool.get_stats().get("connections_errors", 0)
+        with self._reach_guard:
+            if failed != self._failed_seen:
+                self._failed_seen = failed
+                self._failed_at = time.monotonic()
+            return self._failed_at > self._connector.connected_at
 
     @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:
@@ -1293,6 +1303,7 @@ class PostgresStore:
         # that takes no writes by a write, or at open: asked again here until
         # a new session may write, as no write comes to an instance whose
         # /readyz answers 503.
+        self._out_of_reach()  # keeps when a connection last failed up to date
         if self._shared is None and self._read_only is not None and self._writable():
             self._read_only = None
         return self._shared or self._read_only
