@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -421,4 +422,46 @@ async def test_writes_and_commits_never_wait_for_threads_that_reads_hold(held: H
                 assert len(await committed.receive()) == 1
         finally:
             released.set()
+        shard.close()
+
+
+async def test_failed_writes_are_said_once_a_kind_at_a_time_with_how_many_more(
+    held: HeldStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that is full or down fails every write of every partition:
+    said each, two instances wrote a thousand lines in 6 s. Each kind of error
+    is said at once, then once every `_QUIET_FOR` s with how many writes
+    failed so meanwhile; another kind is said at once too."""
+    import ingestor.shard as module
+
+    clock = [1000.0]
+    monkeypatch.setattr(module, "_failures", module._Failures(lambda: clock[0]))
+    caplog.set_level(logging.WARNING, logger="ingestor.shard")
+    shard = Shard(0, [0, 1], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
+
+    async def fail_once(error: StoreError, partition: int) -> None:
+        held.fail_partition = (partition, error)
+        reply: Reply[Written] = Reply()
+        shard.submit_nowait(ingest(reply, make_pulse(1, pulse_id="x"), partition=partition))
+        with pytest.raises(type(error)):
+            await outcomes(reply, partition)
+
+    def said() -> list[tuple[str, object]]:
+        lines = [r for r in caplog.records if r.getMessage() == "write failed"]
+        caplog.clear()
+        return [
+            (r.fields["error"], r.fields.get("more_failed_since"))  # type: ignore[attr-defined]
+            for r in lines
+        ]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        for n in range(5):
+            await fail_once(StoreFull("disk full"), n % 2)
+        assert said() == [("disk full", None)]
+        await fail_once(StoreBusy("locked"), 1)
+        assert said() == [("locked", None)]
+        clock[0] += module._QUIET_FOR
+        await fail_once(StoreFull("disk still full"), 0)
+        assert said() == [("disk still full", 4)]
         shard.close()
