@@ -643,3 +643,27 @@ async def test_a_stream_of_interest_without_a_consumer_is_said_to_delete_every_b
     [why] = _deletion_warnings(caplog)
     assert "interest" in why
     assert "no consumer" in why
+
+
+async def test_a_delivery_behind_another_deliverys_stream_check_says_what_it_waited_for(
+    nats_sink: NatsSink, place: Place
+) -> None:
+    """One delivery stuck checking the stream (a NATS server whose disk filled
+    hangs there), the others wait for it: their timeout must say so, not
+    blame the connection ("connecting to ...: timed out"), which is up."""
+    await nats_sink.deliver("b-1", DAY, b"one")
+    loop, publisher = nats_sink._loop, nats_sink._publisher
+    assert loop is not None
+    await trio.to_thread.run_sync(lambda: loop.submit(publisher._lock.acquire()).result(5))
+    try:
+        with pytest.raises(SinkRetryable) as waited:
+            await nats_sink.deliver("b-2", DAY, b"two")
+    finally:
+        loop.submit(_release(publisher._lock)).result(5)
+    assert str(waited.value).startswith("waiting for another delivery"), waited.value
+    await nats_sink.deliver("b-2", DAY, b"two")
+    assert _ids(await place.messages()) == ["b-1", "b-2"]
+
+
+async def _release(lock: Any) -> None:
+    lock.release()

@@ -249,10 +249,13 @@ class _Publisher:
         """Publish one batch and wait for its ack. Raises only SinkError."""
         subject = self._subject.replace("{date}", day)
         headers = {"Nats-Msg-Id": batch_id, "Nats-Expected-Stream": self._stream}
-        step = f"connecting to {self._shown}"
+        # Named while it waits: a delivery behind another's stuck stream check
+        # (a server whose disk filled hangs there) said it timed out connecting.
+        step = "waiting for another delivery to connect and check the stream"
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._lock:  # one caller connects and checks the stream
+                    step = f"connecting to {self._shown}"
                     client = await self._connected()
                     step = f"checking stream {self._stream}"
                     subjects = await self._checked_stream(client)
