@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     _raise_open_files_limit()
-    from .service import ignore_stop_signals, run_service, serve
-    from .workers import run_workers
+    from .service import ignore_stop_signals
+    from .workers import run_alone, run_workers
 
     try:
         if settings.workers > 1:
             return run_workers(settings)
-        run_service(serve, settings)
+        run_alone(settings)
     except StoreError as exc:
         print(f"billing-ingestor: store error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -32,12 +32,21 @@ when it dies. The
 workers answer each other on Unix sockets in a directory of the
 supervisor's (`WorkerGroup`): a scrape of /metrics, taken by any worker,
 shows every worker's series.
+
+A single process (`workers = 1`, the default) has no supervisor: a thread
+of its own watches the same heartbeat (`run_alone`), and a process whose
+event loop has not run for `worker_timeout` writes every thread's stack
+and exits with status 70, for its service manager to start it again
+(compose: `restart: unless-stopped`; systemd: `Restart=on-failure`).
+Unwatched, such a process answered nothing, /healthz included, until
+somebody killed it by hand.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -60,7 +69,7 @@ from .logs import setup_logging
 from .runtime import WorkerGroup
 from .store import open_store
 
-__all__ = ["restart_pause", "run_workers"]
+__all__ = ["restart_pause", "run_alone", "run_workers"]
 
 log = logging.getLogger("ingestor.workers")
 _RESTART_PAUSE = 1.0  # before restarting a worker that died
@@ -97,6 +106,63 @@ async def _beat(heart: ctypes.c_double) -> None:
     while True:
         heart.value = time.monotonic()
         await trio.sleep(_BEAT)
+
+
+_STOPPED = 2.0  # a watchdog sleep of `_BEAT` s taking this much more: the process was stopped
+_STUCK_EXIT = 70  # EX_SOFTWARE: the status of a single process whose event loop stopped running
+
+
+def run_alone(settings: Settings) -> None:
+    """`serve` in this process alone, watched (see the module docstring)."""
+    from .service import run_service, serve
+
+    heart = ctypes.c_double(time.monotonic() + _STARTING)
+    done = threading.Event()
+    watchdog = threading.Thread(
+        target=_watch_alone,
+        args=(heart, settings.worker_timeout, done),
+        name="ingestor-watchdog",
+        daemon=True,
+    )
+
+    async def main() -> None:
+        trio.lowlevel.spawn_system_task(_beat, heart)
+        await serve(settings)
+
+    watchdog.start()
+    try:
+        run_service(main)
+    finally:
+        done.set()  # the loop has ended: nothing beats any more, and nothing need
+
+
+def _watch_alone(
+    heart: ctypes.c_double,
+    timeout: float,
+    done: threading.Event,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Exit the process once its event loop has not beaten for `timeout` s.
+
+    A sleep of this thread's that took `_STOPPED` s longer than asked says
+    the whole process was stopped meanwhile (SIGSTOP, a paused container),
+    or starved: the loop is given a full timeout again from then, as the
+    supervisor gives a group it sees continued (SIGCONT)."""
+    grace = 0.0
+    last = clock()
+    while not done.wait(_BEAT):
+        now = clock()
+        if now - last > _BEAT + _STOPPED:
+            grace = now
+        last = now
+        silent = now - max(heart.value, grace)
+        if silent > timeout and not done.is_set():
+            log.critical(
+                "the event loop has not run, exiting to be started again",
+                extra={"fields": {"silent_s": round(silent, 1), "exit_code": _STUCK_EXIT}},
+            )
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(_STUCK_EXIT)
 
 
 def _worker(

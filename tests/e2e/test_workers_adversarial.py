@@ -671,3 +671,64 @@ async def test_second_group_on_the_same_data_dir_stays_exact(tmp_path: Path) -> 
         finally:
             await second.aclose()
         assert "Traceback" not in second.server.output, second.server.output[-4000:]
+
+
+# -- a single process, watched by a thread of its own ---------------------------------
+
+_STUCK_ON_SIGUSR1 = """\
+import signal
+import time
+
+
+def _stuck(signum, frame):
+    time.sleep(3600)  # on the main thread: the event loop runs no more
+
+
+signal.signal(signal.SIGUSR1, _stuck)
+"""
+
+
+async def test_a_single_process_whose_event_loop_is_stuck_exits_to_be_started_again(
+    tmp_path: Path,
+) -> None:
+    """README: a process "whose event loop has not run for worker_timeout" is
+    killed and restarted. With one worker there was no supervisor: a process
+    stuck in a call that never returns answered nothing, /healthz included,
+    for ever (a compose healthcheck marks it unhealthy and restarts nothing).
+    Stopped (SIGSTOP, a paused container) for twice the timeout and
+    continued, it must be left alone; stuck (its main thread blocked in a
+    signal handler a sitecustomize installs), it must write its stacks and
+    exit with status 70 within the timeout and a few seconds, for its
+    service manager to start it again."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_STUCK_ON_SIGUSR1)
+    timeout = 3.0
+    env = {
+        "INGESTOR_WORKER_TIMEOUT": str(timeout),
+        "INGESTOR_COMMIT_INTERVAL": "3600",
+        "PYTHONPATH": str(hooks),
+    }
+    async with ServerProcess(tmp_path / "data", env=env) as server, httpx.AsyncClient() as http:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        await trio.sleep(2 * timeout)
+        os.kill(server.pid, signal.SIGCONT)
+        await trio.sleep(timeout + 1.5)
+        assert server.running, f"killed after a stop it was continued from:\n{server.tail()}"
+        assert (await http.get(f"{server.url}/healthz", timeout=5)).status_code == 200
+
+        os.kill(server.pid, signal.SIGUSR1)
+        stuck = trio.current_time()
+
+        async def gone() -> bool:
+            return not server.running
+
+        await wait_until(gone, within=timeout + 6, what="the stuck process gone", interval=0.1)
+        took = trio.current_time() - stuck
+        code = await server.kill()  # only collects its exit status: it is gone
+    output = server.output_of_run()
+    assert code == 70, (code, output[-2000:])
+    assert timeout <= took, took
+    assert "the event loop has not run, exiting to be started again" in output
+    assert "_stuck" in output, "no stack of the stuck thread:\n" + output[-2000:]

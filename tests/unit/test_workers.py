@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +85,36 @@ def test_a_supervisor_removes_the_worker_directories_dead_supervisors_left(
     again = Path(_sibling_directory())
     assert made.is_dir()
     assert again != made
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_a_single_process_stopped_and_continued_is_not_taken_for_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog of a process alone (`run_alone`), and the whole process
+    stopped for 10 s (SIGSTOP, a paused container), the timeout 3 s: once
+    continued, the watchdog may run before the event loop beats again. It
+    must see its own sleep took 10 s, give the loop a whole timeout from
+    then, and exit only once the loop has stayed silent that long after."""
+    from ingestor import workers
+
+    ticks = iter([0.0, 1.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0])  # each look at the clock
+    now = [0.0]
+
+    def monotonic() -> float:
+        now[0] = next(ticks)
+        return now[0]
+
+    def exit_(code: int) -> None:
+        raise _Exited(code, now[0])
+
+    monkeypatch.setattr(workers.os, "_exit", exit_)
+    monkeypatch.setattr(workers.faulthandler, "dump_traceback", lambda **kwargs: None)
+    monkeypatch.setattr(workers, "_BEAT", 0.001)
+    heart = ctypes.c_double(0.0)  # the loop's last beat, at 0: none after the stop
+    with pytest.raises(_Exited) as exited:
+        workers._watch_alone(heart, 3.0, threading.Event(), monotonic)
+    assert exited.value.args == (70, 15.0)  # 4 s after the stop ended, not at once (11)
