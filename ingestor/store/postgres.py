@@ -695,10 +695,11 @@ class PostgresStore:
         self._leader_guard = threading.Lock()
         self._shared: str | None = None  # why the sessions are not our own (`lead_committer`)
         self._read_only: str | None = None  # why writes are refused, till one may write (`trouble`)
-        # The pool's count of failed connections when last looked at, and
-        # when it was seen to move (`_out_of_reach`).
+        # The pool's count of failed connections when last looked at, when
+        # that was, and what it told (`_out_of_reach`).
         self._failed_seen = pool.get_stats().get("connections_errors", 0)
-        self._failed_at = -math.inf
+        self._looked_at = time.monotonic()
+        self._unreachable = False
         self._reach_guard = threading.Lock()
 
     @classmethod
@@ -854,15 +855,21 @@ class PostgresStore:
             raise
 
     def _out_of_reach(self) -> bool:
-        """Whether the pool's last attempt to connect failed: a failure seen
-        (its count of failed connections moved; looked at here and every
-        second, `trouble`) after the last connection made (`_Connector.connected_at`)."""
+        """Whether the pool's last attempts to connect failed, as far as its
+        count of failed connections and the last connection made
+        (`_Connector.connected_at`) tell, looked at here and every second
+        (`trouble`): failures since the last look and no connection made
+        since then is out of reach; a connection made since, not."""
         failed = self._pool.get_stats().get("connections_errors", 0)
         with self._reach_guard:
+            made_since = self._connector.connected_at > self._looked_at
             if failed != self._failed_seen:
                 self._failed_seen = failed
-                self._failed_at = time.monotonic()
-            return self._failed_at > self._connector.connected_at
+                self._unreachable = not made_since
+            elif made_since:
+                self._unreachable = False
+            self._looked_at = time.monotonic()
+            return self._unreachable
 
     @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:

@@ -849,8 +849,9 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
     reached, naming it (StoreError: 503 store_unavailable), not that every
     session was in use (StoreBusy: 503 store_busy, retried after a second,
     logged as "no database connection became free in time"), as it did.
-    Sessions all in use, with none to make, are still StoreBusy, and once
-    the database takes connections again, writes go through."""
+    Sessions all in use, with none to make, are still StoreBusy, before the
+    outage and after it, and once the database takes connections again,
+    writes go through."""
     url, name = own_database
     store = open_store(url, busy_timeout=1, pool=1)
     try:
@@ -865,6 +866,8 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
             )
             with pytest.raises(StoreError) as refused:
                 store.write_pulses(PART, [pulse(id="out of reach")], T0)
+            store._pool.check()  # more failed attempts, after the store last looked
+            time.sleep(0.5)
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         assert not isinstance(refused.value, StoreBusy), refused.value
         assert "cannot connect to PostgreSQL at 127.0.0.1:" in str(refused.value)
@@ -878,5 +881,8 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
                 assert time.monotonic() < deadline, "no write 10 s after the database was back"
                 time.sleep(0.1)
         assert bucket(store)[1] == 2  # "before" and "after": nothing else stored
+        # Back: the failures the pool met before are not taken for an outage.
+        with store._pool.connection(), pytest.raises(StoreBusy, match="became free in time"):
+            store.write_pulses(PART, [pulse(id="busy again")], T0)
     finally:
         store.close()
