@@ -22,6 +22,7 @@ import trio
 from .clock import moment, wall_clock_us
 from .errors import Draining, StoreError, out_of_resources
 from .ledger import BATCH_MAX_BYTES
+from .logs import Hushed
 from .model import BatchSummary
 from .shard import Commit, Reply, Shard
 from .store import Store
@@ -29,6 +30,7 @@ from .store import Store
 __all__ = ["Committer", "day_closes_at"]
 
 log = logging.getLogger("ingestor.committer")
+_store_failures = Hushed(log)  # a tick's steps failing while the store is down
 _LEAD_RETRY = 5.0  # seconds between tries to take over from a lost leader
 # A leader that has not told the store it leads for this many of those
 # seconds loses the lead (`Store.lead_committer`'s lapse): 20 s.
@@ -359,9 +361,10 @@ class Committer:
 
 
 def _tick_failed(what: str, exc: Exception) -> None:
-    fields = {"fields": {"error": str(exc) or repr(exc)}}
+    fields = {"error": str(exc) or repr(exc)}
     if isinstance(exc, StoreError) or out_of_resources(exc) is not None:
-        # Said in one line: the next tick tries again, as the deliverer does.
-        log.warning(f"{what} failed", extra=fields)
+        # Said in one line, once in a while: the next tick tries again, as
+        # the deliverer does, and a store that is down fails every one.
+        _store_failures.warning((what, type(exc).__name__), f"{what} failed", fields)
     else:
-        log.exception(f"{what} failed", extra=fields)
+        log.exception(f"{what} failed", extra={"fields": fields})

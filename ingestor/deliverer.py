@@ -40,12 +40,14 @@ import trio
 
 from .clock import wall_clock_us
 from .errors import SinkRejected, SinkRetryable, StoreError, out_of_resources
+from .logs import Hushed
 from .sinks import Sink
 from .store import DueBatch, Store
 
 __all__ = ["Deliverer", "backoff"]
 
 log = logging.getLogger("ingestor.deliverer")
+_store_failures = Hushed(log)  # the store failing every pass and claim, said once in a while
 _IDLE_POLL = 1.0  # also picks up batches committed by other processes (at most this long idle)
 # Pauses before recording an outcome again (`Deliverer._record`): the first
 # ones, which a stop waits for; then doubling up to the last, till the lease ends.
@@ -273,10 +275,9 @@ class Deliverer:
                 raise  # a defect (see `run`)
             # Still due: tried again after the idle poll, not in a busy loop.
             self.unrecorded += 1
-            log.warning(
-                "could not claim a batch",
-                extra={"fields": {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}},
-            )
+            fields = {"batch_id": batch.batch_id, "error": str(exc) or repr(exc)}
+            key = ("claim", type(exc).__name__)
+            _store_failures.warning(key, "could not claim a batch", fields)
             return None
         return None if body is None else (lease, body)
 
@@ -323,9 +324,9 @@ class Deliverer:
                 # A defect still does: its supervisor starts it again.
                 if not _passing(exc):
                     raise
-                log.warning(
-                    "reading the outbox failed", extra={"fields": {"error": str(exc) or repr(exc)}}
-                )
+                fields = {"error": str(exc) or repr(exc)}
+                key = ("read", type(exc).__name__)
+                _store_failures.warning(key, "reading the outbox failed", fields)
                 attempted = 0
             # A batch whose outcome the store did not take is due again at
             # once: sent again now, it would be sent in a busy loop.

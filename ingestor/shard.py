@@ -20,8 +20,6 @@ the network, and each partition's lock, side by side.
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
@@ -32,43 +30,15 @@ import trio
 from .clock import wall_clock_us
 from .errors import Draining, Overloaded, StoreBusy, StoreError, out_of_resources
 from .ledger import BATCH_MAX_BYTES
+from .logs import Hushed
 from .model import BatchSummary, Outcome, Pulse, encode_pulses, join_encoded
 from .store import Store
 
 __all__ = ["Commit", "Ingest", "Replies", "Reply", "Shard", "ShardStatistics", "Written"]
 
 log = logging.getLogger("ingestor.shard")
-_QUIET_FOR = 10.0  # seconds a failure of writes is said once in, a kind of error at a time
-
-
-class _Failures:
-    """The log of failed writes: each kind of error (StoreFull, StoreBusy...)
-    said at once, then at most once every `_QUIET_FOR` s, with how many writes
-    failed so meanwhile. Said each, a database that was down or full wrote a
-    line for every write of every partition: a thousand in 6 s."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._guard = threading.Lock()  # the shards write in threads of their own
-        self._quiet_until: dict[type[StoreError], float] = {}
-        self._held: dict[type[StoreError], int] = {}
-
-    def say(self, partition: int, error: StoreError) -> None:
-        kind = type(error)
-        now = self._clock()
-        with self._guard:
-            if now < self._quiet_until.get(kind, -math.inf):
-                self._held[kind] = self._held.get(kind, 0) + 1
-                return
-            self._quiet_until[kind] = now + _QUIET_FOR
-            held = self._held.pop(kind, 0)
-        fields: dict[str, object] = {"partition": partition, "error": str(error)}
-        if held:
-            fields["more_failed_since"] = held
-        log.warning("write failed", extra={"fields": fields})
-
-
-_failures = _Failures()
+# Failed writes, a line a kind of error (full, busy, unavailable) once in a while.
+_failures = Hushed(log)
 T = TypeVar("T")
 
 
@@ -408,7 +378,8 @@ class Shard:
                     written[partition] = exc
         for partition, outcome in written.items():
             if isinstance(outcome, StoreError):
-                _failures.say(partition, outcome)
+                fields = {"partition": partition, "error": str(outcome)}
+                _failures.warning(type(outcome).__name__, "write failed", fields)
         return written
 
     async def _commit(self, message: Commit) -> StoreBusy | None:

@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from ingestor.errors import Draining, Overloaded, StoreBusy, StoreError, StoreFull
+from ingestor.logs import HUSH_S, Hushed
 from ingestor.model import BatchSummary, Outcome, Pulse, join_encoded
 from ingestor.shard import Commit, Ingest, Replies, Reply, Shard, Written
 from ingestor.store.sqlite import SQLiteStore
@@ -430,12 +431,12 @@ async def test_failed_writes_are_said_once_a_kind_at_a_time_with_how_many_more(
 ) -> None:
     """A database that is full or down fails every write of every partition:
     said each, two instances wrote a thousand lines in 6 s. Each kind of error
-    is said at once, then once every `_QUIET_FOR` s with how many writes
+    is said at once, then once every `HUSH_S` s with how many writes
     failed so meanwhile; another kind is said at once too."""
     import ingestor.shard as module
 
     clock = [1000.0]
-    monkeypatch.setattr(module, "_failures", module._Failures(lambda: clock[0]))
+    monkeypatch.setattr(module, "_failures", Hushed(module.log, lambda: clock[0]))
     caplog.set_level(logging.WARNING, logger="ingestor.shard")
     shard = Shard(0, [0, 1], held, queue_size=16, group_max_pulses=1000)  # type: ignore[arg-type]
 
@@ -450,7 +451,7 @@ async def test_failed_writes_are_said_once_a_kind_at_a_time_with_how_many_more(
         lines = [r for r in caplog.records if r.getMessage() == "write failed"]
         caplog.clear()
         return [
-            (r.fields["error"], r.fields.get("more_failed_since"))  # type: ignore[attr-defined]
+            (r.fields["error"], r.fields.get("repeated"))  # type: ignore[attr-defined]
             for r in lines
         ]
 
@@ -461,7 +462,7 @@ async def test_failed_writes_are_said_once_a_kind_at_a_time_with_how_many_more(
         assert said() == [("disk full", None)]
         await fail_once(StoreBusy("locked"), 1)
         assert said() == [("locked", None)]
-        clock[0] += module._QUIET_FOR
+        clock[0] += HUSH_S
         await fail_once(StoreFull("disk still full"), 0)
         assert said() == [("disk still full", 4)]
         shard.close()
