@@ -550,7 +550,42 @@ class _Connector:
         self._timeout_ms = str(max(1, round(busy_timeout * 1000)))
         self._idle_ms = str(max(1, round(busy_timeout * 3000)))
         self.watchdog = _Watchdog(3 * busy_timeout)
-        self.connected_at = -math.inf  # when a connection was last made (monotonic)
+        # When a connection was last made, and last refused (monotonic), and
+        # why; whether the store is out of reach, as last said in the log.
+        self.connected_at = -math.inf
+        self.refused_at = -math.inf
+        self.refusal = ""
+        self._out = False
+        self._said = threading.Lock()
+
+    def refused(self, exc: psycopg.Error) -> None:
+        """A connection could not be made: remembered, with the server's reason
+        (for the answers of requests that waited for one), and said once."""
+        self.refusal = " ".join(without_secrets(str(exc), self.url).split())
+        self.refused_at = time.monotonic()
+        with self._said:
+            out, self._out = self._out, True
+        if not out:
+            log.warning(
+                "cannot connect to the store",
+                extra={"fields": {"store": self.where, "error": self.refusal}},
+            )
+
+    def connection_class(self) -> type[Connection]:
+        """The pool's connections, whose failures to connect `refused` hears of
+        (psycopg_pool only logs them)."""
+        connector = self
+
+        class Reported(psycopg.Connection[TupleRow]):
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Reported:
+                try:
+                    return super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    connector.refused(exc)
+                    raise
+
+        return Reported
 
     def configure(self, conn: Connection) -> None:
         # lock_timeout bounds the wait for a partition lock (SQLite's busy
@@ -580,6 +615,10 @@ class _Connector:
         with self.watchdog.watch(conn):
             self._configure(conn)
         self.connected_at = time.monotonic()
+        with self._said:
+            out, self._out = self._out, False
+        if out:
+            log.info("connected to the store again", extra={"fields": {"store": self.where}})
 
     def _configure(self, conn: Connection) -> None:
         conn.execute(
@@ -599,8 +638,8 @@ class _Connector:
                 self.url, connect_timeout=max(2, round(self.busy_timeout)), **self.kwargs
             )
         except psycopg.Error as exc:
-            message = without_secrets(str(exc), self.url)
-            raise StoreError(f"cannot connect to {self.where}: {message}") from exc
+            self.refused(exc)
+            raise StoreError(f"cannot connect to {self.where}: {self.refusal}") from exc
         try:
             with _translated(f"configure a connection to {self.where}"):
                 self.configure(conn)
@@ -695,12 +734,6 @@ class PostgresStore:
         self._leader_guard = threading.Lock()
         self._shared: str | None = None  # why the sessions are not our own (`lead_committer`)
         self._read_only: str | None = None  # why writes are refused, till one may write (`trouble`)
-        # The pool's count of failed connections when last looked at, when
-        # that was, and what it told (`_out_of_reach`).
-        self._failed_seen = pool.get_stats().get("connections_errors", 0)
-        self._looked_at = time.monotonic()
-        self._unreachable = False
-        self._reach_guard = threading.Lock()
 
     @classmethod
     def open(
@@ -742,6 +775,7 @@ class PostgresStore:
             min_size=1,
             max_size=pool_size,
             kwargs=connector.kwargs,
+            connection_class=connector.connection_class(),
             configure=connector.configure,
             check=check,
             timeout=busy_timeout,
@@ -838,8 +872,9 @@ class PostgresStore:
     @contextmanager
     def _session(self, what: str) -> Iterator[Connection]:
         """A pooled session. A wait for one that ran out while the database is
-        out of reach (`_out_of_reach`) says so, naming it (StoreError: 503
-        `store_unavailable`), rather than that every session was in use
+        out of reach (the last attempt to connect failed) says so, naming it
+        and giving the server's reason (StoreError: 503 `store_unavailable`),
+        rather than that every session was in use
         (StoreBusy, which the caller's `_translated` makes of the timeout):
         a database that was down answered every request `store_busy`,
         retried after a second, and logged that no connection "became free
@@ -850,26 +885,12 @@ class PostgresStore:
                 given = True
                 yield conn
         except psycopg_pool.PoolTimeout as exc:
-            if not given and self._out_of_reach():
-                raise StoreError(f"{what}: cannot connect to {self._connector.where}") from exc
+            connector = self._connector
+            if not given and connector.refused_at > connector.connected_at:
+                raise StoreError(
+                    f"{what}: cannot connect to {connector.where}: {connector.refusal}"
+                ) from exc
             raise
-
-    def _out_of_reach(self) -> bool:
-        """Whether the pool's last attempts to connect failed, as far as its
-        count of failed connections and the last connection made
-        (`_Connector.connected_at`) tell, looked at here and every second
-        (`trouble`): failures since the last look and no connection made
-        since then is out of reach; a connection made since, not."""
-        failed = self._pool.get_stats().get("connections_errors", 0)
-        with self._reach_guard:
-            made_since = self._connector.connected_at > self._looked_at
-            if failed != self._failed_seen:
-                self._failed_seen = failed
-                self._unreachable = not made_since
-            elif made_since:
-                self._unreachable = False
-            self._looked_at = time.monotonic()
-            return self._unreachable
 
     @contextmanager
     def _writing(self, partition: int, what: str) -> Iterator[Connection]:
@@ -1310,7 +1331,6 @@ class PostgresStore:
         # that takes no writes by a write, or at open: asked again here until
         # a new session may write, as no write comes to an instance whose
         # /readyz answers 503.
-        self._out_of_reach()  # keeps when a connection last failed up to date
         if self._shared is None and self._read_only is not None and self._writable():
             self._read_only = None
         return self._shared or self._read_only

@@ -10,6 +10,7 @@ connection of the test's own, waiting until every racer is queued behind it
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import multiprocessing
 import os
 import signal
@@ -841,7 +842,7 @@ def own_database(postgres_admin: str) -> Iterator[tuple[str, str]]:
 
 
 def test_a_database_out_of_reach_is_told_from_a_busy_one(
-    postgres_admin: str, own_database: tuple[str, str]
+    postgres_admin: str, own_database: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The database stops taking connections (here closed to them, its sessions
     ended, as a restart or a host gone would): a write waits its busy timeout
@@ -853,6 +854,7 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
     outage and after it, and once the database takes connections again,
     writes go through."""
     url, name = own_database
+    caplog.set_level(logging.INFO, logger="ingestor.store")
     store = open_store(url, busy_timeout=1, pool=1)
     try:
         assert store.write_pulses(PART, [pulse(id="before")], T0) == ["accepted"]
@@ -872,6 +874,7 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
         assert not isinstance(refused.value, StoreBusy), refused.value
         assert "cannot connect to PostgreSQL at 127.0.0.1:" in str(refused.value)
         assert name in str(refused.value)
+        assert "is not currently accepting connections" in str(refused.value)  # the server's why
         deadline = time.monotonic() + 10
         while True:  # the pool connects again within a busy timeout or two
             try:
@@ -886,3 +889,12 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
             store.write_pulses(PART, [pulse(id="busy again")], T0)
     finally:
         store.close()
+    said = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "ingestor.store" and "the store" in r.getMessage()
+    ]
+    assert said == [
+        ("WARNING", "cannot connect to the store"),
+        ("INFO", "connected to the store again"),
+    ]
