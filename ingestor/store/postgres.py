@@ -86,6 +86,7 @@ _CLOCK_TRIES = 3
 log = logging.getLogger("ingestor.store")
 
 Connection = psycopg.Connection[TupleRow]
+_OUT_OF_REACH_WAIT = 1.0  # seconds a request waits for a session of a database out of reach
 
 # What `outbox_batches` counts failed batches by, at every scrape, rather than
 # reading the whole table. Stores made before it get it when opened
@@ -551,11 +552,12 @@ class _Connector:
         self._idle_ms = str(max(1, round(busy_timeout * 3000)))
         self.watchdog = _Watchdog(3 * busy_timeout)
         # When a connection was last made, and last refused (monotonic), and
-        # why; whether the store is out of reach, as last said in the log.
+        # why; what the log last said: nothing yet (a store that cannot be
+        # opened says so in the one line the start ends with), "up" or "out".
         self.connected_at = -math.inf
         self.refused_at = -math.inf
         self.refusal = ""
-        self._out = False
+        self._said_state = ""
         self._said = threading.Lock()
 
     def refused(self, exc: psycopg.Error) -> None:
@@ -564,8 +566,8 @@ class _Connector:
         self.refusal = " ".join(without_secrets(str(exc), self.url).split())
         self.refused_at = time.monotonic()
         with self._said:
-            out, self._out = self._out, True
-        if not out:
+            was, self._said_state = self._said_state, self._said_state and "out"
+        if was == "up":
             log.warning(
                 "cannot connect to the store",
                 extra={"fields": {"store": self.where, "error": self.refusal}},
@@ -616,8 +618,8 @@ class _Connector:
             self._configure(conn)
         self.connected_at = time.monotonic()
         with self._said:
-            out, self._out = self._out, False
-        if out:
+            was, self._said_state = self._said_state, "up"
+        if was == "out":
             log.info("connected to the store again", extra={"fields": {"store": self.where}})
 
     def _configure(self, conn: Connection) -> None:
@@ -878,14 +880,20 @@ class PostgresStore:
         (StoreBusy, which the caller's `_translated` makes of the timeout):
         a database that was down answered every request `store_busy`,
         retried after a second, and logged that no connection "became free
-        in time"."""
+        in time". While it is out of reach a request waits `_OUT_OF_REACH_WAIT`
+        s at most, not its busy timeout, to be told so: each held its place
+        among the requests in flight for the whole busy timeout (10 s by
+        default) to be told the same. A session made meanwhile is still
+        taken at once."""
+        connector = self._connector
+        out = connector.refused_at > connector.connected_at
+        wait = min(connector.busy_timeout, _OUT_OF_REACH_WAIT) if out else None
         given = False
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=wait) as conn:
                 given = True
                 yield conn
         except psycopg_pool.PoolTimeout as exc:
-            connector = self._connector
             if not given and connector.refused_at > connector.connected_at:
                 raise StoreError(
                     f"{what}: cannot connect to {connector.where}: {connector.refusal}"

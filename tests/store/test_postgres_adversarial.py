@@ -852,10 +852,11 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
     logged as "no database connection became free in time"), as it did.
     Sessions all in use, with none to make, are still StoreBusy, before the
     outage and after it, and once the database takes connections again,
-    writes go through."""
+    writes go through. Once it is known out of reach, a request waits a
+    second for a session, not its busy timeout (3 s here)."""
     url, name = own_database
     caplog.set_level(logging.INFO, logger="ingestor.store")
-    store = open_store(url, busy_timeout=1, pool=1)
+    store = open_store(url, busy_timeout=3, pool=1)
     try:
         assert store.write_pulses(PART, [pulse(id="before")], T0) == ["accepted"]
         with store._pool.connection(), pytest.raises(StoreBusy, match="became free in time"):
@@ -868,13 +869,19 @@ def test_a_database_out_of_reach_is_told_from_a_busy_one(
             )
             with pytest.raises(StoreError) as refused:
                 store.write_pulses(PART, [pulse(id="out of reach")], T0)
-            store._pool.check()  # more failed attempts, after the store last looked
+            # Known out of reach now: told within a second, not the busy timeout.
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="cannot connect"):
+                store.write_pulses(PART, [pulse(id="still out of reach")], T0)
+            told_in = time.monotonic() - started
+            store._pool.check()  # more refused attempts: failures older than the next success
             time.sleep(0.5)
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         assert not isinstance(refused.value, StoreBusy), refused.value
         assert "cannot connect to PostgreSQL at 127.0.0.1:" in str(refused.value)
         assert name in str(refused.value)
         assert "is not currently accepting connections" in str(refused.value)  # the server's why
+        assert told_in < 1.5, f"a request waited {told_in:.1f} s to be told it again"
         deadline = time.monotonic() + 10
         while True:  # the pool connects again within a busy timeout or two
             try:
