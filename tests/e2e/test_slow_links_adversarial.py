@@ -722,41 +722,52 @@ async def test_the_store_clock_stays_within_half_a_round_trip_over_slow_and_stal
         }
         server = ServerProcess(tmp_path / "node", env=env)
         errors: list[tuple[str, float, float]] = []  # (link, error, half its round trip)
+        untrusted: list[str] = []  # readings not taken: every try's round trip over 1 s
         async with server, httpx.AsyncClient(timeout=30) as http:
 
-            async def reading(what: str, step: int, within: float) -> float:
-                """Step the clock; the error of the reading it causes."""
-                before = len(clock_events(server)[0])
-                step_clock(timestamp_file, step)
+            async def reading(what: str, step: int, within: float) -> int:
+                """Step the clock; note the error of the reading it causes; the
+                step made. A reading none of whose tries came back within a
+                second (a loaded machine) is not taken, and said: the clock is
+                then stepped a second further, twice at most."""
+                for again in range(3):
+                    taken = step + again
+                    offsets, failed = clock_events(server)
+                    step_clock(timestamp_file, taken)
 
-                async def logged() -> list[float]:
-                    offsets = clock_events(server)[0]
-                    return offsets[before:]
+                    async def said(seen: int = len(offsets), failed: int = failed) -> Any:
+                        now, failed_now = clock_events(server)
+                        return now[seen:] or ("untrusted" if failed_now > failed else [])
 
-                [offset] = await wait_until(logged, within=within, what=f"a reading, {what}")
-                errors.append((what, offset + step, link.round_trip / 2))
-                return offset + step
+                    outcome = await wait_until(said, within=within, what=f"a reading, {what}")
+                    if isinstance(outcome, list):
+                        [offset] = outcome
+                        errors.append((what, offset + taken, link.round_trip / 2))
+                        return taken
+                    untrusted.append(what)
+                raise AssertionError(f"no reading taken in three steps of the clock, {what}")
 
-            with trio.fail_after(60):
+            with trio.fail_after(120):
                 link.set(0.3, 0.02, down=0.1)
-                await reading("300 ms up, 100 ms down", 5, within=5)
+                await reading("300 ms up, 100 ms down", 5, within=10)
                 link.set(0.2, 0.02)
                 link.stall_on(b"clock_timestamp()", "up", 1.5)
                 await reading("200 ms each way, the reading held 1.5 s up", 10, within=10)
                 link.stall_on(b"clock_timestamp()", "down", 1.5)
-                await reading("200 ms each way, its answer held 1.5 s", 15, within=10)
+                last = await reading("200 ms each way, its answer held 1.5 s", 15, within=10)
                 link.set(0.0)  # a scrape reads the store too
-                kept = (await metrics(http, server))["ingestor_clock_offset_seconds"] + 15
+                kept = (await metrics(http, server))["ingestor_clock_offset_seconds"] + last
 
                 link.set(0.55, 0.0)
+                failed_before = clock_events(server)[1]
                 step_clock(timestamp_file, 20)
 
-                async def failed_once() -> int:
-                    return clock_events(server)[1]
+                async def failed_once() -> bool:
+                    return clock_events(server)[1] > failed_before
 
                 await wait_until(failed_once, within=10, what="a reading over a 1.1 s round trip")
                 await trio.sleep(1.5)  # still slow: nothing more to say
-                slow = clock_events(server)
+                slow = clock_events(server)[1] - failed_before
                 link.set(0.0)
                 still = (await metrics(http, server))["ingestor_clock_offset_seconds"] + 20
                 link.set(0.05, 0.0)
@@ -766,7 +777,10 @@ async def test_the_store_clock_stays_within_half_a_round_trip_over_slow_and_stal
     print(
         "\nclock errors:", *(f"{w}: {e:+.4f} s (bound {b:.3f})" for w, e, b in errors), sep="\n  "
     )
-    print(f"  kept over 1.1 s round trips: {kept:+.4f} -> {still:+.4f}; failed readings {slow[1]}")
+    print(
+        f"  kept over 1.1 s round trips: {kept:+.4f} -> {still:+.4f}; failed readings {slow};"
+        f" readings not taken on a loaded machine, stepped again: {untrusted}"
+    )
     print(
         "  warnings",
         dict(Counter(e["event"][:60] for e in log_events(server) if e["level"] != "info")),
@@ -775,4 +789,4 @@ async def test_the_store_clock_stays_within_half_a_round_trip_over_slow_and_stal
     wrong = [(what, error) for what, error, bound in errors if abs(error) > bound + 0.005]
     assert wrong == [], f"readings off by more than half their round trip: {wrong}"
     assert abs(still - kept) < 0.005, "the clock moved while no reading could be trusted"
-    assert slow[1] == 1, f"{slow[1]} failed readings logged for one step of the clock"
+    assert slow == 1, f"{slow} failed readings logged for one step of the clock"
