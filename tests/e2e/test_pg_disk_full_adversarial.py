@@ -79,15 +79,14 @@ from tests.e2e.test_failover_adversarial import DATABASE, Node, _binaries
 from tests.faults.harness import (
     DELIVERY_STATE,
     Counts,
-    Load,
     PulseFactory,
+    ResendingLoad,
     check_totals,
     commit_days,
     expected_totals,
 )
 from tests.faults.test_workers_exhaustion import Ballast
 from tests.support.server import (
-    Attempt,
     Ledger,
     ServerError,
     ServerProcess,
@@ -225,19 +224,12 @@ def switch_wal_until_down(node: DiskNode, within: float) -> None:
 # -- what clients and watchers saw --------------------------------------------------
 
 
-class DiskLoad(Load):
-    """`Load`, also sending again the pulses with ids that a 202 reported "may be
-    stored" (README: resend them with their ids); their outcome is unknown, as
-    a lost answer's, so the ledger records them as "no answer"."""
+class DiskLoad(ResendingLoad):
+    """`ResendingLoad`, noting the error code of each refused answer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refused: list[tuple[float, float, str]] = []  # (started, ended, error code)
-
-    def must_resend(self, attempt: Attempt) -> bool:
-        if attempt.answer == "rejected" and (attempt.error or "").startswith("may be stored"):
-            attempt.answer = "no answer"
-        return super().must_resend(attempt)
 
     def _note(
         self,

@@ -58,15 +58,14 @@ from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.faults.harness import (
     DELIVERY_STATE,
     Counts,
-    Load,
     PulseFactory,
+    ResendingLoad,
     check_totals,
     commit_days,
     delivered_sums,
     expected_totals,
 )
 from tests.support.server import (
-    Attempt,
     Ledger,
     ServerProcess,
     collect_pages,
@@ -302,19 +301,12 @@ class LeaderWatch:
         return list(dict.fromkeys(pid for _, pid in self.seen if pid is not None))
 
 
-class SlowLoad(Load):
-    """`Load`, also resending the pulses with ids a 202 reported "may be
-    stored" (README: resend them with their ids); their outcome is unknown,
-    as a lost answer's, so the ledger records them as "no answer"."""
+class SlowLoad(ResendingLoad):
+    """`ResendingLoad`, noting the answers that took over two busy timeouts."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slow: list[str] = []  # what the answers that took over two busy timeouts said
-
-    def must_resend(self, attempt: Attempt) -> bool:
-        if attempt.answer == "rejected" and (attempt.error or "").startswith("may be stored"):
-            attempt.answer = "no answer"
-        return super().must_resend(attempt)
 
     def _note(
         self,

@@ -312,6 +312,17 @@ class Load:
 # -- the audit ---------------------------------------------------------------------
 
 
+class ResendingLoad(Load):
+    """`Load`, also sending again the pulses with ids that a 202 reported "may be
+    stored" (README: resend them with their ids); their outcome is unknown, as
+    a lost answer's, so the ledger records them as "no answer"."""
+
+    def must_resend(self, attempt: Attempt) -> bool:
+        if attempt.answer == "rejected" and (attempt.error or "").startswith("may be stored"):
+            attempt.answer = "no answer"
+        return super().must_resend(attempt)
+
+
 class ZonedLedger(Ledger):
     """A Ledger whose billing day is per tenant (tenant_timezones), UTC by default."""
 
