@@ -1340,6 +1340,11 @@ class PostgresStore:
         # a new session may write, as no write comes to an instance whose
         # /readyz answers 503.
         if self._shared is None and self._read_only is not None and self._writable():
+            # The other pooled sessions may have begun while writes were
+            # frozen, and keep that default: a write lent one after /readyz
+            # said 200 was refused. All are made anew, those lent out when
+            # they come back.
+            self._pool.drain()
             self._read_only = None
         return self._shared or self._read_only
 
