@@ -469,6 +469,26 @@ async def audit_instances(http: httpx.AsyncClient, cluster: Cluster, ledger: Led
     return counts
 
 
+async def healed(http: httpx.AsyncClient, cluster: Cluster, run: Run) -> Counts:
+    """Once space (and PostgreSQL) is back, without a restart: the committer
+    commits yesterday by itself, one instance leads, and the audit holds."""
+    day = yesterday_and_today()[0]
+
+    async def committed_by_itself() -> bool:
+        rows = await collect_pages(
+            http,
+            f"{cluster[0].url}/aggregates",
+            "aggregates",
+            {"status": "open", "from": day, "to": day},
+            limit=500,
+        )
+        return not rows
+
+    await wait_until(committed_by_itself, within=10, what="the committer commits yesterday again")
+    await wait_until(partial(sole_leader, http, list(cluster)), within=10, what="a leader")
+    return await audit_instances(http, cluster, run.loads[0].ledger)
+
+
 def log_lines(server: ServerProcess, *words: str) -> list[str]:
     return [
         line
@@ -596,23 +616,7 @@ async def test_a_full_data_disk_refuses_writes_as_store_full_and_loses_nothing(
             reads = [s.describe() for s in run.during("aggregates") if s.status != 200]
             assert reads == [], f"reads failed while only writes could: {reads[:10]}"
 
-            day = yesterday_and_today()[0]
-
-            async def committed_by_itself() -> bool:
-                rows = await collect_pages(
-                    http,
-                    f"{cluster[0].url}/aggregates",
-                    "aggregates",
-                    {"status": "open", "from": day, "to": day},
-                    limit=500,
-                )
-                return not rows
-
-            await wait_until(
-                committed_by_itself, within=10, what="the committer commits yesterday again"
-            )
-            await wait_until(partial(sole_leader, http, list(cluster)), within=10, what="a leader")
-            counts = await audit_instances(http, cluster, run.loads[0].ledger)
+            counts = await healed(http, cluster, run)
             tracebacks = [server.output.count("Traceback") for server in cluster]
             said = [len(log_lines(server, "disk", "full")) for server in cluster]
             print(report("data disk full", run, counts, cluster), f"full-disk lines {said}")
@@ -672,23 +676,7 @@ async def test_a_full_wal_disk_panics_postgres_and_the_instances_heal_once_it_is
                 if not (s.status == 200 or (s.status == 503 and s.retry_after))
             ]
             assert reads == [], f"reads answered so while PostgreSQL was down: {reads[:10]}"
-            day = yesterday_and_today()[0]
-
-            async def committed_by_itself() -> bool:
-                rows = await collect_pages(
-                    http,
-                    f"{cluster[0].url}/aggregates",
-                    "aggregates",
-                    {"status": "open", "from": day, "to": day},
-                    limit=500,
-                )
-                return not rows
-
-            await wait_until(
-                committed_by_itself, within=10, what="the committer commits yesterday again"
-            )
-            await wait_until(partial(sole_leader, http, list(cluster)), within=10, what="a leader")
-            counts = await audit_instances(http, cluster, run.loads[0].ledger)
+            counts = await healed(http, cluster, run)
             tracebacks = [server.output.count("Traceback") for server in cluster]
             print(
                 report("pg_wal full, PANIC", run, counts, cluster),
