@@ -10,11 +10,12 @@ target_session_attrs=read-write`), or at the standby alone. Then the primary
 goes (pg_ctl stop, fast or immediate) and the standby is promoted.
 
 1. synchronous replication, the primary crashes under load (with ids and
-   without) while the periodic committer runs: only 202, 503 + Retry-After or
-   500 outcome_unknown meanwhile, no hang; the instances write to the new
-   primary by themselves; every acknowledged pulse is counted once, one
-   instance leads the committer again, every bucket's batches add up to its
-   total and every batch the sink got is the store's.
+   without) while the periodic committer runs and writes wait inside their
+   transactions: only 202, 503 + Retry-After or 500 outcome_unknown
+   meanwhile, no hang; the instances write to the new primary by themselves;
+   every acknowledged pulse is counted once, one instance leads the
+   committer again, every bucket's batches add up to its total and every
+   batch the sink got is the store's.
 2. asynchronous replication, a planned switchover (fast stop: the primary
    sends all its WAL before it goes): the same, nothing lost.
 3. asynchronous replication, the standby lags (the primary's WAL sender
@@ -65,7 +66,7 @@ import pytest
 import trio
 
 from ingestor.partition import partition_of
-from ingestor.store.postgres import _where
+from ingestor.store.postgres import APPLICATION, _where
 from tests.e2e.cluster_support import child_pids, frozen, unavailable
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.e2e.test_cluster import (
@@ -246,6 +247,66 @@ class Replicated:
         rows = self.primary.sql("SELECT pid FROM pg_stat_replication")
         assert rows, "the primary streams to no standby"
         return int(rows[0][0])
+
+
+# A write of an instance waiting inside its transaction: it holds its partition's
+# advisory lock and waits, for a heavyweight lock, on the session `holder`, and
+# began to wait less than `fresh` seconds ago (lock_timeout, a busy timeout, ends
+# such a wait: a fresh one still waits as the primary is stopped right after).
+_WAITING_WRITES = """
+SELECT a.pid FROM pg_stat_activity AS a
+WHERE a.datname = current_database() AND a.application_name = %(app)s
+    AND a.state = 'active' AND a.wait_event_type = 'Lock'
+    AND %(holder)s = ANY (pg_blocking_pids(a.pid))
+    AND EXISTS (SELECT FROM pg_locks AS l
+                WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)
+    AND clock_timestamp() - a.query_start < make_interval(secs => %(fresh)s)
+"""
+
+
+class PulseWritesHeld:
+    """A transaction of the test's own on `node` holding the `pulses` table in
+    SHARE ROW EXCLUSIVE mode. That mode conflicts with the ROW EXCLUSIVE lock an
+    INSERT takes, not with the ACCESS SHARE of a SELECT: an instance's write
+    (`PostgresStore.write_pulses`) begins its transaction, takes its partition's
+    advisory lock, looks its ids up, and then waits at its INSERT INTO pulses,
+    inside its transaction, until this one ends. The committer's and the
+    deliverer's writes (buckets and batches only) go on. Blocking calls: run
+    them in a thread."""
+
+    def __init__(self, node: Node) -> None:
+        self.holder = psycopg.connect(node.url, connect_timeout=5)  # a transaction
+        try:
+            self.watcher = psycopg.connect(node.url, autocommit=True, connect_timeout=5)
+        except BaseException:
+            self.holder.close()
+            raise
+        try:
+            # Waits for the writes holding ROW EXCLUSIVE now (their COMMITs) to end.
+            self.holder.execute("SET lock_timeout = '10s'")
+            self.holder.execute("LOCK TABLE pulses IN SHARE ROW EXCLUSIVE MODE")
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_for_writes(self, within: float = 10) -> list[int]:
+        """The server processes of the writes now waiting inside their
+        transactions on this lock, once there is one, each waiting for less
+        than half a busy timeout."""
+        holder = self.holder.info.backend_pid
+        args = {"app": APPLICATION, "holder": holder, "fresh": BUSY / 2}
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            rows = self.watcher.execute(_WAITING_WRITES.encode(), args).fetchall()
+            if rows:
+                return [int(row[0]) for row in rows]
+            time.sleep(0.01)
+        raise AssertionError(f"no write waited on the lock on pulses within {within} s")
+
+    def close(self) -> None:
+        """Ends both sessions; once the server is gone, without a word."""
+        self.holder.close()
+        self.watcher.close()
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +550,12 @@ async def test_a_promoted_standby_takes_over_and_every_acknowledged_pulse_counts
     lost revenue, one counted twice an overcharge. They must not hang or answer
     500 with a traceback, must write to the new primary without a restart, hand
     the committer's lead to exactly one of them, and every batch a sink got must
-    be the store's, each unit of usage in exactly one batch."""
+    be the store's, each unit of usage in exactly one batch.
+
+    The primary goes while writes wait inside their transactions (partition
+    locks held, a lock of the test's own on `pulses` stopping their INSERTs):
+    left to chance, on a loaded machine no write was in flight as it went, the
+    failover failed none and the test proved nothing."""
     if synchronous:
         await trio.to_thread.run_sync(replicated.make_synchronous)
     day = yesterday()
@@ -501,7 +567,13 @@ async def test_a_promoted_standby_takes_over_and_every_acknowledged_pulse_counts
                 for number in range(4):
                     nursery.start_soon(load.client, http, number)
                 await load.flowing(300, 15, "load before the failover")
-                await trio.to_thread.run_sync(replicated.primary.stop, mode)
+                # Writes held inside their transactions: the primary goes under one.
+                held = await trio.to_thread.run_sync(PulseWritesHeld, replicated.primary)
+                try:
+                    waiting = await trio.to_thread.run_sync(held.wait_for_writes)
+                    await trio.to_thread.run_sync(replicated.primary.stop, mode)
+                finally:
+                    held.close()  # its session went with the primary
                 await trio.sleep(0.5)  # a dead primary and a read-only standby meanwhile
                 await trio.to_thread.run_sync(replicated.standby.promote)
                 back = await load.flowing(150, 15, "load on the promoted standby")
@@ -544,8 +616,11 @@ async def test_a_promoted_standby_takes_over_and_every_acknowledged_pulse_counts
         assert SECRET not in server.output, "the store URL's password is in the log"
     print(
         f"\n{'sync' if synchronous else 'async'} failover ({mode} stop): {found.acknowledged}"
-        f" pulses acknowledged, answers {dict(statuses)}; writing again {back:.2f} s after"
-        f" the promotion; leader {leader[0].port}; {len(batches)} batches, {len(files)} in sinks"
+        f" pulses acknowledged, {len(waiting)} writes waiting in their transactions as the"
+        f" primary went, answers {dict(statuses)},"
+        f" {sum(a.answer == 'rejected' for a in load.ledger.attempts)} pulses rejected;"
+        f" writing again {back:.2f} s after the promotion; leader {leader[0].port};"
+        f" {len(batches)} batches, {len(files)} in sinks"
     )
 
 
