@@ -22,10 +22,11 @@ due at once. A claim that comes back with less than half its lease left
 (the process was frozen, or the store slow, meanwhile) is given back
 unsent: the batch could otherwise still be on its way when another
 process takes it over.
-The lease is the attempt's bound (twice the sink's timeout, and 5 s)
-and `clock_skew`, by which the clocks of the processes sharing the store
-may differ (0 on SQLite, one machine's clock): a lease read on a clock that
-is ahead has not ended yet.
+The lease is the attempt's bound: twice the sink's timeout and 5 s, plus
+`clock_skew`, by which the clocks of the processes sharing the store may
+differ (0 on SQLite, one machine's clock): a lease read on a clock that is
+ahead has not ended yet. A delivery still going 1 s before its lease ends
+is cut there and retried, whatever the sink.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ _IDLE_POLL = 1.0  # also picks up batches committed by other processes (at most 
 # ones, which a stop waits for; then doubling up to the last, till the lease ends.
 _RECORD_AGAIN_S = (0.1, 0.5)
 _RECORD_AGAIN_MAX_S = 5.0
+# A delivery ends this long before its claim's lease at the latest, to record it.
+_RECORD_IN_S = 1.0
 
 
 def backoff(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -143,7 +146,17 @@ class Deliverer:
                 return
             status, error, next_at = "delivered", None, None
             try:
-                await self._sink.deliver(batch.batch_id, batch.day, body)
+                # Each sink bounds its delivery by the sink timeout; this bound
+                # holds whatever a sink's library does (nats-py once retried a
+                # connect for ever, and the pass waited on it with every batch).
+                bound = max(0.0, (lease - self._clock()) / 1_000_000 - _RECORD_IN_S)
+                with trio.move_on_after(bound) as sending:
+                    await self._sink.deliver(batch.batch_id, batch.day, body)
+                if sending.cancelled_caught:
+                    raise SinkRetryable(
+                        f"the {self._sink.name} sink did not end the delivery within"
+                        f" {bound:.1f} s, before the claim on the batch runs out"
+                    )
             except trio.Cancelled:
                 await self._give_back(batch, lease)
                 raise

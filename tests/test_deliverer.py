@@ -101,6 +101,32 @@ async def test_rejected_batch_is_failed_and_can_be_redelivered(
     assert (await view(client, batch_id))["status"] == "delivered"
 
 
+@pytest.mark.parametrize("settings_overrides", [{"sink_timeout": 0.1}])
+async def test_a_delivery_that_never_ends_is_cut_before_its_claim_runs_out(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    """Each sink bounds a delivery by the sink timeout; one that does not end
+    (nats-py once went on connecting for ever) is cut 1 s before the claim's
+    lease ends and retried: the pass waited on it, and with it every batch."""
+    sink.block()
+    batch_id = await committed_batch(client, runtime)  # the service's deliverer takes it
+    lease = 2 * 0.1 + 5  # the lease the service gives a claim, in s of `clock`
+    started = trio.current_time()
+    with trio.fail_after(30):
+        await runtime.deliverer.deliver_due()  # after the pass that has the batch
+    waited = trio.current_time() - started
+    state = await view(client, batch_id)
+    assert (state["status"], state["attempts"]) == ("pending", 1), state
+    assert "memory sink did not end the delivery within 4.2 s" in state["last_error"], state
+    assert waited < lease, waited  # `clock` stands still: the cut comes at lease - 1 s
+    assert batch_id not in sink.delivered
+    sink.unblock()
+    clock.advance(60)
+    await runtime.deliverer.deliver_due()
+    assert (await view(client, batch_id))["status"] == "delivered"
+    assert sink.attempts == [batch_id, batch_id]
+
+
 async def test_outbox_statistics_track_pending(
     client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
 ) -> None:
