@@ -112,6 +112,10 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
     accepts = logging.getLogger("trio.serve_listeners")
     accepts.filters[:] = [_NoTracebackEvery(_ACCEPT_FAILURE_EVERY_S)]
+    # The NATS sink's asyncio loop warns of each TLS connection a server
+    # closes (asyncio's StreamReaderProtocol under SSL), once a second while
+    # the server refuses the sink: the delivery's error says why.
+    logging.getLogger("asyncio").filters[:] = [_Unless(_ASYNCIO_TLS_EOF)]
     # A process killed by a fault no Python code can catch (SIGBUS on the
     # store's shared memory file made immutable, SIGSEGV in C code) says so,
     # with its threads' stacks, on the log's stream: it died without a word.
@@ -123,6 +127,20 @@ def setup_logging(level: str, fmt: str) -> None:
 # open-file limit wrote ten tracebacks a second a listener, for as long as
 # the limit lasted, and buried every other line.
 _ACCEPT_FAILURE_EVERY_S = 10.0
+
+
+_ASYNCIO_TLS_EOF = "returning true from eof_received() has no effect when using ssl"
+
+
+class _Unless(logging.Filter):
+    """Every record but those whose message is `message`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self._message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self._message
 
 
 class _NoTracebackEvery(logging.Filter):

@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import ssl
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -84,6 +85,7 @@ DUPLICATE_WINDOW = 24 * 3600.0
 # not nats-py's default of about 6 minutes.
 _PING_INTERVAL = 10
 _RECONNECT_WAIT = 1
+_CANCEL_AGAIN_S = 0.05  # how soon `_stop` cancels again a connect that went on
 
 # JetStream error codes (nats-server's server/errors.json).
 _STREAM_NAME_IN_USE = 10058
@@ -294,7 +296,7 @@ class _Publisher:
         if client is None or client.is_closed:
             return
         if not client.is_connected:
-            await client.close()
+            await self._close_quietly(client)
             return
         try:
             async with asyncio.timeout(self._timeout):
@@ -304,7 +306,7 @@ class _Publisher:
                 "draining the nats connection failed", extra={"fields": {"error": str(exc)}}
             )
         finally:
-            await client.close()
+            await self._close_quietly(client)
 
     async def _connected(self) -> Client:
         if self._client is None or self._client.is_closed:
@@ -327,8 +329,8 @@ class _Publisher:
         # the whole budget on the first, and a server that accepts but never
         # answers kept the others, healthy, from being tried.
         seconds = max(1, math.ceil(self._timeout / len(self._servers)))
-        try:
-            await client.connect(
+        attempt = asyncio.ensure_future(
+            client.connect(
                 self._servers,
                 name="billing-ingestor",
                 error_cb=self._on_error,
@@ -340,11 +342,25 @@ class _Publisher:
                 max_reconnect_attempts=-1,
                 ping_interval=_PING_INTERVAL,
             )
+        )
+        try:
+            # Waited for, not awaited: cancelling this wait (the caller's
+            # timeout) leaves the attempt to `_stop`, which makes sure it ends.
+            await asyncio.wait({attempt})
+            attempt.result()
         except BaseException:
-            await client.close()
+            await _stop(attempt)
+            await self._close_quietly(client)
             raise
         log.info("connected to NATS", extra={"fields": {"url": self._shown}})
         return client
+
+    async def _close_quietly(self, client: Client) -> None:
+        """Close `client` within the sink timeout, whatever it raises: its socket
+        may be a TLS session whose peer never answers a close."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._timeout):
+                await client.close()
 
     async def _ensure_stream(self, client: Client) -> Sequence[str]:
         """Create the stream if it is missing; return the subjects it captures."""
@@ -444,8 +460,13 @@ class _Publisher:
         return f" (last error: {self._last_error})" if self._last_error else ""
 
     async def _on_error(self, exc: Exception) -> None:
-        # Failed connection attempts land here; deliveries report them.
-        self._last_error = exc
+        # Failed connection attempts land here; deliveries report them. One that
+        # says why (the server refused the credentials, the TLS handshake
+        # failed) is not replaced by a plain connection error after it: a
+        # server that refuses a password answers so and closes, and the
+        # client's next write failing with a broken pipe hid the refusal.
+        if not (_says_why(self._last_error) and not _says_why(exc)):
+            self._last_error = exc
         log.debug("nats error", extra={"fields": {"error": repr(exc)}})
 
     async def _on_disconnected(self) -> None:
@@ -457,6 +478,34 @@ class _Publisher:
     async def _on_reconnected(self) -> None:
         self._last_error = None
         log.info("reconnected to NATS", extra={"fields": {"url": self._shown}})
+
+
+def _says_why(exc: BaseException | None) -> bool:
+    """Whether `exc` names a cause, not only a connection that failed."""
+    return isinstance(exc, (nats.errors.Error, ssl.SSLError))
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` until it has ended, however often it takes.
+
+    nats-py's connect retries for ever (`max_reconnect_attempts=-1`), and a
+    cancellation that lands in its clean-up of a failed try is swallowed
+    there: cancelled once, a connect to a server refusing the password, or
+    to one that never finished a TLS handshake, went on trying, and the
+    delivery waiting for it never ended. A cancellation of this wait is
+    taken too, and raised once the task has ended.
+    """
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        task.cancel()
+        try:
+            await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller raises its own
+    if cancelled is not None:
+        raise cancelled
 
 
 def _translate_api_error(step: str, exc: nats.js.errors.APIError) -> SinkError:
