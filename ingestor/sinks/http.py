@@ -83,10 +83,10 @@ class HttpSink:
                     detail = f"HTTP {status}: {await _head(response)}"
             except httpx.TimeoutException as exc:
                 if status is None:
-                    raise SinkRetryable(f"timed out: {exc!r}") from exc
+                    raise SinkRetryable(f"timed out: {_described(exc)}") from exc
             except httpx.HTTPError as exc:
                 if status is None:
-                    raise SinkRetryable(f"request failed: {exc!r}") from exc
+                    raise SinkRetryable(f"request failed: {_described(exc)}") from exc
         if status is None:
             raise SinkRetryable(f"timed out: no answer within {self._timeout:g} s")
         if status >= 500 or status in _RETRY_STATUSES:
@@ -95,6 +95,25 @@ class HttpSink:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _described(exc: BaseException) -> str:
+    """`exc` with the deepest error of its chain that says something, if its
+    own text does not hold it: under trio, httpx's errors often say nothing
+    themselves, and a receiver's certificate refused by the TLS handshake
+    was "ConnectError('')", its reason three causes down."""
+    said = str(exc)
+    deepest: BaseException | None = None
+    seen = {id(exc)}
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if str(cause):
+            deepest = cause
+        cause = cause.__cause__ or cause.__context__
+    if deepest is not None and str(deepest) not in said:
+        said = f"{said}: {deepest}" if said else f"{type(deepest).__name__}: {deepest}"
+    return f"{type(exc).__name__}: {said}" if said else repr(exc)
 
 
 async def _head(response: httpx.Response) -> str:
