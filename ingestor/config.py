@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
@@ -165,6 +166,7 @@ def load_settings(
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
     _check(settings)
+    _check_trust(settings, os.environ)
     return settings
 
 
@@ -213,6 +215,14 @@ def _check(settings: Settings) -> None:
             f"store: expected 'sqlite' or a postgresql:// URL, got {shown_url(settings.store)!r}"
         )
     sink = settings.sink
+    if sink.startswith("tls://"):
+        # NATS's Go client insists on TLS for such a URL; nats-py does not, and
+        # sends the credentials to a server that does not ask for TLS in clear.
+        raise ConfigError(
+            "sink: tls:// URLs are not taken: the NATS client used here would not"
+            " insist on TLS for them. Use nats://, over which TLS is used whenever"
+            " the server requires it (a tls {} block in its config)"
+        )
     if sink != "file" and not sink.startswith(("http://", "https://", "nats://")):
         raise ConfigError(
             f"sink: expected 'file', an http(s):// URL or a nats:// URL, got {shown_url(sink)!r}"
@@ -299,6 +309,29 @@ def _check_api_keys(settings: Settings) -> None:
                     f"{where}.tenants: {tenant!r} is not a tenant id"
                     " (1-128 characters, no control characters)"
                 )
+
+
+def _check_trust(settings: Settings, environ: Mapping[str, str]) -> None:
+    """The CA certificates that SSL_CERT_FILE or SSL_CERT_DIR name, where the
+    sink may speak TLS: they are read from the process's environment by the
+    sinks' TLS (httpx, and OpenSSL under nats-py), whatever `load_settings`
+    was given. httpx loads them as the sink is made: a file that was not
+    there (a typo, a volume not mounted yet) stopped the start with a
+    traceback naming no file, a plain http:// sink's too. OpenSSL passes over
+    one, and every delivery to NATS failed "unable to get local issuer
+    certificate"."""
+    if settings.sink == "file":
+        return
+    cafile, capath = environ.get("SSL_CERT_FILE"), environ.get("SSL_CERT_DIR")
+    if capath and not os.path.isdir(capath):
+        raise ConfigError(f"SSL_CERT_DIR: {capath!r} is not a directory of CA certificates")
+    if cafile:
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"SSL_CERT_FILE: cannot load CA certificates from {cafile!r}: {exc}"
+            ) from None
 
 
 def _check_url(name: str, url: str) -> None:
