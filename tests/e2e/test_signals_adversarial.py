@@ -632,6 +632,10 @@ async def test_a_worker_killed_as_the_group_stops_is_reported_and_loses_nothing_
                 # The workers now: on a loaded machine one may have been replaced
                 # (killed as stuck) while the load began.
                 workers = await server.all_serving(2)
+                # A worker drains in a few milliseconds: stopped first, it is
+                # certain to be alive, its requests unanswered, when the kill
+                # comes, however long this process waits between the signals.
+                os.kill(workers[0], signal.SIGSTOP)
                 os.kill(server.pid or 0, signal.SIGTERM)
                 os.kill(workers[0], signal.SIGKILL)
                 load.down()
