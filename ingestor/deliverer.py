@@ -135,7 +135,10 @@ class Deliverer:
             if claimed is None:
                 return
             lease, body = claimed
-            if self._clock() > lease - self._send_by_us:
+            # One reading of the clock for the check and the bound: a step of
+            # the wall clock between two readings sent a batch with none left.
+            left_us = lease - self._clock()
+            if left_us < self._send_by_us:
                 # Most of the lease went before the claim came back (the process
                 # was frozen, or the store slow): sent now, the batch could
                 # still be on its way when the lease ends and another process
@@ -149,7 +152,8 @@ class Deliverer:
                 # Each sink bounds its delivery by the sink timeout; this bound
                 # holds whatever a sink's library does (nats-py once retried a
                 # connect for ever, and the pass waited on it with every batch).
-                bound = max(0.0, (lease - self._clock()) / 1_000_000 - _RECORD_IN_S)
+                # Counted on trio's clock from here, whatever the wall clock does.
+                bound = max(0.0, left_us / 1_000_000 - _RECORD_IN_S)
                 with trio.move_on_after(bound) as sending:
                     await self._sink.deliver(batch.batch_id, batch.day, body)
                 if sending.cancelled_caught:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from typing import Any
@@ -125,6 +126,30 @@ async def test_a_delivery_that_never_ends_is_cut_before_its_claim_runs_out(
     await runtime.deliverer.deliver_due()
     assert (await view(client, batch_id))["status"] == "delivered"
     assert sink.attempts == [batch_id, batch_id]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"sink_timeout": 0.1}])
+async def test_a_wall_clock_stepping_as_a_batch_is_claimed_does_not_cut_its_delivery(
+    client: Client, runtime: Runtime, sink: MemorySink, clock: FakeClock
+) -> None:
+    """The wall clock steps 2.5 s forward at each reading the deliverer makes (NTP
+    at work). A claim's lease is 5.2 s here, and a claim is sent on only while
+    2.6 s of it are left: after one step 2.7 s are, so the batch is sent, its
+    delivery bounded from there on trio's clock. Read again to bound the
+    delivery, the clock put the end of the claim behind it: the delivery was
+    cut at once and sent again later (a batch delivered in two attempts, seen
+    under a stepped clock)."""
+    steps = itertools.count()
+    runtime.deliverer._clock = lambda: clock() + next(steps) * 2_500_000
+    batch_id = await committed_batch(client, runtime)  # the service's deliverer takes it
+
+    async def ended() -> dict[str, Any] | None:
+        state = await view(client, batch_id)
+        return state if state["status"] != "pending" or state["attempts"] else None
+
+    state = await wait_until(ended, within=10, what="the attempt recorded")
+    assert (state["status"], state["attempts"], state["last_error"]) == ("delivered", 1, None)
+    assert sink.attempts == [batch_id]
 
 
 async def test_outbox_statistics_track_pending(
