@@ -51,8 +51,10 @@ from tests.e2e.cluster_support import (
     fresh_database,
     libfaketimes,
     metrics,
+    moved_clock,
     require_postgres,
     unavailable,
+    write_clock,
 )
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.faults.harness import (
@@ -650,26 +652,12 @@ def sent_by_both(cluster: Cluster) -> dict[str, float]:
 
 def faked_clock(timestamp_file: Path) -> dict[str, str]:
     """Settings for a server whose wall clock is moved by rewriting `timestamp_file`
-    (see tests/e2e/test_weeks_adversarial.py), or skip without libfaketime."""
+    (`cluster_support.moved_clock`), or skip without libfaketime."""
     found = libfaketimes()
     if not found:
         unavailable("libfaketime is not installed (apt-get install -y faketime)")
-    step_clock(timestamp_file, 0)
-    return {
-        "LD_PRELOAD": found[0],
-        "FAKETIME_TIMESTAMP_FILE": str(timestamp_file),
-        "FAKETIME_NO_CACHE": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # trio's timers, and the clock's, stay true
-        "FAKETIME_WAIT_MS": "5",
-    }
-
-
-def step_clock(timestamp_file: Path, seconds: int) -> None:
-    """Put the faked wall clock `seconds` ahead of the true one (written atomically:
-    a half-written file reads as +0)."""
-    part = timestamp_file.with_name(timestamp_file.name + ".part")
-    part.write_text(f"{seconds:+d}\n")
-    part.replace(timestamp_file)
+    write_clock(timestamp_file, 0)
+    return moved_clock(found[0], timestamp_file)
 
 
 def clock_events(server: ServerProcess) -> tuple[list[float], int]:
@@ -725,7 +713,7 @@ async def test_the_store_clock_stays_within_half_a_round_trip_over_slow_and_stal
                 for again in range(3):
                     taken = step + again
                     offsets, failed = clock_events(server)
-                    step_clock(timestamp_file, taken)
+                    write_clock(timestamp_file, taken)
 
                     async def said(seen: int = len(offsets), failed: int = failed) -> Any:
                         now, failed_now = clock_events(server)
@@ -752,7 +740,7 @@ async def test_the_store_clock_stays_within_half_a_round_trip_over_slow_and_stal
 
                 link.set(0.55, 0.0)
                 failed_before = clock_events(server)[1]
-                step_clock(timestamp_file, 20)
+                write_clock(timestamp_file, 20)
 
                 async def failed_once() -> bool:
                     return clock_events(server)[1] > failed_before

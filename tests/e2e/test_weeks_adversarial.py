@@ -7,23 +7,20 @@ meeting day after day (a 23-hour one among them), restarts in between, and
 whether memory and the store stay bounded as the weeks go by.
 
 The clock. The server runs under libfaketime (`LD_PRELOAD`), its wall clock
-read from a file the test rewrites to jump it forward, never back
-(atomically: a file read half-written counts as "+0", the true date);
-`FAKETIME_NO_CACHE=1` makes every read of the clock look at the file, and
-`FAKETIME_DONT_FAKE_MONOTONIC=1` keeps trio's clock, so its timers and
-timeouts, true (faked, it jumps with each step, and lock timeouts never
-end). Each jump is checked on the server's HTTP `Date` header. A sped-up
-clock (`FAKETIME="@... x100000"`) is not used: the billing day of a pulse
-without a timestamp, and whether a day's grace has passed when the
-committer ticks on its true-time timer, would depend on how long each
-request took. libfaketime also shifts every `pthread_cond_timedwait`
-deadline, the GIL's too: each hand-off between threads took 1 to 8 ms and
-a request seconds, until `FAKETIME_WAIT_MS=5` (the GIL's own interval).
-`time.sleep` fails with EINVAL under it: one worker, whose writer lock is
-never contended, never sleeps. A committer tick is awaited, not slept for:
-each tick ends with a purge that first writes its horizon (now - dedup
-window - future skew) to the store's `meta` table; once that has moved past
-a jump twice, a whole tick (commit, then purge) ran on the new time.
+read from a file the test rewrites to jump it forward, never back, at every
+reading of the clock, while trio's monotonic clock, its timers and timeouts,
+stay true (faked, it jumps with each step, and lock timeouts never end): see
+`cluster_support.moved_clock`, which also says how a reading of the true date
+in one thread while another read the file is avoided. Each jump is checked on
+the server's HTTP `Date` header. A sped-up clock (`FAKETIME="@... x100000"`)
+is not used: the billing day of a pulse without a timestamp, and whether a
+day's grace has passed when the committer ticks on its true-time timer,
+would depend on how long each request took. `time.sleep` fails with EINVAL
+under it: one worker, whose writer lock is never contended, never sleeps.
+A committer tick is awaited, not slept for: each tick ends with a purge
+that first writes its horizon (now - dedup window - future skew) to the
+store's `meta` table; once that has moved past a jump twice, a whole tick
+(commit, then purge) ran on the new time.
 
 The weeks. Billing in America/New_York (DST from 2026-03-08, a 23-hour day),
 one tenant in Asia/Kolkata, `commit_interval` 0.02 s, `commit_grace` 1 h,
@@ -89,7 +86,14 @@ import psycopg
 import pytest
 import trio
 
-from tests.e2e.cluster_support import fresh_database, libfaketimes, require_postgres, unavailable
+from tests.e2e.cluster_support import (
+    fresh_database,
+    libfaketimes,
+    moved_clock,
+    require_postgres,
+    unavailable,
+    write_clock,
+)
 from tests.e2e.conftest import ABORTED_UPLOADS
 from tests.support.server import (
     ServerProcess,
@@ -127,28 +131,6 @@ BucketKey = tuple[str, str, str, str]  # tenant, sku, unit, date
 # -- the environment -----------------------------------------------------------------
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """libfaketime reads a half-written file as "+0": write beside it, rename over it."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(text)
-    os.replace(part, path)
-
-
-def _faked(library: str, timestamp_file: Path) -> dict[str, str]:
-    preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
-    return {
-        "LD_PRELOAD": preload,
-        "FAKETIME_TIMESTAMP_FILE": str(timestamp_file),
-        "FAKETIME_NO_CACHE": "1",
-        # trio's deadlines must not jump with the wall clock.
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-        # libfaketime moves the deadline of every pthread_cond_timedwait by the
-        # fake offset, the GIL's too: each hand-off between threads took ms.
-        # A fixed 5 ms (the GIL's own switch interval) leaves them alone.
-        "FAKETIME_WAIT_MS": "5",
-    }
-
-
 @cache
 def _libfaketime() -> str | None:
     """A libfaketime whose timestamp file moves a child's wall clock while it runs."""
@@ -162,11 +144,11 @@ def _libfaketime() -> str | None:
     for path in found:
         directory = Path(os.environ.get("TMPDIR", "/tmp"))
         timestamp_file = directory / f"weeks-faketime-probe-{os.getpid()}"
-        _write_atomically(timestamp_file, "+3600\n")
+        write_clock(timestamp_file, 3600)
         try:
             child = subprocess.Popen(
                 [sys.executable, "-c", probe],
-                env={**os.environ, **_faked(path, timestamp_file)},
+                env={**os.environ, **moved_clock(path, timestamp_file)},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -175,7 +157,7 @@ def _libfaketime() -> str | None:
                 assert child.stdin is not None
                 assert child.stdout is not None
                 first = float(child.stdout.readline()) - time.time()
-                _write_atomically(timestamp_file, "+86400\n")
+                write_clock(timestamp_file, 86400)
                 child.stdin.write("\n")
                 child.stdin.flush()
                 second = float(child.stdout.readline()) - time.time()
@@ -207,7 +189,7 @@ class ServerClock:
         if forward_only:
             assert offset > self.offset, f"the clock may only go forward, not to {moment}"
         self.offset = offset
-        _write_atomically(self.path, f"{offset:+d}\n")
+        write_clock(self.path, offset)
 
     def env(self) -> dict[str, str]:
         library = _libfaketime()
@@ -215,7 +197,7 @@ class ServerClock:
             unavailable(
                 "libfaketime is not installed or does not work (apt-get install -y faketime)"
             )
-        return _faked(library, self.path)
+        return moved_clock(library, self.path)
 
 
 # -- what was sent and what it must have made ----------------------------------------
