@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from ingestor.errors import SinkRetryable
 from ingestor.sinks.nats import NatsSink
 from tests.sinks.test_nats import DAY, NATS_URL, Place, nats_server, on_nats, place
 from tests.support.fixtures import ABORTED_UPLOAD_WARNINGS
+from tests.support.nats import need_nats_server, start_nats_server, stream_messages
 from tests.support.server import ServerProcess, free_port
 
 __all__ = ["nats_server", "place"]  # fixtures taken from tests/sinks/test_nats.py
@@ -672,18 +672,7 @@ class NatsProcess:
     def start(self) -> None:
         command = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js"]
         command += ["-sd", str(self.store), *self.extra]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError("nats-server did not start")
+        self.process = start_nats_server(command, self.port)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -693,11 +682,7 @@ class NatsProcess:
 
 @pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[Callable[..., NatsProcess]]:
-    if shutil.which("nats-server") is None:
-        message = "no nats-server binary: run `bash .ci/services`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need_nats_server()
     started: list[NatsProcess] = []
 
     def start(*extra: str) -> NatsProcess:
@@ -709,26 +694,6 @@ def own_nats(tmp_path: Path) -> Iterator[Callable[..., NatsProcess]]:
     yield start
     for process in started:
         process.stop()
-
-
-async def stream_messages(url: str, stream: str) -> list[tuple[str, bytes, str | None]]:
-    """(subject, data, Nats-Msg-Id) of every message on `stream`."""
-
-    async def read() -> list[tuple[str, bytes, str | None]]:
-        client = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
-        try:
-            manager = client.jsm()
-            state = (await manager.stream_info(stream)).state
-            found = []
-            for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
-                message = await manager.get_msg(stream, seq=seq)
-                msg_id = message.headers.get("Nats-Msg-Id") if message.headers else None
-                found.append((message.subject or "", message.data or b"", msg_id))
-            return found
-        finally:
-            await client.close()
-
-    return await trio.to_thread.run_sync(asyncio.run, read())
 
 
 async def test_credentials_never_reach_errors_or_logs(

@@ -25,11 +25,8 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -48,8 +45,8 @@ from ingestor.runtime import Runtime
 from ingestor.service import open_service
 from tests.e2e.cluster_support import unavailable
 from tests.faults.test_workers_exhaustion import Ballast, small_disk
+from tests.support.nats import need_nats_server, start_nats_server, stream_messages
 from tests.support.server import free_port, wait_until
-from tests.test_client_nats_adversarial import stream_messages
 
 DAY = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).date().isoformat()
 STATE = {"status", "attempts", "last_error", "next_attempt_at", "delivered_at"}
@@ -78,19 +75,7 @@ class Nats:
             config = self.home / "nats-server.conf"
             config.write_text(f'jetstream {{ store_dir: "{self.store}"{limit} }}\n')
             command += ["-c", str(config)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-            if self.process.poll() is not None:
-                break
-        raise AssertionError(f"nats-server did not start:\n{self.log.read_text()[-2000:]}")
+        self.process = start_nats_server(command, self.port, self.log)
 
     def kill(self) -> None:
         """SIGKILL: a server whose JetStream hangs does not stop on SIGTERM."""
@@ -105,8 +90,7 @@ class Nats:
 
 @pytest.fixture
 def new_nats(tmp_path: Path) -> Iterator[Callable[[Path], Nats]]:
-    if shutil.which("nats-server") is None:
-        unavailable("no nats-server binary: run `bash .ci/services`")
+    need_nats_server()
     made: list[Nats] = []
 
     def make(store: Path) -> Nats:

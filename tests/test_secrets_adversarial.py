@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import h11
 import httpx
 import psycopg
 import pytest
@@ -39,7 +40,13 @@ from ingestor.errors import SinkError, SinkRejected, SinkRetryable
 from ingestor.sinks.http import HttpSink
 from tests.e2e.cluster_support import fresh_database, require_postgres
 from tests.support.fixtures import QUIET_COMMITTER
-from tests.support.server import ServerError, ServerProcess, free_port, wait_until
+from tests.support.server import (
+    ServerError,
+    ServerProcess,
+    free_port,
+    read_request,
+    wait_until,
+)
 
 PYTHON = sys.executable
 USER = "billsink"
@@ -97,7 +104,7 @@ class Receiver:
 
     def __init__(self, *answers: int | str) -> None:
         self.answers = list(answers) or [200]
-        self.heads: list[bytes] = []
+        self.heads: list[dict[str, str]] = []  # each request's headers
         self.port = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -107,33 +114,17 @@ class Receiver:
         await trio.serve_listeners(self._handle, listeners)
 
     def authorization(self) -> set[str]:
-        found = set()
-        for head in self.heads:
-            for line in head.decode("latin-1").split("\r\n"):
-                name, _, value = line.partition(":")
-                if name.lower() == "authorization":
-                    found.add(value.strip())
-        return found
+        return {head["authorization"] for head in self.heads if "authorization" in head}
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             if self.answers[0] == "plain":
                 await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
                 return
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            while match and len(body) < int(match[1]):
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                body += chunk
-            self.heads.append(head)
+            received = await read_request(stream, h11.Connection(h11.SERVER))
+            if received is None:
+                return
+            self.heads.append(received[0])
             answer = self.answers[min(len(self.heads), len(self.answers)) - 1]
             if answer == "hang":
                 await trio.sleep_forever()

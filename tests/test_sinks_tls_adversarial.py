@@ -24,13 +24,10 @@ What must hold (README "Reading and committing", "Configuration"):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,13 +37,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
-import nats
 import pytest
 import trio
 
 from tests.support.fixtures import QUIET_COMMITTER
-from tests.support.server import ServerProcess, free_port, wait_until
+from tests.support.nats import need_nats_server, start_nats_server
+from tests.support.nats import stream_messages as read_stream
+from tests.support.server import ServerProcess, free_port, read_request, wait_until
 
 SIGNING_SECRET = "SignKey9Tq4Wd"
 NATS_USER = "biller"
@@ -207,21 +206,11 @@ class TlsReceiver:
             await raw.aclose()
             return
         try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            while length and len(body) < int(length[1]):
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                body += chunk
-            key = re.search(rb"(?im)^idempotency-key:\s*(\S+)", head)
-            self.received.append((key[1].decode() if key else "", body))
+            received = await read_request(stream, h11.Connection(h11.SERVER))
+            if received is None:
+                return
+            headers, body = received
+            self.received.append((headers.get("idempotency-key", ""), body))
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
             )
@@ -412,6 +401,30 @@ async def test_a_receiver_that_requires_a_client_certificate_is_retried_not_deli
             assert await proc.terminate() == 0
 
 
+async def timed_out_without_holding(
+    client: httpx.AsyncClient,
+    proc: ServerProcess,
+    ids: list[str],
+    *,
+    times: int,
+    within: float,
+    stop: float,
+) -> None:
+    """Each batch of `ids` attempted `times` times within `within` s in all, each
+    attempt ended "timed out"; the service answers meanwhile, and SIGTERM stops
+    it cleanly within `stop` s."""
+    started = trio.current_time()
+    for batch_id in ids:
+        shown = await retried(client, proc.url, batch_id, times=times, within=within)
+        assert "timed out" in shown["last_error"], shown
+    assert trio.current_time() - started < within
+    with trio.fail_after(2):
+        assert (await client.get(f"{proc.url}/healthz")).status_code == 200
+    began = trio.current_time()
+    assert await proc.terminate(within=2 * stop) == 0
+    assert trio.current_time() - began < stop
+
+
 async def test_a_tls_handshake_that_never_ends_is_bounded_by_the_sink_timeout(
     tmp_path: Path,
 ) -> None:
@@ -426,20 +439,11 @@ async def test_a_tls_handshake_that_never_ends_is_bounded_by_the_sink_timeout(
         async with service(
             tmp_path, sink, None, INGESTOR_BATCH_MAX_RECORDS="1", INGESTOR_SINK_TIMEOUT="1"
         ) as proc:
-            started = trio.current_time()
             ids = await commit(client, proc.url, tenants=6)
             assert len(ids) == 6
-            for batch_id in ids:
-                shown = await retried(client, proc.url, batch_id, times=2, within=20)
-                assert "timed out" in shown["last_error"], shown
             # Six batches, four at a time, two attempts each of at most ~1 s plus
             # backoff under 1 s: a handshake left unbounded would take far longer.
-            assert trio.current_time() - started < 15
-            with trio.fail_after(2):
-                assert (await client.get(f"{proc.url}/healthz")).status_code == 200
-            began = trio.current_time()
-            assert await proc.terminate(within=10) == 0
-            assert trio.current_time() - began < 5
+            await timed_out_without_holding(client, proc, ids, times=2, within=15, stop=5)
         assert receiver.connections >= 12
 
 
@@ -520,21 +524,9 @@ class NatsTls:
         )
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                ["nats-server", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"nats-server did not start:\n{self.log.read_text()[-2000:]}")
+        self.process = start_nats_server(
+            ["nats-server", "-c", str(self.config)], self.port, self.log
+        )
 
     def reload(self) -> None:
         assert self.process is not None
@@ -553,8 +545,7 @@ class NatsTls:
 
 @pytest.fixture
 def nats_tls(tmp_path: Path) -> Iterator[NatsTls]:
-    if shutil.which("nats-server") is None:
-        pytest.skip("no nats-server binary")
+    need_nats_server()
     server = NatsTls(tmp_path / "nats")
     yield server
     server.stop()
@@ -568,25 +559,7 @@ async def stream_messages(
     port: int, stream: str, ca: Path | None, auth: str = f"{NATS_USER}:{NATS_PASSWORD}"
 ) -> list[tuple[str, bytes, str | None]]:
     """(subject, data, Nats-Msg-Id) of every message on `stream`, over TLS if `ca`."""
-
-    async def read() -> list[tuple[str, bytes, str | None]]:
-        tls = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
-        client = await nats.connect(
-            f"nats://{auth}@127.0.0.1:{port}", allow_reconnect=False, connect_timeout=3, tls=tls
-        )
-        try:
-            manager = client.jsm()
-            state = (await manager.stream_info(stream)).state
-            found = []
-            for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
-                message = await manager.get_msg(stream, seq=seq)
-                msg_id = message.headers.get("Nats-Msg-Id") if message.headers else None
-                found.append((message.subject or "", message.data or b"", msg_id))
-            return found
-        finally:
-            await client.close()
-
-    return await trio.to_thread.run_sync(asyncio.run, read())
+    return await read_stream(f"nats://{auth}@127.0.0.1:{port}", stream, ca=ca)
 
 
 def nats_env(stream: str) -> dict[str, str]:
@@ -808,16 +781,7 @@ async def test_a_nats_tls_handshake_that_never_ends_is_bounded(tmp_path: Path) -
             service(tmp_path, sink, None, **nats_env("TLSSTALL")) as proc,
         ):
             ids = await commit(client, proc.url, tenants=2)
-            started = trio.current_time()
-            for batch_id in ids:
-                shown = await retried(client, proc.url, batch_id, times=3, within=25)
-                assert "timed out" in shown["last_error"], shown
-            assert trio.current_time() - started < 20
-            with trio.fail_after(2):
-                assert (await client.get(f"{proc.url}/healthz")).status_code == 200
-            began = trio.current_time()
-            assert await proc.terminate(within=15) == 0
-            assert trio.current_time() - began < 8
+            await timed_out_without_holding(client, proc, ids, times=3, within=20, stop=8)
         nursery.cancel_scope.cancel()
     assert connections >= 3
     assert showing(proc.output, NATS_PASSWORD) == []

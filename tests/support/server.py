@@ -916,7 +916,7 @@ async def wait_until(
 
 
 async def read_request(
-    stream: trio.SocketStream, connection: h11.Connection
+    stream: trio.abc.ReceiveStream, connection: h11.Connection
 ) -> tuple[dict[str, str], bytes] | None:
     """One HTTP/1.1 request read from `stream` by a server's `connection`: its
     headers (names in lower case) and its body; None once the client has gone.
@@ -929,7 +929,7 @@ async def read_request(
             data = await stream.receive_some(65536)
             if not data:
                 return None
-            connection.receive_data(data)
+            connection.receive_data(bytes(data))
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
