@@ -7,6 +7,9 @@ with full jitter; a rejected batch is `failed` and waits for an operator. A
 sink that raises anything else is retried the same way: one batch must not
 stop the service, nor a restart find it due and stop it again.
 
+A receiver's `Retry-After` (`SinkRetryable.retry_after`) is the least a
+retry waits, up to `retry_max`.
+
 Next attempts are wall-clock times, kept in the store for every process.
 A batch set to retry further ahead than `retry_max` (or the lease, below)
 is due: no backoff sets one so far, so the clock has stepped back since,
@@ -165,7 +168,7 @@ class Deliverer:
                 await self._give_back(batch, lease)
                 raise
             except SinkRetryable as exc:
-                status, error, next_at = self._retry(batch, str(exc))
+                status, error, next_at = self._retry(batch, str(exc), exc.retry_after)
             except SinkRejected as exc:
                 status, error = "failed", str(exc)
                 self.failed += 1
@@ -298,10 +301,18 @@ class Deliverer:
             return None
         return None if body is None else (lease, body)
 
-    def _retry(self, batch: DueBatch, error: str) -> tuple[str, str, int]:
-        """The outcome of a failed attempt that is retried: its status, error, next attempt."""
+    def _retry(
+        self, batch: DueBatch, error: str, asked: float | None = None
+    ) -> tuple[str, str, int]:
+        """The outcome of a failed attempt that is retried: its status, error, next
+        attempt. The backoff, or what the receiver `asked` (its Retry-After) if
+        that is longer, up to `retry_max`: further ahead, a next attempt would
+        be taken for one set before the clock stepped back (see the module
+        docstring), and due at once."""
         attempt = batch.attempts + 1
         delay = backoff(attempt, self._retry_initial, self._retry_max, self._rng)
+        if asked is not None:
+            delay = max(delay, min(asked, self._retry_max))
         self.retried += 1
         log.warning(
             "delivery failed, will retry",

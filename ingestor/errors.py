@@ -85,7 +85,12 @@ class SinkError(IngestorError):
 
 
 class SinkRetryable(SinkError):
-    """The sink may accept the batch later (5xx, timeout, connection refused)."""
+    """The sink may accept the batch later (5xx, timeout, connection refused);
+    not before `retry_after` seconds, if the receiver said so."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SinkRejected(SinkError):

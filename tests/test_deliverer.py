@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import random
 import threading
@@ -80,6 +81,39 @@ async def test_retryable_failure_stays_pending_until_it_succeeds(
     assert state["delivered_at"] is not None
     assert batch_id in sink.delivered
     assert runtime.deliverer.retried == 2
+
+
+@pytest.mark.parametrize("settings_overrides", [{"retry_initial": 0.1, "retry_max": 60}])
+@pytest.mark.parametrize("asked_waited", [(30, 30), (600, 60), (0, None)])
+async def test_a_retry_waits_what_the_receiver_asked_up_to_retry_max(
+    client: Client,
+    runtime: Runtime,
+    sink: MemorySink,
+    clock: FakeClock,
+    asked_waited: tuple[float, float | None],
+) -> None:
+    """A receiver's Retry-After is the least the next attempt waits (a billing
+    system rate-limiting, 429 Retry-After: 30, was tried again 0.1 s later and
+    every few seconds after), but no more than retry_max; shorter than the
+    backoff, the backoff stands."""
+    asked, waited = asked_waited
+    sink.fail_with(SinkRetryable("HTTP 429", retry_after=asked))
+    sink.block()
+    batch_id = await committed_batch(client, runtime)
+    sink.unblock()
+    await runtime.deliverer.deliver_due()
+    state = await view(client, batch_id)
+    assert (state["status"], state["attempts"]) == ("pending", 1), state
+    wait = (dt.datetime.fromisoformat(state["next_attempt_at"]) - clock.now).total_seconds()
+    if waited is None:
+        assert 0.05 <= wait <= 0.1, wait  # the backoff of a first retry
+    else:
+        assert wait == pytest.approx(waited, abs=0.001), wait
+        clock.advance(waited - 1)
+        assert await runtime.deliverer.deliver_due() == 0
+    clock.advance(1)
+    await runtime.deliverer.deliver_due()
+    assert (await view(client, batch_id))["status"] == "delivered"
 
 
 async def test_rejected_batch_is_failed_and_can_be_redelivered(

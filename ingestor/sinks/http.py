@@ -2,9 +2,10 @@
 
 Headers: `Idempotency-Key: <batch_id>` and `X-Ingestor-Signature:
 sha256=<hex HMAC-SHA256 of the body with the configured secret>`. A 2xx or 409
-(the receiver already has it) is delivered; 5xx, 408, 429, timeouts and
+(the receiver already has it) is delivered; 5xx, 408, 425, 429, timeouts and
 connection errors are retried; any other 4xx fails the batch until an
-operator redelivers it.
+operator redelivers it. A retried answer's `Retry-After` (seconds, or an
+HTTP date) is the least the next attempt waits (`SinkRetryable.retry_after`).
 
 The status line decides: a 2xx is delivered whatever its body, which is
 not read (a receiver's garbled body once kept a delivered batch retried),
@@ -24,8 +25,11 @@ and a body gzipped twice 557 MiB, for those 200 bytes).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import email.utils
 import hashlib
 import hmac
+import time
 from collections.abc import AsyncGenerator
 from typing import cast
 
@@ -34,10 +38,12 @@ import trio
 
 from ..errors import SinkRejected, SinkRetryable
 
-__all__ = ["HttpSink", "sign"]
+__all__ = ["HttpSink", "retry_after", "sign"]
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _DETAIL_BYTES = 200  # of an error answer's body, for the batch's last_error
+# Beyond any backoff (a day): a larger Retry-After is taken as this.
+_RETRY_AFTER_MAX = 86_400
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -70,6 +76,7 @@ class HttpSink:
         }
         status: int | None = None
         detail = ""
+        wait: float | None = None
         with trio.move_on_after(self._timeout):
             try:
                 async with self._client.stream(
@@ -78,6 +85,7 @@ class HttpSink:
                     status = response.status_code
                     if 200 <= status < 300 or status == 409:
                         return
+                    wait = retry_after(response.headers.get("retry-after"), time.time())
                     # What the batch's last error says if the timeout cuts the body short.
                     detail = f"HTTP {status}: (its body did not come within {self._timeout:g} s)"
                     detail = f"HTTP {status}: {await _head(response)}"
@@ -90,11 +98,31 @@ class HttpSink:
         if status is None:
             raise SinkRetryable(f"timed out: no answer within {self._timeout:g} s")
         if status >= 500 or status in _RETRY_STATUSES:
-            raise SinkRetryable(detail)
+            if wait is not None:
+                detail = f"{detail} (Retry-After: {wait:g} s)"
+            raise SinkRetryable(detail, retry_after=wait)
         raise SinkRejected(detail)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """The seconds a `Retry-After` header asks to wait from `now` (epoch seconds):
+    a whole number of seconds, or an HTTP date; None if it says neither. A
+    date already past asks for no wait."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(min(int(value), _RETRY_AFTER_MAX))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110's dates are GMT; "-0000" parses as naive
+        when = when.replace(tzinfo=dt.UTC)
+    return float(min(max(0.0, round(when.timestamp() - now, 3)), _RETRY_AFTER_MAX))
 
 
 def _described(exc: BaseException) -> str:
