@@ -8,12 +8,10 @@ API in a context variable), the same id the client gets in `X-Request-Id`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import faulthandler
 import logging
 import math
-import queue
 import sys
 import threading
 import time
@@ -23,14 +21,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = [
-    "Hushed",
-    "JsonFormatter",
-    "TextFormatter",
-    "drain_logs",
-    "request_id",
-    "setup_logging",
-]
+__all__ = ["Hushed", "JsonFormatter", "TextFormatter", "request_id", "setup_logging"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -105,122 +96,10 @@ class Hushed:
         self._logger.warning(message, extra={"fields": fields})
 
 
-# Lines waiting for a log output that takes none (a pipe nobody reads) before
-# more are dropped; and how long an exit waits for those waiting to be written.
-_WAITING_LINES = 10_000
-_DRAIN_S = 2.0
-
-
-class _Writer(logging.Handler):
-    """Formats each record where it is logged (its request id is that task's)
-    and hands the line to a thread of its own, which writes it to `stream`.
-
-    Written where they were logged, lines held whoever logged once the
-    output stopped taking them: a pipe nobody reads (a log driver in
-    blocking mode whose backend is down, a paused `| less`) filled, and
-    the event loop waited on it, answering nothing, deaf to SIGTERM. Now up
-    to `capacity` lines wait, later ones are dropped, and the next line
-    written says how many (`log lines dropped`). A line that cannot be
-    written (the pipe's reader gone) is dropped and counted the same way.
-    """
-
-    def __init__(self, stream: Any, capacity: int = _WAITING_LINES) -> None:
-        super().__init__()
-        self._stream = stream
-        # (lines dropped just before it, the line); None ends the thread
-        self._lines: queue.Queue[tuple[int, str] | None] = queue.Queue(capacity)
-        self._guard = threading.Lock()
-        self._dropped = 0
-        self._thread = threading.Thread(target=self._write_all, name="log writer", daemon=True)
-        self._thread.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        with self._guard:  # the lines dropped before it go with the next one kept
-            try:
-                self._lines.put_nowait((self._dropped, line))
-            except queue.Full:
-                self._dropped += 1
-            else:
-                self._dropped = 0
-
-    def drain(self, within: float = _DRAIN_S) -> bool:
-        """Wait, `within` s at most, until every line logged so far is written
-        (or dropped); whether they were."""
-        deadline = time.monotonic() + within
-        while self._lines.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def close(self) -> None:
-        """At exit (`logging.shutdown`): the lines waiting are written, for
-        `_DRAIN_S` at most; the thread ends."""
-        with contextlib.suppress(queue.Full):
-            self._lines.put(None, timeout=_DRAIN_S)
-        self._thread.join(_DRAIN_S)
-        super().close()
-
-    def _write_all(self) -> None:
-        unwritten = 0  # lines the output refused, said before the next it takes
-        while True:
-            item = self._lines.get()
-            try:
-                if item is None:  # the end: what was dropped since the last line
-                    with self._guard:
-                        dropped, self._dropped = self._dropped, 0
-                    line = None
-                else:
-                    dropped, line = item
-                dropped, unwritten = dropped + unwritten, 0
-                if dropped and not self._write(self._notice(dropped)):
-                    unwritten = dropped
-                if line is None:
-                    return
-                if not self._write(line):
-                    unwritten += 1
-            finally:
-                self._lines.task_done()
-
-    def _write(self, line: str) -> bool:
-        try:
-            self._stream.write(line + "\n")
-            self._stream.flush()
-        except Exception:  # the reader gone (EPIPE), a full disk: serving goes on
-            return False
-        return True
-
-    def _notice(self, dropped: int) -> str:
-        record = logging.LogRecord(
-            __name__, logging.WARNING, __file__, 0, "log lines dropped", None, None
-        )
-        record.fields = {"dropped": dropped, "why": "the log's output took none for a while"}
-        try:
-            return self.format(record)
-        except Exception:
-            return f"log lines dropped: {dropped}"
-
-
-def drain_logs(within: float = _DRAIN_S) -> None:
-    """Before an exit that skips `logging.shutdown` (`os._exit`): the lines
-    logged so far written, for `within` s at most."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, _Writer):
-            handler.drain(within)
-
-
 def setup_logging(level: str, fmt: str) -> None:
-    root = logging.getLogger()
-    for old in root.handlers:
-        if isinstance(old, _Writer):
-            old.close()
-    handler = _Writer(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The HTTP sink's client logs each request's URL at INFO, query string

@@ -65,7 +65,7 @@ import trio
 from hypercorn.config import Sockets
 
 from .config import Settings
-from .logs import drain_logs, setup_logging
+from .logs import setup_logging
 from .runtime import WorkerGroup
 from .store import open_store
 
@@ -161,7 +161,6 @@ def _watch_alone(
                 "the event loop has not run, exiting to be started again",
                 extra={"fields": {"silent_s": round(silent, 1), "exit_code": _STUCK_EXIT}},
             )
-            drain_logs()
             faulthandler.dump_traceback(all_threads=True)
             os._exit(_STUCK_EXIT)
 

@@ -25,8 +25,6 @@ traceback; no process outlives its group; the next start is clean.
     SIGTERM mid-commit                  the commit is answered and whole
     the log pipe's reader gone          (SIGPIPE territory) serving goes on,
                                         the stop exits 0
-    the log pipe full, nobody reading   serving and the stop go on; the stop
-                                        is logged once the pipe is read again
     SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2   no handler: the process dies, as in a
                                         crash, and loses nothing acknowledged
 
@@ -36,9 +34,7 @@ waits are polls bounded by generous deadlines.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
 import os
 import random
 import re
@@ -48,7 +44,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import termios
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -957,119 +952,6 @@ async def test_a_closed_log_pipe_neither_stops_serving_nor_spoils_the_exit(
         await server.terminate()
     assert code == 0, f"exit code {code} after the log pipe's reader went away"
     print(f"\nclosed log pipe, {workers} worker(s): {counts.line('pipe')}")
-
-
-# -- 11b. a log pipe nobody reads ---------------------------------------------------------
-
-
-def _waiting_in(fd: int) -> int:
-    """Bytes written to a pipe and not read yet (FIONREAD on its read end)."""
-    found = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, found)
-    return found[0]
-
-
-async def _read_to_the_end(server: Group, done: trio.Event) -> None:
-    """Read `server`'s pipe into `server.piped` until every writer has closed it."""
-    assert server.pipe is not None
-    while chunk := await server.pipe.receive_some(65536):
-        server.piped += chunk
-    done.set()
-
-
-@pytest.mark.parametrize(
-    ("workers", "then"), [(1, "stopped full"), (2, "stopped full"), (1, "read again")]
-)
-async def test_a_log_pipe_nobody_reads_stalls_neither_serving_nor_the_stop(
-    tmp_path: Path, short_tmp: Path, workers: int, then: str
-) -> None:
-    """stdout and stderr go to a pipe whose reader stops reading and stays (a
-    log driver in blocking mode whose backend is down, a paused `| less`).
-    The pipe fills, 64 KiB here; every later log line would wait on it. A
-    billing system refusing each batch, retried every 10 to 50 ms, logs
-    hundreds of lines a second meanwhile. Requests must still be answered,
-    and SIGTERM must still stop the group, exit 0; or, once the pipe is read
-    again, the stop is logged (the lines dropped meanwhile are counted in the
-    log: tests/unit/test_logs.py).
-    Nothing acknowledged is lost. (The event loop wrote each line itself: it
-    waited on the full pipe, answered nothing, and ignored SIGTERM.)"""
-    target = SinkTarget(SECRET)
-    day = day_before(1)
-    rng = random.Random(11)
-    ledger = Ledger()
-    async with trio.open_nursery() as background:
-        await background.start(target.run)
-        target.set_mode("refuse")
-        async with group(
-            tmp_path / "data",
-            short_tmp,
-            pipe=True,
-            INGESTOR_WORKERS=str(workers),
-            INGESTOR_SINK=target.url,
-            INGESTOR_SINK_SECRET=SECRET,
-            INGESTOR_RETRY_INITIAL="0.01",
-            INGESTOR_RETRY_MAX="0.05",
-            INGESTOR_BATCH_MAX_RECORDS="1",
-            INGESTOR_DELIVERY_CONCURRENCY="32",
-            INGESTOR_GRACEFUL_TIMEOUT="5",
-        ) as server:
-            await server.start()
-            await server.read_pipe(r"ingestor\.service start ", workers)
-            assert server.pipe is not None
-            pipe = server.pipe.fileno()
-            async with httpx.AsyncClient(timeout=30) as http:
-                tenants = [f"full-t{n}" for n in range(40)]
-                pulses = [random_pulse(rng, f"full-{n}", day, tenants) for n in range(200)]
-                await post_until_stored(http, server.url, ledger, pulses)
-                assert await commit_days(http, server.url, [day]), "nothing committed"
-
-                async def full() -> bool:
-                    return _waiting_in(pipe) > 60_000
-
-                await wait_until(full, within=30, what="the log pipe full")
-                answered = []
-                for round_ in range(8):  # fresh connections: each worker, if two
-                    async with httpx.AsyncClient(timeout=30) as fresh:
-                        began = trio.current_time()
-                        assert (await fresh.get(f"{server.url}/healthz")).status_code == 200
-                        more = [
-                            random_pulse(rng, f"full-{round_}-{n}", day, tenants) for n in range(10)
-                        ]
-                        await post_until_stored(fresh, server.url, ledger, more)
-                        answered.append(round(trio.current_time() - began, 2))
-                    await trio.sleep(0.25)
-                assert _waiting_in(pipe) > 60_000, "the pipe was not full all along"
-                assert max(answered) < 5, f"answers took {answered} s with the log pipe full"
-                if then == "read again":
-                    read = trio.Event()
-                    background.start_soon(_read_to_the_end, server, read)
-
-                    target.set_mode("ok")
-                    await wait_all_delivered(http, server.url, within=30)
-                    code = await server.terminate(within=30)
-                    with trio.move_on_after(10):
-                        await read.wait()
-                    said = server.piped.decode(errors="replace")
-                else:
-                    began = trio.current_time()
-                    code = await server.terminate(within=30)
-                    took = trio.current_time() - began
-                    said = ""
-            target.set_mode("ok")
-            await server.start()
-            counts = await audit(server, ledger, delivered=target.bodies)
-            await server.terminate()
-        background.cancel_scope.cancel()
-    assert code == 0, f"exit code {code} with the log pipe full"
-    if then == "read again":
-        assert said.count(" ingestor.service stop ") == workers, said[-2000:]
-        assert "Traceback" not in said, said[-3000:]
-        dropped = re.findall(r"log lines dropped dropped=(\d+)", said)
-        print(f"\nlog pipe read again: answers in {answered} s, lines dropped {dropped}")
-    else:
-        assert took < 15, f"SIGTERM took {took:.1f} s with the log pipe full"
-        print(f"\nlog pipe full, {workers} worker(s): answers in {answered} s, stop {took:.1f} s")
-    print(f"  {counts.line('full')}")
 
 
 # -- 12. signals with no handler -----------------------------------------------------------
